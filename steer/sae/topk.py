@@ -1,0 +1,23 @@
+"""TopK SAE: keep the `k` largest pre-activations per token (ReLU'd), zero the rest."""
+
+import torch
+
+from steer.sae.base import SAE, SAEConfig, register
+
+
+@register
+class TopKSAE(SAE):
+    architecture = "topk"
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        if not cfg.k or not 0 < cfg.k <= cfg.d_sae:
+            raise ValueError(f"topk SAE needs 0 < k <= d_sae={cfg.d_sae}, got k={cfg.k}")
+        super().__init__(cfg)
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        values, indices = hidden_pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(hidden_pre).scatter_(-1, indices, values.relu())
