@@ -12,12 +12,12 @@ export HF_DATASETS_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install model lint format bench
+.PHONY: demo test install model lint format bench saelens-venv
 
 demo: install model
 	$(VENV)/bin/fast-steer run
 
-test: install model $(TEST_STAMP)
+test: install model $(TEST_STAMP) saelens-venv
 	$(PY) -m pytest -q
 
 install: $(STAMP)
@@ -30,6 +30,18 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+# SAELens in its own venv (never a dependency of the project): the tests check that SAELens loads the
+# SAE folders we write, and that we load the ones it writes, with the same feature activations.
+SAELENS_VENV := .venv-saelens
+SAELENS_STAMP := $(SAELENS_VENV)/.installed-sae-lens-6.54.12
+
+saelens-venv: $(SAELENS_STAMP)
+
+$(SAELENS_STAMP):
+	$(PYTHON) -m venv $(SAELENS_VENV)
+	$(SAELENS_VENV)/bin/pip install --quiet torch==2.13.0 sae-lens==6.54.12
 	touch $@
 
 # The default model (SmolLM2-135M-Instruct), converted once into ~/.cache/fast-steer.

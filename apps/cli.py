@@ -11,6 +11,13 @@ import click
 COMMAND_MODULES = (
     "apps.cli_model",
     "apps.cli_bench",
+    "apps.cli_hub",
+    "apps.cli_features",
+    "apps.cli_lmeval",
+    "apps.cli_chat",
+    "apps.bench_steer",
+    "apps.cli_train",
+    "apps.cli_demo",
 )
 
 

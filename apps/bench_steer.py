@@ -1,0 +1,167 @@
+"""`fast-steer bench steer`: tokens/s of plain HF generate vs steered generate, measured in one run.
+
+Cases (random SAEs of the requested width, on the default model unless told otherwise):
+- `special_add`: `add` of two decoder directions at special positions (no encoder);
+- `few_feature`: scale / set / ablate of three features of a ReLU SAE at every position (three encoder columns);
+- `full_sae_all`: the same edit on a TopK SAE at every position (the full encoder runs on every token).
+Runs are interleaved (the case order rotates each repeat); the ratio is the median over repeats of
+plain time / steered time within the same repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import click
+
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "Give me three tips for learning to cook.",
+    "What is 17 times 23?",
+    "Name a famous painting and its painter.",
+    "How do vaccines work?",
+    "Suggest a name for a small bakery.",
+)
+TARGETS = {"special_add": 0.99, "few_feature": 0.99, "full_sae_all": 0.97}
+
+
+@dataclass
+class BenchConfig:
+    model: str = "default"
+    dtype: str = "float32"
+    device: str = "auto"
+    layer: int | None = None
+    d_sae: int = 4608
+    topk: int = 64
+    new_tokens: int = 32
+    repeats: int = 5
+    batch_sizes: tuple[int, ...] = (1, 8)
+
+
+def build_cases(sm, layer: int, d_sae: int, topk: int) -> dict:
+    """The steered cases: name -> list of Interventions (random SAEs, fixed seed)."""
+    import torch
+
+    from steer import Edit, Intervention, SAEConfig, build_sae
+
+    torch.manual_seed(0)
+    relu = build_sae(SAEConfig("standard", sm.d_model, d_sae, device=str(sm.device)))
+    top = build_sae(SAEConfig("topk", sm.d_model, d_sae, k=topk, device=str(sm.device)))
+    latent = [Edit(11, "scale", 2.0), Edit(22, "set", 1.0), Edit(33, "ablate")]
+    return {
+        "special_add": [Intervention(layer, relu, [Edit(1, "add", 8.0), Edit(2, "add", -4.0)], "special")],
+        "few_feature": [Intervention(layer, relu, latent, "all")],
+        "full_sae_all": [Intervention(layer, top, latent, "all")],
+    }
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from hub import load_model
+    from steer import SteeredModel
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    tokenizer = loaded.tokenizer
+    tokenizer.padding_side = "left"
+    sm = SteeredModel(loaded.model, tokenizer)
+    layer = sm.n_layers // 2 if cfg.layer is None else cfg.layer
+    cases = build_cases(sm, layer, cfg.d_sae, cfg.topk)
+    names = ["plain", *cases]
+
+    def generate(batch: dict, specs) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode(), sm.steer(specs):
+            sm.generate(
+                **batch,
+                max_new_tokens=cfg.new_tokens,
+                min_new_tokens=cfg.new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    results = {}
+    total = len(cfg.batch_sizes) * (cfg.repeats + 1) * len(names)
+    with tqdm(total=total, desc="bench steer", unit="run") as bar:
+        for batch_size in cfg.batch_sizes:
+            conversations = [
+                [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(batch_size)
+            ]
+            texts = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            times: dict[str, list[float]] = {name: [] for name in names}
+            for repeat in range(cfg.repeats + 1):  # repeat 0 warms up and is not recorded
+                shift = repeat % len(names)
+                for name in names[shift:] + names[:shift]:
+                    elapsed = generate(batch, None if name == "plain" else cases[name])
+                    if repeat:
+                        times[name].append(elapsed)
+                    bar.update()
+            results[f"batch_{batch_size}"] = _summarise(times, batch_size * cfg.new_tokens)
+    return {
+        "config": {**asdict(cfg), "device": device, "layer": layer, "model_source": loaded.source},
+        "results": results,
+        "targets": TARGETS,
+        "meets_targets": {
+            key: {name: res[name]["ratio"] >= target for name, target in TARGETS.items()}
+            for key, res in results.items()
+        },
+    }
+
+
+def _summarise(times: dict[str, list[float]], tokens: int) -> dict:
+    plain = times["plain"]
+    out = {"plain": {"tokens_per_s": tokens / statistics.median(plain), "seconds": plain}}
+    for name, runs in times.items():
+        if name == "plain":
+            continue
+        paired = [p / s for p, s in zip(plain, runs, strict=True)]
+        out[name] = {
+            "tokens_per_s": tokens / statistics.median(runs),
+            "seconds": runs,
+            "ratio": statistics.median(paired),
+            "ratio_of_medians": statistics.median(plain) / statistics.median(runs),
+        }
+    return out
+
+
+@click.command("steer")
+@click.option("--model", default="default", show_default=True, help="Model reference.")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--layer", type=int, help="Hooked layer (default: the middle layer).")
+@click.option("--d-sae", type=int, default=4608, show_default=True)
+@click.option("--topk", type=int, default=64, show_default=True, help="k of the TopK SAE (full-SAE case).")
+@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+def bench_steer_command(**options) -> None:
+    """Tokens/s of plain vs steered generate (JSON on stdout)."""
+    try:
+        options["batch_sizes"] = tuple(int(b) for b in options["batch_sizes"].split(","))
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {options['batch_sizes']!r}"
+        ) from exc
+    if options["repeats"] < 1 or options["new_tokens"] < 1 or min(options["batch_sizes"]) < 1:
+        raise click.BadParameter("--repeats, --new-tokens and batch sizes must be positive")
+    click.echo(json.dumps(run_bench(BenchConfig(**options)), indent=2))
+
+
+def register(group: click.Group) -> None:
+    """Attach `steer` to the `bench` group (`group` is the top-level CLI, which already holds `bench`)."""
+    from apps.cli_bench import bench_group
+
+    bench_group.add_command(bench_steer_command)

@@ -1,0 +1,269 @@
+"""Everything the page asks of the model: streamed replies (plain, steered, prompt-only baseline),
+feature tables and contexts, the token view, and spec export/import, with the server's limits applied.
+
+One lock serialises every use of the model: steering hooks are installed on the shared model while a
+steered reply is generated, so nothing else may run on it at that time.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from apps.demo.conversation import Conversation, with_user_turn
+from apps.demo.edits import EditRow, validate_rows
+from apps.demo.residuals import ResidualSample, sample_residuals
+from apps.demo.settings import DemoInputError, DemoLimits, GenerationSettings
+from apps.demo.spec_io import build_interventions, export_spec, import_spec
+from apps.demo.streaming import stream_reply
+from apps.demo.token_view import TokenActivation, render_token_html
+from steer.positions import resolve_special_tokens
+from steer.sae import SAE
+from steer.spec import SAERef
+from steer.steered_model import SteeredModel
+from train.features import feature_activations
+from train.harvest import Harvester
+from train.sequences import make_batch
+
+
+@dataclass(frozen=True)
+class TopFeature:
+    """One row of the feature-discovery table."""
+
+    token: str
+    feature: int
+    mean_max: float
+
+
+@dataclass
+class DemoSAE:
+    """An SAE the server was started with: the weights, where it came from, and what we know about it."""
+
+    name: str
+    ref: SAERef
+    sae: SAE
+    layer: int
+    top_features: list[TopFeature] = field(default_factory=list)
+    sample: ResidualSample | None = None
+
+    @property
+    def residual_norm(self) -> float:
+        return self.sample.typical_norm() if self.sample is not None else 1.0
+
+
+def check_fits(sae: SAE, layer: int, model, name: str) -> None:
+    """A ValueError when the SAE cannot be used with the model (width or layer mismatch)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if sae.d_in != cfg.hidden_size:
+        raise ValueError(
+            f"SAE {name!r} does not fit the model: it reads d_in={sae.d_in} but the model's residual "
+            f"stream has hidden_size={cfg.hidden_size}"
+        )
+    if not 0 <= layer < cfg.num_hidden_layers:
+        raise ValueError(
+            f"SAE {name!r} does not fit the model: layer {layer} is outside the model's "
+            f"{cfg.num_hidden_layers} layers (0 to {cfg.num_hidden_layers - 1})"
+        )
+
+
+class DemoBackend:
+    """The model, its SAEs and the sample conversations, behind methods the page calls."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        saes: list[DemoSAE],
+        *,
+        model_ref: str = "default",
+        limits: DemoLimits | None = None,
+        sample_conversations: list[Conversation] | None = None,
+        preselect: list[EditRow] | None = None,
+    ) -> None:
+        if not saes:
+            raise ValueError("the demo needs at least one SAE")
+        names = [s.name for s in saes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"SAE names must be unique, got {names}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_ref = model_ref
+        self.limits = limits or DemoLimits()
+        self.special = resolve_special_tokens(tokenizer)
+        self.steered = SteeredModel(model, tokenizer)
+        self.saes = {s.name: s for s in saes}
+        self.lock = threading.Lock()
+        samples: dict[int, ResidualSample] = {}
+        for s in saes:
+            check_fits(s.sae, s.layer, model, s.name)
+            if s.sample is None and sample_conversations:
+                if s.layer not in samples:
+                    samples[s.layer] = sample_residuals(
+                        model, tokenizer, sample_conversations, s.layer, self.special
+                    )
+                s.sample = samples[s.layer]
+        self.preselect = validate_rows(list(preselect or []), *self._row_limits(saes[0]))
+
+    # -- SAEs and limits ---------------------------------------------------------------------
+    @property
+    def default_sae(self) -> DemoSAE:
+        return next(iter(self.saes.values()))
+
+    def sae(self, name: str | None) -> DemoSAE:
+        if name is None:
+            return self.default_sae
+        if name not in self.saes:
+            raise DemoInputError(f"unknown SAE {name!r}; this demo was started with: {', '.join(self.saes)}")
+        return self.saes[name]
+
+    def max_strength(self, sae: DemoSAE) -> float:
+        return self.limits.max_strength(sae.residual_norm)
+
+    def _row_limits(self, sae: DemoSAE) -> tuple[int, float, int]:
+        return sae.sae.d_sae, self.max_strength(sae), self.limits.max_edits
+
+    def check_rows(self, sae_name: str | None, rows: list[EditRow]) -> list[EditRow]:
+        return validate_rows(rows, *self._row_limits(self.sae(sae_name)))
+
+    def describe_sae(self, name: str | None) -> str:
+        """One line for the page: where the SAE came from, its layer, width and the residual scale."""
+        s = self.sae(name)
+        return (
+            f"**{s.name}** ({s.sae.cfg.architecture}, {s.sae.d_sae} features) at layer {s.layer} of "
+            f"`{self.model_ref}` · typical residual norm at this layer: **{s.residual_norm:.1f}** "
+            f"(strength limit ±{self.max_strength(s)})"
+        )
+
+    # -- chat --------------------------------------------------------------------------------
+    def prompt_ids(self, conversation: Conversation) -> torch.Tensor:
+        """The conversation in the chat template with the assistant prompt, within the length limit."""
+        ids = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise DemoInputError(
+                f"the conversation is {len(ids)} tokens long; the limit is {self.limits.max_prompt_tokens}. "
+                "Clear the chat to start again."
+            )
+        return torch.tensor([ids], dtype=torch.long, device=self.model.device)
+
+    def check_message(self, message: str) -> str:
+        message = (message or "").strip()
+        if not message:
+            raise DemoInputError("type a message first")
+        if len(message) > self.limits.max_message_chars:
+            raise DemoInputError(
+                f"the message is {len(message)} characters long; the limit is {self.limits.max_message_chars}"
+            )
+        return message
+
+    def stream(
+        self,
+        history: Conversation,
+        message: str,
+        settings: GenerationSettings,
+        *,
+        sae_name: str | None = None,
+        rows: list[EditRow] | None = None,
+        system_prompt: str = "",
+    ) -> Iterator[str]:
+        """Stream the reply to `message` after `history`: steered by `rows` on `sae_name` when given."""
+        settings.validate(self.limits)
+        ids = self.prompt_ids(with_user_turn(history, self.check_message(message), system_prompt))
+        context = nullcontext
+        if rows:
+            specs = build_interventions(self.sae(sae_name), self.check_rows(sae_name, rows))
+
+            def context():
+                return self.steered.steer(*specs)
+
+        with self.lock:
+            yield from stream_reply(
+                self.steered.generate, self.tokenizer, ids, settings.generate_kwargs(), settings.seed, context
+            )
+
+    def reply(self, history: Conversation, message: str, settings: GenerationSettings, **kw) -> str:
+        """The whole reply (the last value of `stream`)."""
+        text = ""
+        for text in self.stream(history, message, settings, **kw):
+            pass
+        return text
+
+    # -- features ----------------------------------------------------------------------------
+    def feature_rows(self, sae_name: str | None) -> list[list]:
+        """The discovery table: [token, feature, mean max activation] per row."""
+        return [[t.token, t.feature, round(t.mean_max, 3)] for t in self.sae(sae_name).top_features]
+
+    def check_feature(self, sae_name: str | None, feature) -> int:
+        s = self.sae(sae_name)
+        try:
+            number = float(feature)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or not number.is_integer():
+            raise DemoInputError(f"feature id must be a whole number, got {feature!r}")
+        k = int(number)
+        if not 0 <= k < s.sae.d_sae:
+            raise DemoInputError(f"unknown feature id {k}; this SAE has features 0 to {s.sae.d_sae - 1}")
+        return k
+
+    def contexts_html(self, sae_name: str | None, feature, k: int = 5, window: int = 12) -> str:
+        """The `k` sample conversations where the feature fires hardest, a window around the peak."""
+        s = self.sae(sae_name)
+        feature = self.check_feature(sae_name, feature)
+        if s.sample is None:
+            return "<em>No sample conversations were given to this demo (start it with --data).</em>"
+        with self.lock:
+            peaks = []
+            for i, residual in enumerate(s.sample.residuals):
+                acts = feature_activations(s.sae, residual, feature)
+                acts[0] = 0.0  # the first token's residual is an outlier
+                peaks.append((float(acts.max()), int(acts.argmax()), i, acts))
+        peaks.sort(key=lambda p: -p[0])
+        items = []
+        for value, pos, i, acts in peaks[:k]:
+            if value <= 0:
+                break
+            ids = s.sample.token_ids[i]
+            lo, hi = max(0, pos - window), min(len(ids), pos + 4)
+            tokens = [
+                TokenActivation(self.tokenizer.decode([ids[j]]), float(acts[j]), s.sample.special[i][j])
+                for j in range(lo, hi)
+            ]
+            items.append(render_token_html(tokens, feature, title=f"max {value:.3f} at token {pos}"))
+        if not items:
+            return f"<em>Feature {feature} does not fire on the {len(s.sample.residuals)} sample conversations.</em>"
+        return f"<div class='fs-contexts'><b>Top contexts of feature {feature}</b>{''.join(items)}</div>"
+
+    def token_view_html(self, sae_name: str | None, feature, conversation: Conversation) -> str:
+        """The conversation's tokens coloured by the feature's activation at the SAE's layer."""
+        s = self.sae(sae_name)
+        feature = self.check_feature(sae_name, feature)
+        if not conversation:
+            return render_token_html([], feature)
+        ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+        ids = ids[: self.limits.max_prompt_tokens]
+        with self.lock, torch.no_grad():
+            residual = Harvester(self.model, s.layer).per_sequence(make_batch([ids], self.tokenizer.pad_token_id))[0]
+            acts = feature_activations(s.sae, residual, feature)
+        marks = self.special.mask(torch.tensor(ids)).tolist()
+        tokens = [
+            TokenActivation(self.tokenizer.decode([t]), float(a), m)
+            for t, a, m in zip(ids, acts.tolist(), marks, strict=True)
+        ]
+        return render_token_html(tokens, feature, title=f"feature {feature} on the steered conversation")
+
+    # -- spec export / import ------------------------------------------------------------------
+    def export(self, sae_name: str | None, rows: list[EditRow]) -> str:
+        s = self.sae(sae_name)
+        return export_spec(s, self.check_rows(s.name, rows))
+
+    def import_(self, text: str) -> tuple[str, list[EditRow]]:
+        """(SAE name, rows) of a spec JSON; its SAE must be one the server was started with."""
+        name, rows = import_spec(text, list(self.saes.values()))
+        return name, self.check_rows(name, rows)

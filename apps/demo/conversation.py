@@ -1,0 +1,38 @@
+"""Chat histories as the panes hold them and as the model reads them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Conversation = list[dict[str, str]]
+
+
+def message_text(content: Any) -> str:
+    """The plain text of a Chatbot message's content (a string, or a list of typed parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def to_conversation(history: list | None) -> Conversation:
+    """A pane's history (Chatbot messages) as `[{"role", "content"}]` with plain-text content."""
+    out: Conversation = []
+    for message in history or []:
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"chat history has a message with role {role!r}; expected system, user or assistant")
+        out.append({"role": role, "content": message_text(content)})
+    return out
+
+
+def with_user_turn(history: Conversation, message: str, system_prompt: str = "") -> Conversation:
+    """`history` plus the new user message, with `system_prompt` first when one is given."""
+    convo = [m for m in history if m["role"] != "system"]
+    if system_prompt.strip():
+        convo = [{"role": "system", "content": system_prompt.strip()}, *convo]
+    return [*convo, {"role": "user", "content": message}]

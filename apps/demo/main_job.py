@@ -1,0 +1,211 @@
+"""The main job (`fast-steer run`): train (or reuse) a FAST SAE on the default model, evaluate it,
+discover its special-token features, and open the demo with them preselected.
+
+Everything the job computes is cached under `<cache>/main-job/<key>/`, where the key hashes every
+setting that changes the result (model, data, layer, tokens, architecture, width, seed); a second run
+with the same settings reuses the SAE, its evaluation and its feature table, and a killed run resumes
+from the trainer's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import click
+
+from apps.demo.backend import DemoSAE, TopFeature
+from apps.demo.edits import EditRow
+from apps.demo.loading import FEATURES_FILE, read_top_features, save_top_features, top_features
+from hub.cache import cache_dir, hub_reachable
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_CHAT = REPO_ROOT.parent / "shared" / "data" / "chat"
+HUB_CHAT_DATASET = "HuggingFaceTB/everyday-conversations-llama3.1-2k:train_sft"
+CACHE_VERSION = 1
+
+
+@dataclass
+class MainJobConfig:
+    """Settings of the main job; the defaults train a useful SAE on a 2-core CPU in a few minutes."""
+
+    model: str = "default"
+    data: str | None = None  # None: the shared chat data, else a Hub dataset when reachable
+    layer: int = 15
+    tokens: int = 400_000
+    arch: str = "standard"
+    expansion: int = 8
+    batch_size: int = 4096
+    seed: int = 42
+    eval_conversations: int = 48
+    feature_conversations: int = 48
+    sample_conversations: int = 16
+    features_per_token: int = 5
+    preselect: int = 1  # top features preselected in the demo (0 = none)
+    cache: Path | None = None  # None: <fast-steer cache>/main-job
+
+    def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if self.tokens < self.batch_size:
+            raise ValueError(f"tokens must be at least one batch ({self.batch_size}), got {self.tokens}")
+        for name in ("eval_conversations", "feature_conversations", "sample_conversations", "features_per_token"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.preselect < 0:
+            raise ValueError(f"preselect must be >= 0, got {self.preselect}")
+
+
+@dataclass
+class MainJobResult:
+    """What the job produced: the SAE folder, its evaluation metrics, the feature table, what was reused."""
+
+    sae_dir: Path
+    metrics: dict[str, float]
+    features: list[TopFeature]
+    reused_sae: bool
+    seconds: float
+
+
+def resolve_data(data: str | None) -> str:
+    """`data` when given; else the shared chat folder; else the Hub dataset when the Hub is reachable."""
+    if data:
+        return data
+    if SHARED_CHAT.is_dir():
+        return str(SHARED_CHAT)
+    ok, why = hub_reachable()
+    if ok:
+        return HUB_CHAT_DATASET
+    raise click.ClickException(
+        f"no chat data: {SHARED_CHAT} does not exist and the Hub is not reachable ({why}); pass --data PATH"
+    )
+
+
+def job_dir(cfg: MainJobConfig, model_source: str, data: str) -> Path:
+    """The cache folder of this configuration."""
+    settings = {
+        k: v for k, v in asdict(cfg).items()
+        if k not in ("cache", "eval_conversations", "feature_conversations", "sample_conversations",
+                     "features_per_token", "preselect", "data")
+    }
+    settings.update(model_source=model_source, data=data, version=CACHE_VERSION)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    root = cfg.cache or cache_dir() / "main-job"
+    return root / f"L{cfg.layer}-{cfg.arch}-x{cfg.expansion}-{cfg.tokens // 1000}k-{key}"
+
+
+def spread(items: list, n: int) -> list:
+    """`n` items evenly spaced over `items` (all of them when there are fewer), in order."""
+    if len(items) <= n:
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, DemoSAE, list]:
+    """Train or reuse the SAE, print its evaluation and top features; returns the result, the SAE for
+    the demo (on the float32 model's device) and the held-out sample conversations."""
+    from hub import load_model, load_sae
+    from hub.sae_io import sae_metadata
+    from train.activations import ActivationStream, StreamConfig
+    from train.config import SAETrainSpec, preset_config
+    from train.data import load_conversations
+    from train.evaluate import EVAL_FILE, EvalConfig, EvalResult, evaluate_sae, format_table, write_eval
+    from train.features import discover_features
+    from train.trainer import SAETrainer
+
+    start = time.perf_counter()
+    data = resolve_data(cfg.data)
+    echo(f"[1/5] model {cfg.model!r} (bfloat16 for harvesting) and data {data}")
+    model, tok = load_model(cfg.model, dtype="bfloat16")
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if cfg.layer >= n_layers:
+        raise click.ClickException(f"--layer {cfg.layer} is out of range: the model has layers 0..{n_layers - 1}")
+    d_in = model.config.get_text_config().hidden_size
+    out = job_dir(cfg, load_model_source(cfg.model, model), data)
+    train_cfg = preset_config(
+        "default", total_tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+        saes=[SAETrainSpec(arch=cfg.arch, expansion=cfg.expansion)],
+    )
+    trainer = SAETrainer(train_cfg, d_in, out)
+    held_out = load_conversations(data, split="held_out").items
+
+    reused = trainer.finished_result() is not None
+    if reused:
+        echo(f"[2/5] reusing the SAE trained earlier: {out}")
+    else:
+        echo(f"[2/5] training a FAST {cfg.arch} SAE (x{cfg.expansion}) at layer {cfg.layer} on {cfg.tokens:,} tokens -> {out}")
+        corpus = load_conversations(data, split="train")
+        stream = ActivationStream(
+            model, tok, corpus,
+            StreamConfig(layer=cfg.layer, batch_size=cfg.batch_size,
+                         buffer_tokens=max(65536, 4 * cfg.batch_size), seed=cfg.seed),
+        )
+        described = stream.describe()
+        trainer.metadata = sae_metadata(
+            cfg.model, cfg.layer, dataset_path=data, method=described["method"],
+            training_tokens=train_cfg.final_tokens, chat_template_sha256=described["chat_template_sha256"],
+            special_token_ids=described["special_token_ids"], expansion_factor=cfg.expansion,
+            activations=described, created_by="fast-steer run",
+        )
+        trainer.fit(stream, resume=True)
+    sae = load_sae(out)
+
+    eval_path = out / EVAL_FILE
+    if eval_path.is_file():
+        echo(f"[3/5] evaluation (cached in {eval_path})")
+        stored = json.loads(eval_path.read_text())
+        result = EvalResult(**{f.name: stored[f.name] for f in fields(EvalResult)})
+    else:
+        echo(f"[3/5] evaluating on {cfg.eval_conversations} held-out conversations")
+        result = evaluate_sae(sae, model, tok, spread(held_out, cfg.eval_conversations), cfg.layer, EvalConfig())
+        write_eval(result, eval_path)
+    echo(format_table(result))
+
+    features_path = out / FEATURES_FILE
+    if features_path.is_file():
+        echo(f"[4/5] top special-token features (cached in {features_path})")
+        features = read_top_features(features_path)
+    else:
+        echo(f"[4/5] discovering special-token features on {cfg.feature_conversations} held-out conversations")
+        report = discover_features(
+            model, tok, sae, cfg.layer, spread(held_out, cfg.feature_conversations), top_k=cfg.features_per_token
+        )
+        features = top_features(report, cfg.features_per_token)
+        save_top_features(features, features_path)
+    echo(format_features(features))
+    del model
+    demo_sae = DemoSAE(name=out.name, ref=str(out), sae=sae, layer=cfg.layer, top_features=features)
+    job = MainJobResult(
+        sae_dir=out, metrics=result.metrics, features=features, reused_sae=reused,
+        seconds=time.perf_counter() - start,
+    )
+    return job, demo_sae, spread(held_out, cfg.sample_conversations)
+
+
+def load_model_source(ref: str, model) -> str:
+    """A stable identity of the model for the cache key: its reference and its config."""
+    return json.dumps({"ref": ref, "config": model.config.to_diff_dict()}, sort_keys=True, default=str)
+
+
+def format_features(features: list[TopFeature]) -> str:
+    """The feature table as text: one line per (token, feature, mean max activation)."""
+    lines = [f"{'token':>16}  {'feature':>7}  mean max act"]
+    lines += [f"{f.token!r:>16}  {f.feature:>7}  {f.mean_max:>12.4f}" for f in features]
+    return "\n".join(lines)
+
+
+def preselected_edits(features: list[TopFeature], n: int, strength: float) -> list[EditRow]:
+    """`add` edits at special positions for the `n` strongest distinct features of the table."""
+    ranked = sorted(features, key=lambda f: -f.mean_max)
+    chosen: list[int] = []
+    for f in ranked:
+        if f.feature not in chosen:
+            chosen.append(f.feature)
+        if len(chosen) == n:
+            break
+    return [EditRow(k, "add", round(strength, 1), "special") for k in chosen]
+

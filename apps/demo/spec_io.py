@@ -1,0 +1,93 @@
+"""The page's intervention table as `steer.Intervention` specs, and back.
+
+Edits with the same positions form one Intervention on the chosen SAE; several groups export as a JSON
+list (what `steer.load_interventions`, `fast-steer chat --spec` and `fast-steer lm-eval` read). Import
+never loads an SAE: the spec's `sae` reference must name one the server was started with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from apps.demo.edits import EditRow
+from apps.demo.settings import DemoInputError
+from steer.spec import Edit, Intervention, SAERef, SpecError, dump_interventions
+
+if TYPE_CHECKING:
+    from apps.demo.backend import DemoSAE
+
+
+def ref_key(ref: SAERef | None) -> str:
+    """A comparable form of an SAE reference: resolved folder path, or repo + sub-folder (+ revision)."""
+    if isinstance(ref, str):
+        return str(Path(ref).expanduser().resolve())
+    if isinstance(ref, dict):
+        if ref.get("path"):
+            return str(Path(ref["path"]).expanduser().resolve())
+        return json.dumps({k: ref.get(k) or "" for k in ("repo", "sae_id", "revision")}, sort_keys=True)
+    return ""
+
+
+def build_interventions(sae: DemoSAE, rows: list[EditRow]) -> list[Intervention]:
+    """One Intervention per distinct `positions` among `rows`, in order of first appearance."""
+    groups: dict[str, list[Edit]] = {}
+    for row in rows:
+        groups.setdefault(row.positions, []).append(Edit(row.feature, row.op, row.strength))
+    return [
+        Intervention(layer=sae.layer, sae=sae.sae, edits=edits, positions=positions, sae_ref=sae.ref)
+        for positions, edits in groups.items()
+    ]
+
+
+def export_spec(sae: DemoSAE, rows: list[EditRow]) -> str:
+    """JSON of the intervention: one object, or a list when the edits use several position modes."""
+    if not rows:
+        raise DemoInputError("the intervention has no edits yet: add a feature edit before exporting")
+    specs = build_interventions(sae, rows)
+    return specs[0].to_json() if len(specs) == 1 else dump_interventions(specs)
+
+
+def import_spec(text: str, saes: list[DemoSAE]) -> tuple[str, list[EditRow]]:
+    """(name of the loaded SAE the spec refers to, its edits as rows) of spec JSON from the page."""
+    if not (text or "").strip():
+        raise DemoInputError("paste a spec JSON first (an object, a list, or {\"interventions\": [...]})")
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DemoInputError(f"the spec is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and "interventions" in data:
+        data = data["interventions"]
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise DemoInputError("the spec holds no interventions")
+    by_key = {ref_key(s.ref): s for s in saes}
+    chosen: DemoSAE | None = None
+    rows: list[EditRow] = []
+    for i, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise DemoInputError(f"intervention {i} must be a JSON object, got {type(item).__name__}")
+        sae = by_key.get(ref_key(item.get("sae")))
+        if sae is None:
+            loaded = "; ".join(f"{s.name}: {json.dumps(s.ref)}" for s in saes)
+            raise DemoInputError(
+                f"intervention {i} uses SAE {json.dumps(item.get('sae'))}, which this demo was not started "
+                f"with (the page cannot load SAEs). Loaded: {loaded}. Restart with --sae to use another."
+            )
+        if chosen is not None and sae is not chosen:
+            raise DemoInputError("the demo steers with one SAE at a time; this spec uses several")
+        chosen = sae
+        try:
+            spec = Intervention.from_dict(item, sae=sae.sae)
+        except SpecError as exc:
+            raise DemoInputError(f"intervention {i}: {exc}") from None
+        if spec.layer != sae.layer:
+            raise DemoInputError(f"intervention {i} is for layer {spec.layer} but SAE {sae.name} reads layer {sae.layer}")
+        if not isinstance(spec.positions, str):
+            raise DemoInputError(
+                f"intervention {i} lists explicit position tokens {spec.positions}; the demo supports the modes "
+                "special / all / prompt / generated (use `fast-steer chat --spec` for token lists)"
+            )
+        rows += [EditRow(e.feature, e.op, e.strength, spec.positions) for e in spec.edits]
+    return chosen.name, rows  # items is non-empty, so an SAE was chosen

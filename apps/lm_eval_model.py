@@ -1,0 +1,144 @@
+"""The lm-eval model `fast-steer`: lm-eval's HFLM with fast-steer interventions active.
+
+`--model fast-steer --model_args pretrained=REF,sae=DIR,spec=FILE`: REF is resolved with
+`hub.load_model` (so `pretrained=default` works offline), `spec` is an intervention JSON/YAML
+file (`steer.Intervention`, one or several), `sae` (optional, with `sae_id` for a sub-folder or
+Hub repo path) replaces the SAE reference written in the spec.
+Without `spec` the adapter is the plain model. The spec is active during every model forward
+lm-eval makes (loglikelihood, rolling loglikelihood) and during generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "fast-steer"
+
+
+@register_model(MODEL_NAME)
+class FastSteerLM(HFLM):
+    """An `HFLM` over a fast-steer `SteeredModel`; the spec (if any) wraps every forward and generate."""
+
+    def __init__(
+        self,
+        pretrained: Any = "default",
+        sae: Any = None,
+        sae_id: str | None = None,
+        spec: Any = None,
+        tokenizer: Any = None,
+        dtype: str | torch.dtype = "float32",
+        device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`pretrained`: a model reference for `hub.load_model` or a loaded model (then pass `tokenizer`).
+
+        `spec`: an intervention file (one or several interventions), an `Intervention`, or a list of
+        them; `sae` (+ `sae_id` for a sub-folder): an SAE folder, Hub repo or loaded SAE that replaces
+        the SAE of every spec.
+        """
+        from steer import SteeredModel
+
+        device = _pick_device(device)
+        if isinstance(pretrained, str | Path):
+            from hub import load_model
+
+            if tokenizer is not None:
+                raise ValueError("pass `tokenizer` only with a loaded model as `pretrained`")
+            model, tok = load_model(str(pretrained), dtype=dtype, device=device)
+        else:
+            if tokenizer is None:
+                raise ValueError("a loaded model as `pretrained` needs its `tokenizer` too")
+            model, tok = pretrained, tokenizer
+        kwargs.pop("backend", None)
+        super().__init__(pretrained=model, tokenizer=tok, backend="causal", **kwargs)
+        self.steered = SteeredModel(model, tok)
+        self._steering_enabled = True
+        self.use_specs(spec, sae, sae_id)
+
+    def use_specs(self, spec: Any, sae: Any = None, sae_id: str | None = None) -> None:
+        """Replace the active spec(s) (arguments as in `load_specs`); SAEs are loaded and checked now."""
+        specs = load_specs(spec, sae, sae_id)
+        for item in specs:
+            self.steered.compile(item)
+        self.specs = specs
+
+    @property
+    def steering_active(self) -> bool:
+        """Whether requests run with the spec(s) applied now."""
+        return bool(self.specs) and self._steering_enabled
+
+    @contextmanager
+    def steering_disabled(self) -> Iterator[None]:
+        """Run the plain model inside the block (used by `--compare` for the base run)."""
+        previous, self._steering_enabled = self._steering_enabled, False
+        try:
+            yield
+        finally:
+            self._steering_enabled = previous
+
+    @contextmanager
+    def _steering(self) -> Iterator[None]:
+        if not self.steering_active:
+            yield
+            return
+        with self.steered.steer(self.specs):
+            yield
+
+    # Every model call lm-eval makes happens inside one of these three request methods.
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+        with self._steering():
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
+        with self._steering():
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
+        with self._steering():
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+
+def load_specs(spec: Any, sae: Any = None, sae_id: str | None = None) -> list:
+    """`spec` (None, a spec file, an `Intervention` or a list of them) as a list of Interventions.
+
+    With `sae` (a folder, a Hub repo with optional `sae_id`, or a loaded SAE), every spec uses that SAE.
+    """
+    from steer import Intervention, load_interventions
+
+    if spec in (None, ""):
+        if sae not in (None, ""):
+            raise ValueError("model_args has sae=... but no spec=FILE: the spec says which features to edit")
+        return []
+    items = list(spec) if isinstance(spec, Sequence) and not isinstance(spec, str) else [spec]
+    specs: list = []
+    for item in items:
+        if isinstance(item, Intervention):
+            specs.append(item)
+        else:
+            specs.extend(load_interventions(Path(str(item)).expanduser()))
+    if sae not in (None, ""):
+        ref = sae
+        if sae_id and isinstance(sae, str | Path):
+            ref = {"path" if Path(sae).expanduser().exists() else "repo": str(sae), "sae_id": str(sae_id)}
+        specs = [s.with_sae(ref) for s in specs]
+    return specs
+
+
+def _pick_device(device: str | None) -> str:
+    """The requested device, or CPU when CUDA is asked for (lm-eval's default) but absent."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.info("device %s requested but CUDA is not available; using cpu", device)
+        return "cpu"
+    return str(device)

@@ -1,0 +1,257 @@
+"""Special-token positions of a chat template: which tokens they are, and where they occur.
+
+`resolve_special_tokens(tokenizer)` renders the tokenizer's chat template with placeholder
+messages and reads off (a) the special tokens the template emits (`<|im_start|>`, `<|im_end|>`,
+`<|start_header_id|>`, ...) and (b) the token sequences of the role names that follow a special
+token (`user`, `ass` + `istant`, ...). The result marks positions causally: a position is marked
+iff its token is special, or it continues an unbroken run of role-name tokens right after a
+special token. Because the rule only looks backwards, the mask of a whole sequence equals the
+mask produced one token at a time by a `SpecialTokenStream` (the KV-cache path of `generate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+ROLES = ("system", "user", "assistant")
+_PLACEHOLDER = "Hello there"
+_MAX_ROLE_TOKENS = 8
+
+# Trie node ids of the position automaton.
+_OUTSIDE = 0  # not in a special run
+_ROOT = 1  # just read a special token
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special tokens of a chat template and the role-name token sequences that follow them.
+
+    `special_ids`: ids that are always marked. `roles`: (role, token ids) pairs, e.g.
+    `("assistant", (520, 9531))`. `names`: (id, token string) for every id that can be marked.
+    `vocab_size`: the tokenizer's size (ids at or above it are never special).
+    """
+
+    special_ids: tuple[int, ...]
+    roles: tuple[tuple[str, tuple[int, ...]], ...]
+    names: tuple[tuple[int, str], ...]
+    vocab_size: int
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    # -- the automaton --------------------------------------------------------------------
+    @cached_property
+    def _trie(self) -> tuple[int, list[tuple[int, int, int]]]:
+        """(number of nodes, [(node, token, child)]) of the role-sequence trie rooted at `_ROOT`."""
+        children: dict[tuple[int, int], int] = {}
+        n_nodes = 2
+        for _, seq in self.roles:
+            node = _ROOT
+            for tok in seq:
+                if (node, tok) not in children:
+                    children[(node, tok)] = n_nodes
+                    n_nodes += 1
+                node = children[(node, tok)]
+        return n_nodes, [(node, tok, child) for (node, tok), child in children.items()]
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """Transition table `[n_nodes, vocab_size + 1]` (last column: any id outside the vocab)."""
+        key = str(device)
+        if key not in self._tables:
+            n_nodes, edges = self._trie
+            table = torch.full((n_nodes, self.vocab_size + 1), _OUTSIDE, dtype=torch.int32)
+            for node, tok, child in edges:
+                table[node, tok] = child
+            if self.special_ids:
+                table[:, list(self.special_ids)] = _ROOT
+            self._tables[key] = table.to(device)
+        return self._tables[key]
+
+    def stream(self, batch_size: int, device: torch.device | str = "cpu") -> SpecialTokenStream:
+        """A fresh streaming marker for `batch_size` rows (state carried across `update` calls)."""
+        return SpecialTokenStream(self, batch_size, torch.device(device))
+
+    def mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool mask `[B, T]` (or `[T]` for 1-D input) of special and role-name positions.
+
+        Positions where `attention_mask` is 0 (padding) are never marked and do not break a run.
+        """
+        ids = torch.as_tensor(input_ids)
+        squeeze = ids.ndim == 1
+        if squeeze:
+            ids = ids.unsqueeze(0)
+            attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask).unsqueeze(0)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [T] or [B, T], got shape {tuple(ids.shape)}")
+        out = self.stream(ids.shape[0], ids.device).update(ids, attention_mask)
+        return out[0] if squeeze else out
+
+    def labels(self, ids: Sequence[int] | torch.Tensor) -> list[str | None]:
+        """Token type of each position of one sequence: the token string where marked, else None."""
+        seq = torch.as_tensor(ids).reshape(-1)
+        names = dict(self.names)
+        marked = self.mask(seq).tolist()
+        return [names.get(tok) if hit else None for tok, hit in zip(seq.tolist(), marked, strict=True)]
+
+    def role_of(self, ids: Sequence[int]) -> str | None:
+        """The role whose name tokens are exactly `ids`, if any."""
+        return next((role for role, seq in self.roles if seq == tuple(ids)), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (for SAE metadata and reports)."""
+        names = dict(self.names)
+        return {
+            "special_ids": list(self.special_ids),
+            "special_tokens": [names[i] for i in self.special_ids],
+            "roles": {role: list(seq) for role, seq in self.roles},
+            "role_tokens": {role: [names[i] for i in seq] for role, seq in self.roles},
+        }
+
+
+class SpecialTokenStream:
+    """Marks special positions chunk by chunk (prompt, then one generated token per step)."""
+
+    def __init__(self, tokens: SpecialTokens, batch_size: int, device: torch.device) -> None:
+        self.tokens = tokens
+        self.table = tokens._table(device)
+        self.state = torch.full((batch_size,), _OUTSIDE, dtype=torch.int32, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.shape[0]
+
+    def update(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance over `input_ids [B, T]`; return the bool mask `[B, T]` of marked positions."""
+        if input_ids.ndim != 2 or input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"expected input_ids of shape [{self.batch_size}, T], got {tuple(input_ids.shape)}; "
+                "start a new stream when the batch changes"
+            )
+        ids = input_ids.to(self.state.device)
+        vocab = self.tokens.vocab_size
+        cols = torch.where((ids >= 0) & (ids < vocab), ids, vocab)
+        real = None if attention_mask is None else attention_mask.to(self.state.device).bool()
+        out = torch.empty(ids.shape, dtype=torch.bool, device=ids.device)
+        state = self.state
+        for t in range(ids.shape[1]):
+            nxt = self.table[state, cols[:, t]]
+            if real is not None:
+                nxt = torch.where(real[:, t], nxt, state)
+                out[:, t] = real[:, t] & (nxt != _OUTSIDE)
+            else:
+                out[:, t] = nxt != _OUTSIDE
+            state = nxt
+        self.state = state
+        return out
+
+
+def resolve_special_tokens(
+    tokenizer: PreTrainedTokenizerBase, extra: Sequence[str | int] = ()
+) -> SpecialTokens:
+    """Resolve the chat template's special tokens and role-name sequences from `tokenizer`.
+
+    `extra`: further tokens (token strings or ids) to treat as special, e.g. `"Ċ"` or `198`.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat_template; special-token positions are read from the chat template "
+            "(use positions='all' or an explicit token list for base models)"
+        )
+    specials = _special_id_set(tokenizer)
+    rendered = _render_placeholder_chats(tokenizer)
+    special_ids: set[int] = set()
+    roles: dict[str, tuple[int, ...]] = {}
+    for ids in rendered:
+        for i, tok in enumerate(ids):
+            if tok not in specials:
+                continue
+            special_ids.add(tok)
+            role, seq = _role_after(tokenizer, ids[i + 1 : i + 1 + _MAX_ROLE_TOKENS], specials)
+            if role is not None:
+                roles.setdefault(role, seq)
+    special_ids.update(token_ids(tokenizer, extra))
+    if not special_ids:
+        raise ValueError("the chat template renders no special tokens; cannot resolve special positions")
+    marked = sorted(special_ids | {tok for seq in roles.values() for tok in seq})
+    names = tuple(zip(marked, tokenizer.convert_ids_to_tokens(marked), strict=True))
+    return SpecialTokens(
+        special_ids=tuple(sorted(special_ids)),
+        roles=tuple(sorted(roles.items())),
+        names=names,
+        vocab_size=len(tokenizer),
+    )
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str | int]) -> list[int]:
+    """Ids of `tokens`, each a token id, a vocabulary token string (`"Ċ"`) or text that is one token."""
+    out = []
+    vocab_size = len(tokenizer)
+    for item in tokens:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise ValueError(f"a token must be a string or an int id, got {item!r}")
+        if isinstance(item, int):
+            if not 0 <= item < vocab_size:
+                raise ValueError(f"token id {item} is outside the tokenizer's vocabulary [0, {vocab_size})")
+            out.append(item)
+            continue
+        vocab_id = tokenizer.convert_tokens_to_ids(item)
+        if vocab_id is not None and vocab_id != tokenizer.unk_token_id:
+            out.append(int(vocab_id))
+            continue
+        encoded = tokenizer.encode(item, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(
+                f"token {item!r} is not a single token of this tokenizer (it encodes to "
+                f"{tokenizer.convert_ids_to_tokens(encoded)}); give a vocabulary token or an id"
+            )
+        out.append(encoded[0])
+    return out
+
+
+def _special_id_set(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    return ids
+
+
+def _render_placeholder_chats(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of the template rendered with placeholder conversations (with and without system)."""
+    conversations = [
+        [{"role": "system", "content": _PLACEHOLDER}],
+        [{"role": "user", "content": _PLACEHOLDER}],
+    ]
+    for conv in conversations:
+        conv += [{"role": "assistant", "content": _PLACEHOLDER}, {"role": "user", "content": _PLACEHOLDER}]
+    rendered, errors = [], []
+    for conv in conversations:
+        try:
+            out = tokenizer.apply_chat_template(
+                conv, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        except Exception as exc:  # noqa: BLE001 - templates reject some roles (e.g. no system); try the next
+            errors.append(f"{type(exc).__name__}: {exc}")
+            continue
+        rendered.append(list(out["input_ids"]))
+    if not rendered:
+        raise ValueError("could not render the chat template with placeholder messages: " + "; ".join(errors))
+    return rendered
+
+
+def _role_after(
+    tokenizer: PreTrainedTokenizerBase, following: list[int], specials: set[int]
+) -> tuple[str | None, tuple[int, ...]]:
+    """The role name spelled by the shortest token prefix of `following`, if any."""
+    for k in range(1, len(following) + 1):
+        if following[k - 1] in specials:
+            break
+        text = tokenizer.decode(following[:k]).lstrip()
+        match = next((role for role in ROLES if text.startswith(role)), None)
+        if match is not None:
+            return match, tuple(following[:k])
+        if not any(role.startswith(text) for role in ROLES):
+            break
+    return None, ()

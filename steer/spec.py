@@ -1,0 +1,329 @@
+"""The intervention spec: which SAE and layer, which features, which operation, where, how strong.
+
+One serialisable object (dict / JSON / YAML) consumed by the hook manager, the CLI, lm-eval and the
+demo. Parsing never loads an SAE: a reference (a local folder, or `{"repo": ..., "sae_id": ...}`) is
+resolved by `Intervention.load_sae`, the only place where `steer` imports `hub`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from steer.sae import SAE
+
+OPS = ("add", "scale", "set", "ablate")
+LATENT_OPS = ("scale", "set", "ablate")
+POSITION_MODES = ("special", "all", "prompt", "generated")
+SAERef = str | dict[str, str]
+_REF_KEYS = {"path", "repo", "sae_id", "revision"}
+
+
+class SpecError(ValueError):
+    """An intervention spec is malformed or does not fit its SAE or model; the message says what and why."""
+
+
+@dataclass
+class Edit:
+    """One feature edit.
+
+    - `add`: add `strength * W_dec[feature] / ||W_dec[feature]||` (strength = norm of the added vector);
+    - `scale`: multiply the feature's activation by `strength`;
+    - `set`: clamp the activation to `strength`;
+    - `ablate`: set the activation to 0 (`strength` is ignored).
+    """
+
+    feature: int
+    op: str = "add"
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.feature, bool) or not isinstance(self.feature, int) or self.feature < 0:
+            raise SpecError(f"edit feature must be a non-negative int, got {self.feature!r}")
+        if self.op not in OPS:
+            raise SpecError(
+                f"unknown edit op {self.op!r} for feature {self.feature}; expected one of {', '.join(OPS)}"
+            )
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise SpecError(f"edit strength must be a number, got {self.strength!r} (feature {self.feature})")
+        self.strength = 0.0 if self.op == "ablate" else float(self.strength)
+        if not math.isfinite(self.strength):
+            raise SpecError(f"edit strength must be finite, got {self.strength} (feature {self.feature})")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Edit:
+        if not isinstance(data, dict):
+            raise SpecError(f"an edit must be a mapping with keys feature, op, strength; got {data!r}")
+        _check_keys(data, {"feature", "op", "strength"}, "edit")
+        if "feature" not in data:
+            raise SpecError(f"edit {data!r} has no 'feature'")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "op": self.op, "strength": self.strength}
+
+
+@dataclass
+class Intervention:
+    """Edits of SAE features at the output of decoder block `layer`, at `positions`.
+
+    `sae`: a loaded `SAE`, a local folder, or `{"repo": "owner/name", "sae_id": "sub/folder"}`.
+    `sae_ref`: the reference written by `to_dict` when `sae` is a loaded object.
+    `positions`: "special" (chat-template special tokens and the role names after them), "all",
+    "prompt", "generated", or a list of token strings / ids.
+    """
+
+    layer: int
+    sae: SAE | SAERef
+    edits: list[Edit] = field(default_factory=list)
+    positions: str | list[str | int] = "special"
+    sae_ref: SAERef | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise SpecError(f"layer must be a non-negative int, got {self.layer!r}")
+        self.edits = [Edit.from_dict(e) if isinstance(e, dict) else e for e in self.edits]
+        for edit in self.edits:
+            if not isinstance(edit, Edit):
+                raise SpecError(f"edits must be Edit objects or mappings, got {edit!r}")
+        latent = [e.feature for e in self.edits if e.op in LATENT_OPS]
+        duplicates = sorted({f for f in latent if latent.count(f) > 1})
+        if duplicates:
+            raise SpecError(
+                f"features {duplicates} have several scale/set/ablate edits; give one per feature"
+            )
+        self.positions = _check_positions(self.positions)
+        if not isinstance(self.sae, SAE):
+            _check_ref(self.sae)
+        if self.sae_ref is not None:
+            _check_ref(self.sae_ref)
+        if isinstance(self.sae, SAE):
+            self.check_sae(self.sae)
+
+    # -- validation against an SAE and a model -----------------------------------------------
+    @property
+    def reference(self) -> SAERef | None:
+        """The SAE reference (folder or repo) if known, else None."""
+        return self.sae_ref if isinstance(self.sae, SAE) else self.sae
+
+    def check_sae(self, sae: SAE) -> None:
+        """Raise `SpecError` if a feature id is out of range for `sae`."""
+        bad = sorted({e.feature for e in self.edits if e.feature >= sae.d_sae})
+        if bad:
+            raise SpecError(
+                f"features {bad} are out of range for an SAE with d_sae={sae.d_sae} (layer {self.layer})"
+            )
+
+    def check_model(self, n_layers: int, d_model: int, sae: SAE) -> None:
+        """Raise `SpecError` if the layer or the SAE width does not fit a model."""
+        if self.layer >= n_layers:
+            raise SpecError(
+                f"layer {self.layer} is out of range for a model with {n_layers} layers (0..{n_layers - 1})"
+            )
+        if sae.d_in != d_model:
+            raise SpecError(
+                f"the SAE reads d_in={sae.d_in} but the model's hidden size is {d_model} (layer {self.layer})"
+            )
+        self.check_sae(sae)
+
+    def with_sae(self, sae: SAE | SAERef) -> Intervention:
+        """A copy using `sae`, keeping the current reference for serialisation."""
+        ref = self.reference if isinstance(sae, SAE) else None
+        return replace(self, sae=sae, sae_ref=ref)
+
+    def load_sae(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
+    ) -> SAE:
+        """The SAE of this spec: the loaded object as is, or the reference loaded through `hub`."""
+        sae = (
+            self.sae
+            if isinstance(self.sae, SAE)
+            else load_sae_reference(self.sae, device=device, dtype=dtype)
+        )
+        self.check_sae(sae)
+        return sae
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        ref = self.reference
+        if ref is None:
+            raise SpecError(
+                "this intervention holds a loaded SAE without a reference; pass sae_ref='folder' or "
+                "sae_ref={'repo': ..., 'sae_id': ...} to serialise it"
+            )
+        return {
+            "layer": self.layer,
+            "sae": ref,
+            "edits": [e.to_dict() for e in self.edits],
+            "positions": self.positions,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], sae: SAE | None = None) -> Intervention:
+        """Parse a spec mapping; with `sae`, use that loaded SAE and keep the mapping's as reference."""
+        if not isinstance(data, dict):
+            raise SpecError(f"an intervention must be a mapping, got {type(data).__name__}")
+        _check_keys(data, {"layer", "sae", "edits", "positions"}, "intervention")
+        missing = [k for k in ("layer", "sae") if k not in data and not (k == "sae" and sae is not None)]
+        if missing:
+            raise SpecError(f"intervention is missing {', '.join(missing)}; got keys {sorted(data)}")
+        edits = data.get("edits", [])
+        if not isinstance(edits, list):
+            raise SpecError(f"'edits' must be a list of {{feature, op, strength}} mappings, got {edits!r}")
+        fields: dict[str, Any] = dict(
+            layer=data["layer"], edits=edits, positions=data.get("positions", "special")
+        )
+        if sae is None:
+            return cls(sae=data["sae"], **fields)
+        return cls(sae=sae, sae_ref=data.get("sae"), **fields)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str, sae: SAE | None = None) -> Intervention:
+        return cls.from_dict(_parse(text, "json"), sae=sae)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, sae: SAE | None = None) -> Intervention:
+        return cls.from_dict(_parse(text, "yaml"), sae=sae)
+
+    @classmethod
+    def from_file(cls, path: str | Path, sae: SAE | None = None) -> Intervention:
+        """Read one spec from a `.json`, `.yaml` or `.yml` file (relative SAE folders: see `load_interventions`)."""
+        specs = load_interventions(path, sae=sae)
+        if len(specs) != 1:
+            raise SpecError(f"{path} holds {len(specs)} interventions; use load_interventions() for several")
+        return specs[0]
+
+
+def load_interventions(path: str | Path, sae: SAE | None = None) -> list[Intervention]:
+    """Read a spec file holding one intervention, a list of them, or `{"interventions": [...]}`.
+
+    A relative SAE folder is taken relative to the spec file when it exists there.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist")
+    kind = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(path.suffix.lower())
+    if kind is None:
+        raise SpecError(f"spec file {path} must end in .json, .yaml or .yml")
+    data = _parse(path.read_text(encoding="utf-8"), kind, where=str(path))
+    if isinstance(data, dict) and "interventions" in data:
+        _check_keys(data, {"interventions"}, "spec file")
+        data = data["interventions"]
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise SpecError(f"spec file {path} holds no interventions")
+    specs = []
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("sae"), str):
+            local = path.parent / item["sae"]
+            if not Path(item["sae"]).is_absolute() and local.exists():
+                item = {**item, "sae": str(local)}
+        specs.append(Intervention.from_dict(item, sae=sae))
+    return specs
+
+
+def dump_interventions(specs: Sequence[Intervention]) -> str:
+    """JSON text of several specs (a list), readable by `load_interventions`."""
+    return json.dumps([s.to_dict() for s in specs], indent=2)
+
+
+def load_sae_reference(
+    ref: SAERef,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    expected_d_in: int | None = None,
+) -> SAE:
+    """Turn an SAE reference into a loaded SAE (the one place `steer` imports `hub`)."""
+    import hub
+
+    _check_ref(ref)
+    source, sae_id = (
+        (ref, None) if isinstance(ref, str) else (ref.get("path") or ref["repo"], ref.get("sae_id"))
+    )
+    kwargs: dict[str, Any] = {"sae_id": sae_id, "expected_d_in": expected_d_in}
+    if device is not None:
+        kwargs["device"] = device
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if isinstance(ref, dict) and ref.get("revision"):
+        kwargs["revision"] = ref["revision"]
+    try:
+        return hub.load_sae(source, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SpecError(f"could not load SAE {ref!r}: {exc}") from exc
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _parse(text: str, kind: str, where: str = "spec") -> Any:
+    if kind == "json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{where} is not valid JSON: {exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{where} is not valid YAML: {exc}") from exc
+
+
+def _check_keys(data: dict[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise SpecError(f"unknown {what} keys {unknown}; expected {sorted(allowed)}")
+
+
+def _check_positions(positions: Any) -> str | list[str | int]:
+    if isinstance(positions, str):
+        if positions not in POSITION_MODES:
+            raise SpecError(
+                f"positions={positions!r} is not a mode; expected one of {', '.join(POSITION_MODES)} "
+                "or a list of token strings / ids"
+            )
+        return positions
+    if isinstance(positions, (list, tuple)) and positions:
+        for item in positions:
+            if (
+                isinstance(item, bool)
+                or not isinstance(item, (str, int))
+                or (isinstance(item, int) and item < 0)
+            ):
+                raise SpecError(
+                    f"positions list items must be token strings or non-negative ids, got {item!r}"
+                )
+        return list(positions)
+    raise SpecError(
+        f"positions must be one of {', '.join(POSITION_MODES)} or a non-empty list of token strings / ids, "
+        f"got {positions!r}"
+    )
+
+
+def _check_ref(ref: Any) -> None:
+    if isinstance(ref, str):
+        if not ref.strip():
+            raise SpecError(
+                "the SAE reference is an empty string; give a folder or {'repo': ..., 'sae_id': ...}"
+            )
+        return
+    if isinstance(ref, dict):
+        _check_keys(ref, _REF_KEYS, "SAE reference")
+        if bool(ref.get("path")) == bool(ref.get("repo")):
+            raise SpecError(f"an SAE reference needs exactly one of 'path' or 'repo', got {ref!r}")
+        if not all(isinstance(v, str) for v in ref.values()):
+            raise SpecError(f"SAE reference values must be strings, got {ref!r}")
+        return
+    raise SpecError(
+        f"sae must be a loaded steer.SAE, a folder path, or {{'repo': ..., 'sae_id': ...}}; got {type(ref).__name__}"
+    )

@@ -1,0 +1,183 @@
+"""`SteeredModel`: a Hugging Face causal LM plus its tokenizer, steerable by intervention specs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from steer.hooks import CompiledIntervention, HookManager, decoder_layers
+from steer.positions import SpecialTokens, resolve_special_tokens, token_ids
+from steer.sae import SAE
+from steer.spec import Intervention, SpecError
+
+Specs = Intervention | Sequence[Intervention] | None
+
+
+class SteeredModel:
+    """Wraps `model` and `tokenizer`; `with sm.steer(spec): ...` edits SAE features in anything run inside.
+
+    Without an active spec, `generate` and `__call__` are exactly the model's own. Inside `steer`,
+    positions are tracked by token identity over the prompt and every generated token, with left or
+    right padding (attention mask) and with the KV cache (one position per step).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        special_tokens: SpecialTokens | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._special_tokens = special_tokens
+        self._managers: list[HookManager] = []
+        self._saes: dict[str, SAE] = {}
+
+    # -- model facts ---------------------------------------------------------------------------
+    @property
+    def special_tokens(self) -> SpecialTokens:
+        """The chat template's special tokens, resolved from the tokenizer on first use."""
+        if self._special_tokens is None:
+            self._special_tokens = resolve_special_tokens(self.tokenizer)
+        return self._special_tokens
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def active(self) -> bool:
+        """Whether any `steer` block is currently open."""
+        return bool(self._managers)
+
+    # -- running ---------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        """The model's forward (steered inside a `steer` block)."""
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """HF `generate`, arguments passed through (steered inside a `steer` block).
+
+        Declares the prompt length to the active hooks so that `positions="prompt"/"generated"`
+        also hold with `use_cache=False`, where every step re-reads the whole sequence.
+        """
+        inputs = kwargs.get(
+            "input_ids", kwargs.get("inputs", args[0] if args else kwargs.get("inputs_embeds"))
+        )
+        prompt_len = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else None
+        for manager in self._managers:
+            manager.declared_prompt_len = prompt_len
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            for manager in self._managers:
+                manager.declared_prompt_len = None
+
+    @contextmanager
+    def steer(self, *specs: Specs) -> Iterator[SteeredModel]:
+        """Apply interventions (one, several, or lists of them) to everything run inside the block.
+
+        SAE references are loaded (once, then cached) and every spec is checked against its SAE and the
+        model before any hook is installed; a bad spec raises `SpecError` and installs nothing.
+        Blocks nest; all their edits compose (applied in order at each layer). Hooks are removed on
+        exit, also when the block raises.
+        """
+        flat = _flatten(specs)
+        compiled = [self.compile(spec) for spec in flat]
+        if not compiled:
+            yield self
+            return
+        needs_special = any(c.positions == "special" for c in compiled)
+        manager = HookManager(self.model, compiled, self.special_tokens if needs_special else None)
+        manager.attach()
+        self._managers.append(manager)
+        try:
+            yield self
+        finally:
+            manager.remove()
+            self._managers.remove(manager)
+
+    def chat(
+        self,
+        messages: str | Sequence[dict[str, str]],
+        spec: Specs = None,
+        *,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        seed: int = 0,
+        **gen_kwargs,
+    ) -> str:
+        """The assistant's reply (text, special tokens dropped) to `messages` (a string = one user turn)."""
+        conversation = (
+            [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        )
+        encoded = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        encoded = {k: v.to(self.device) for k, v in encoded.items()}
+        gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if do_sample:
+            torch.manual_seed(seed)
+        with self.steer(spec), torch.no_grad():
+            out = self.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=do_sample, **gen_kwargs)
+        return self.tokenizer.decode(
+            out[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True
+        ).strip()
+
+    # -- specs -----------------------------------------------------------------------------------
+    def load_sae(self, spec: Intervention) -> SAE:
+        """The spec's SAE on the model's device (references loaded once per SteeredModel)."""
+        if isinstance(spec.sae, SAE):
+            sae = spec.sae
+        else:
+            key = json.dumps(spec.sae, sort_keys=True)
+            if key not in self._saes:
+                self._saes[key] = spec.load_sae(device=self.device)
+            sae = self._saes[key]
+        if sae.device != self.device:
+            sae = sae.to(self.device)
+        return sae
+
+    def compile(self, spec: Intervention) -> CompiledIntervention:
+        """Check `spec` against this model and its SAE and precompute what its hooks need."""
+        if not isinstance(spec, Intervention):
+            raise SpecError(f"steer() takes Intervention objects, got {type(spec).__name__}")
+        sae = self.load_sae(spec)
+        spec.check_model(self.n_layers, self.d_model, sae)
+        tokens: tuple[int, ...] = ()
+        if not isinstance(spec.positions, str):
+            try:
+                tokens = tuple(token_ids(self.tokenizer, spec.positions))
+            except ValueError as exc:
+                raise SpecError(f"positions: {exc}") from exc
+        return CompiledIntervention.build(spec, sae, tokens, self.dtype)
+
+
+def _flatten(specs: tuple) -> list[Intervention]:
+    out: list[Intervention] = []
+    for item in specs:
+        if item is None:
+            continue
+        if isinstance(item, Intervention):
+            out.append(item)
+        elif isinstance(item, Sequence) and not isinstance(item, str):
+            out.extend(_flatten(tuple(item)))
+        else:
+            raise SpecError(f"steer() takes Intervention objects or lists of them, got {type(item).__name__}")
+    return out

@@ -1,0 +1,113 @@
+"""Harvesting after layer L: equals hidden_states[L+1], stops after layer L, never returns padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import build_tiny_model, read_conversations
+from train.harvest import Harvester, decoder_layers, harvest_throughput, hook_name
+from train.sequences import bucket_batches, fast_sequences
+
+LAYER = 1  # of 4: the tiny models have later layers to skip
+
+
+@pytest.fixture
+def batch_and_sequences(chatml_tokenizer):
+    seqs = fast_sequences(read_conversations("gpteacher.jsonl", 8), chatml_tokenizer, max_len=400)
+    batch = bucket_batches(seqs, token_budget=10**6, pad_id=chatml_tokenizer.pad_token_id)[0]
+    assert len(set(batch.lengths)) > 1 and batch.padding_share > 0.1  # the test needs real padding
+    return batch, seqs
+
+
+def _reference(model, ids, layer):
+    with torch.no_grad():
+        return model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]
+
+
+def test_residuals_equal_unpadded_hidden_states(tiny_model, batch_and_sequences):
+    model, _ = tiny_model
+    batch, seqs = batch_and_sequences
+    harvester = Harvester(model, LAYER)
+    per_seq = harvester.per_sequence(batch)
+    refs = [_reference(model, seqs[i], LAYER) for i in batch.indices]
+    for got, ref in zip(per_seq, refs, strict=True):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    flat = harvester(batch)  # real tokens only, in row order: no padding row sneaks in
+    assert flat.shape == (batch.n_tokens, model.config.get_text_config().hidden_size)
+    torch.testing.assert_close(flat, torch.cat(refs), atol=1e-5, rtol=1e-5)
+    assert harvester.last_stats["real"] == batch.n_tokens and harvester.last_stats["padded"] == batch.n_padded
+
+
+def test_forward_stops_after_layer(tiny_model, batch_and_sequences):
+    model, _ = tiny_model
+    batch, _ = batch_and_sequences
+    calls = {"later": 0, "target": 0, "head": 0}
+    layers = decoder_layers(model)
+    handles = [layer.register_forward_hook(lambda *_: calls.__setitem__("later", calls["later"] + 1))
+               for layer in layers[LAYER + 1 :]]  # fmt: skip
+    handles.append(
+        layers[LAYER].register_forward_pre_hook(lambda *_: calls.__setitem__("target", calls["target"] + 1))
+    )
+    handles.append(
+        model.get_output_embeddings().register_forward_hook(lambda *_: calls.__setitem__("head", 1))
+    )
+    try:
+        Harvester(model, LAYER)(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == {"later": 0, "target": 1, "head": 0}
+    assert not layers[LAYER]._forward_hooks  # the stop hook is removed again
+
+
+def test_exclusions(chatml_tokenizer, batch_and_sequences):
+    model = build_tiny_model("llama", len(chatml_tokenizer))
+    batch, _ = batch_and_sequences
+    per_seq = Harvester(model, LAYER).per_sequence(batch)
+    no_first = Harvester(model, LAYER, exclude_first_token=True)(batch)
+    torch.testing.assert_close(no_first, torch.cat([s[1:] for s in per_seq]))
+    harvester = Harvester(model, LAYER, max_norm_multiple=1.05)
+    kept = harvester(batch)
+    norms = torch.cat(per_seq).norm(dim=-1)
+    expected = int((norms <= 1.05 * norms.median()).sum())
+    assert len(kept) == expected < len(norms)
+    assert harvester.last_stats["excluded_norm"] == len(norms) - expected
+    assert kept.norm(dim=-1).max() <= 1.05 * norms.median() + 1e-4
+
+
+def test_bfloat16_model_gives_float32_residuals(chatml_tokenizer, batch_and_sequences):
+    model = build_tiny_model("qwen2", len(chatml_tokenizer)).to(torch.bfloat16)
+    batch, _ = batch_and_sequences
+    harvester = Harvester(model, LAYER)
+    out = harvester(batch)
+    assert harvester.dtype == torch.bfloat16 and out.dtype == torch.float32 and len(out) == batch.n_tokens
+
+
+def test_bad_layer_and_hook_name(chatml_tokenizer):
+    model = build_tiny_model("gpt2", len(chatml_tokenizer))
+    with pytest.raises(ValueError, match=r"layer 4 out of range: .* layers 0\.\.3"):
+        Harvester(model, 4)
+    assert hook_name(3) == "blocks.3.hook_resid_post"
+    assert Harvester(model, 3).d_in == 64  # the last layer is allowed
+
+
+def test_harvest_throughput_report(chatml_tokenizer, batch_and_sequences):
+    model = build_tiny_model("llama", len(chatml_tokenizer))
+    batch, _ = batch_and_sequences
+    report = harvest_throughput(model, [batch], LAYER, repeats=2)
+    assert report["real_tokens"] == batch.n_tokens and report["padded_tokens"] == batch.n_padded
+    assert report["bare_tokens_per_s"] > 0 and report["harvest_tokens_per_s"] > 0
+    assert report["padding_share"] == pytest.approx(batch.padding_share)
+    assert len(decoder_layers(model)) == 4  # the truncated stack was put back
+
+
+@pytest.mark.integration
+def test_default_model_layer_matches_hidden_states(default_model):
+    model, tok = default_model
+    seqs = fast_sequences(read_conversations("hh_rlhf_harmless_test.jsonl", 3), tok, max_len=256)
+    batch = bucket_batches(seqs, 10**6, tok.pad_token_id)[0]
+    per_seq = Harvester(model, 5).per_sequence(batch)
+    for i, got in zip(batch.indices, per_seq, strict=True):
+        torch.testing.assert_close(got, _reference(model, seqs[i], 5), atol=1e-3, rtol=1e-3)

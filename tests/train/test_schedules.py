@@ -1,0 +1,62 @@
+"""Learning-rate and sparsity schedules at their key steps, and the presets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from train.config import SAETrainSpec, TrainConfig, preset_config
+from train.schedules import LRSchedule, SparsityWarmup, lr_schedule
+
+
+def test_lr_warmup_cosine_floor_and_final_decay():
+    s = LRSchedule(lr=1.0, lr_end=0.1, total_steps=100, warmup_steps=10, decay_steps=20)
+    assert math.isclose(s(0), 0.1)  # starts at lr / warmup_steps (SAELens LinearLR start_factor)
+    assert math.isclose(s(9), 1.0)  # end of warm-up
+    assert math.isclose(s(10), 1.0)  # cosine starts at lr
+    assert math.isclose(s(10 + 35), 0.1 + 0.9 * (1 + math.cos(math.pi * 35 / 70)) / 2)
+    assert s(10 + 69) == pytest.approx(0.1, abs=1e-3)  # reaches the floor
+    assert math.isclose(s(80), 0.1)  # final linear decay starts at the floor
+    assert math.isclose(s(90), 0.05)
+    assert s(99) == pytest.approx(0.005)
+    lrs = [s(i) for i in range(100)]
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[9:], lrs[10:], strict=False))  # monotone after warm-up
+
+
+def test_lr_without_warmup_or_decay():
+    s = LRSchedule(lr=2.0, lr_end=0.5, total_steps=10, warmup_steps=0, decay_steps=0)
+    assert s(0) == 2.0
+    assert s(9) == pytest.approx(0.5 + 1.5 * (1 + math.cos(math.pi * 9 / 10)) / 2)
+    with pytest.raises(ValueError, match="exceed"):
+        LRSchedule(lr=1, lr_end=0.1, total_steps=5, warmup_steps=3, decay_steps=3)
+    assert lr_schedule(1.0, 0.1, 100, 0.05, 0.2) == LRSchedule(1.0, 0.1, 100, 5, 20)
+
+
+def test_sparsity_warmup():
+    w = SparsityWarmup(coefficient=5.0, warmup_steps=10)
+    assert w(0) == pytest.approx(0.5)
+    assert w(4) == pytest.approx(2.5)
+    assert w(9) == 5.0 and w(1000) == 5.0
+    assert SparsityWarmup(5.0, 0)(0) == 5.0
+
+
+def test_paper_preset_matches_the_paper():
+    cfg = preset_config("paper", saes=[SAETrainSpec(arch="standard"), SAETrainSpec(arch="jumprelu")])
+    assert (cfg.lr, cfg.lr_end, cfg.batch_size, cfg.total_tokens) == (7e-5, 7e-6, 128, 40_960_000)
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.grad_clip) == (0.9, 0.999, 1.0)
+    assert [s.sparsity_coefficient for s in cfg.resolved_specs()] == [5.0, 0.01]
+    assert cfg.total_steps == 320_000
+    d = TrainConfig.from_dict(cfg.to_dict())
+    assert d.to_dict() == cfg.to_dict()
+
+
+def test_config_errors_are_specific():
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("fast")
+    with pytest.raises(ValueError, match="same settings"):
+        TrainConfig(total_tokens=10, saes=[SAETrainSpec(), SAETrainSpec()])
+    with pytest.raises(ValueError, match="lr_end"):
+        TrainConfig(total_tokens=10, lr=1e-4, lr_end=1e-3)
+    cfg = TrainConfig(total_tokens=10_001, batch_size=1000)
+    assert (cfg.total_steps, cfg.final_tokens) == (11, 11_000)

@@ -1,0 +1,101 @@
+"""FAST sequences, BT blocks and length bucketing on a ChatML tokenizer and the shared chat data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import read_conversations
+from train.sequences import (
+    bucket_batches,
+    fast_sequences,
+    make_batch,
+    pack_blocks,
+    render_conversation,
+    render_conversations,
+    text_token_lists,
+)
+
+IM_START = 1
+
+
+def _conversation_starts(ids, tokenizer) -> int:
+    """How many conversations begin in `ids` (each starts with the template's system header)."""
+    header = tokenizer("<|im_start|>system\n", add_special_tokens=False)["input_ids"]
+    return sum(ids[i : i + len(header)] == header for i in range(len(ids)))
+
+
+def test_render_matches_apply_chat_template(chatml_tokenizer):
+    convs = read_conversations("topical_chat.jsonl", 5)
+    for conv, ids in zip(convs, render_conversations(chatml_tokenizer, convs), strict=True):
+        expected = chatml_tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+        assert ids == list(expected)
+        assert ids[0] == IM_START and ids[1] != IM_START  # no extra BOS added
+    assert render_conversation(chatml_tokenizer, convs[0]) == render_conversations(chatml_tokenizer, convs)[0]
+
+
+def test_fast_keeps_one_conversation_per_sequence(chatml_tokenizer):
+    convs = read_conversations("gpteacher.jsonl", 20)
+    seqs = fast_sequences(convs, chatml_tokenizer, max_len=100_000)
+    assert len(seqs) == len(convs)
+    for conv, seq in zip(convs, seqs, strict=True):
+        assert _conversation_starts(seq, chatml_tokenizer) == 1
+        assert seq == render_conversation(chatml_tokenizer, conv)
+
+
+def test_fast_truncation(chatml_tokenizer):
+    convs = read_conversations("topical_chat.jsonl", 10)
+    full = render_conversations(chatml_tokenizer, convs)
+    assert max(map(len, full)) > 64
+    for f, t in zip(full, fast_sequences(convs, chatml_tokenizer, max_len=64), strict=True):
+        assert t == f[:64]
+    with pytest.raises(ValueError, match="max_len"):
+        fast_sequences(convs, chatml_tokenizer, max_len=0)
+
+
+def test_bt_blocks_mix_conversations_and_lose_nothing(chatml_tokenizer):
+    convs = read_conversations("gsm8k_train.jsonl", 30)
+    token_lists = render_conversations(chatml_tokenizer, convs)
+    blocks, rest = pack_blocks(token_lists, block_len=256, carry=[7, 8])
+    assert all(len(b) == 256 for b in blocks) and len(rest) < 256
+    assert sum(blocks, []) + rest == [7, 8] + sum(token_lists, [])
+    assert any(_conversation_starts(b, chatml_tokenizer) >= 2 for b in blocks)
+
+
+def test_text_tokens_end_with_eos(chatml_tokenizer):
+    lists = text_token_lists(["To be, or not to be", "that is the question"], chatml_tokenizer)
+    assert [t[-1] for t in lists] == [chatml_tokenizer.eos_token_id] * 2
+    assert chatml_tokenizer.decode(lists[0][:-1]) == "To be, or not to be"
+
+
+def test_make_batch_right_pads_with_mask():
+    batch = make_batch([[5, 6, 7], [8]], pad_id=2)
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert (batch.n_tokens, batch.n_padded) == (4, 6)
+    with pytest.raises(ValueError, match="no empty sequences"):
+        make_batch([[1], []], pad_id=2)
+
+
+def test_bucketing_respects_budget_and_covers_every_sequence(chatml_tokenizer):
+    seqs = fast_sequences(read_conversations("synthetic_persona_chat.jsonl", 60), chatml_tokenizer, 2048)
+    budget = 4096
+    batches = bucket_batches(seqs, budget, pad_id=2, seed=0)
+    assert sorted(i for b in batches for i in b.indices) == list(range(len(seqs)))
+    for b in batches:
+        assert b.n_padded <= budget or len(b.lengths) == 1
+        for row, i in enumerate(b.indices):
+            assert b.input_ids[row, : b.lengths[row]].tolist() == seqs[i]
+            assert b.attention_mask[row].sum() == len(seqs[i])
+    bucketed_pad = sum(b.n_padded for b in batches) - sum(map(len, seqs))
+    # the same batch sizes in corpus order pad far more than length-sorted batches
+    sizes = [len(b.lengths) for b in batches]
+    starts = torch.tensor([0] + sizes).cumsum(0).tolist()
+    naive_pad = sum(
+        len(seqs[s : s + n]) * max(map(len, seqs[s : s + n])) - sum(map(len, seqs[s : s + n]))
+        for s, n in zip(starts, sizes, strict=False)
+    )
+    assert bucketed_pad < naive_pad / 2
+    again = bucket_batches(seqs, budget, pad_id=2, seed=0)
+    assert [b.indices for b in again] == [b.indices for b in batches]
+    assert [b.indices for b in bucket_batches(seqs, budget, 2, seed=1)] != [b.indices for b in batches]

@@ -1,0 +1,146 @@
+"""The trainer on synthetic activations: several SAEs on one stream, resume, and a 2-process gloo run."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from hub import load_sae
+from train.config import SAETrainSpec, TrainConfig
+from train.trainer import LOG_FILE, SUMMARY_FILE, SAETrainer, geometric_median
+
+from .dp_worker import dp_config, dp_worker
+from .streams import SparseStream
+
+SPECS = [
+    SAETrainSpec(arch="standard", expansion=2, sparsity_coefficient=0.05),
+    SAETrainSpec(
+        arch="jumprelu",
+        expansion=2,
+        sparsity_coefficient=0.01,
+        jumprelu_bandwidth=0.05,
+        jumprelu_init_threshold=0.05,
+    ),
+    SAETrainSpec(arch="topk", expansion=2, k=6),
+]
+
+
+def _cfg(steps: int = 100, batch: int = 64, **kw) -> TrainConfig:
+    values = dict(
+        total_tokens=steps * batch,
+        batch_size=batch,
+        saes=SPECS,
+        lr=2e-2,
+        lr_end=2e-3,
+        dead_feature_window=batch * 10,
+        checkpoint_every=0,
+        log_every=5,
+        seed=3,
+    )
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_geometric_median_matches_the_1d_median_and_resists_outliers():
+    pts = torch.tensor([[0.0], [1.0], [2.0], [3.0], [100.0]])
+    assert geometric_median(pts).item() == pytest.approx(2.0, abs=1e-3)
+    cloud = torch.randn(200, 4) + torch.tensor([1.0, -2.0, 0.5, 3.0])
+    cloud[:5] += 1e4  # a few huge outliers (like SmolLM2's first token) barely move it
+    assert torch.allclose(geometric_median(cloud), torch.tensor([1.0, -2.0, 0.5, 3.0]), atol=0.3)
+
+
+def test_three_architectures_train_on_one_stream(tmp_path):
+    torch.set_num_threads(1)
+    trainer = SAETrainer(_cfg(), d_in=16, out_dir=tmp_path, metadata={"model": "synthetic"}, progress=False)
+    first = next(SparseStream(seed=0))
+    result = trainer.fit(SparseStream(seed=0))
+    assert result.steps == 100 and result.tokens == 100 * 64
+    assert [p.name for p in result.sae_dirs] == [s.name for s in trainer.specs]
+
+    lines = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(5, 101, 5))
+    baseline = ((first - geometric_median(first)) ** 2).sum(-1).mean().item()  # b_dec-only reconstruction
+    for name in trainer.names:
+        mses = [r["saes"][name]["mse"] for r in lines]
+        assert mses[-1] < 0.5 * mses[0], (name, mses)
+        assert mses[-1] < 0.3 * baseline, (name, mses[-1], baseline)
+        assert 0 < lines[-1]["saes"][name]["l0"] < 32
+    assert lines[-1]["saes"]["topk-x2-k6"]["l0"] <= 6
+
+    for sae, folder, spec in zip(trainer.saes, result.sae_dirs, trainer.specs, strict=True):
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))  # unit decoder rows
+        loaded = load_sae(folder)
+        assert loaded.architecture == spec.arch and loaded.cfg.apply_b_dec_to_input is False
+        torch.testing.assert_close(loaded.W_enc, sae.W_enc)
+        meta = loaded.cfg.metadata
+        assert meta["model"] == "synthetic" and meta["training"]["tokens_trained"] == 6400
+        assert meta["training"]["sae"]["arch"] == spec.arch
+    jump = load_sae(result.sae_dirs[1])
+    torch.testing.assert_close(jump.threshold, trainer.objectives[1].log_threshold.exp().detach())
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert summary["finished"] and summary["peak_memory_mib"] > 0
+    assert not (tmp_path / "checkpoints").exists()  # removed once the SAEs are written
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
+    torch.set_num_threads(1)
+    cfg = _cfg(steps=30, checkpoint_every=7)
+    full = SAETrainer(cfg, d_in=16, out_dir=tmp_path / "full", progress=False)
+    full.fit(SparseStream(seed=1))
+
+    crashed = SAETrainer(cfg, d_in=16, out_dir=tmp_path / "run", progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit(SparseStream(seed=1, fail_after=17))
+    assert json.loads((tmp_path / "run/checkpoints/latest.json").read_text())["step"] == 14
+
+    resumed = SAETrainer(cfg, d_in=16, out_dir=tmp_path / "run", progress=False)
+    result = resumed.fit(SparseStream(seed=1), resume=True)
+    assert result.resumed_from_step == 14 and result.tokens == full.tokens
+    for a, b in zip(full.objectives, resumed.objectives, strict=True):
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(pa, pb), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
+    assert steps == list(range(5, 31, 5))  # lines of the crashed run past its checkpoint were dropped
+
+    again = SAETrainer(cfg, d_in=16, out_dir=tmp_path / "run", progress=False)
+    assert again.fit(SparseStream(seed=1), resume=True).steps == 30  # finished: nothing retrained
+    changed = SAETrainer(
+        _cfg(steps=31, checkpoint_every=7), d_in=16, out_dir=tmp_path / "run", progress=False
+    )
+    with pytest.raises(ValueError, match="total_tokens"):
+        changed.fit(SparseStream(seed=1), resume=True)
+
+
+def test_bad_batches_are_rejected_with_the_expected_shape(tmp_path):
+    trainer = SAETrainer(_cfg(), d_in=16, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"expected a tensor of shape \[64, 16\]"):
+        trainer.fit(iter([torch.zeros(64, 15)]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run_matches_one_process(tmp_path):
+    torch.set_num_threads(1)
+    mp.start_processes(
+        dp_worker, args=(2, _free_port(), str(tmp_path / "dp")), nprocs=2, start_method="spawn"
+    )
+    r0 = load_file(str(tmp_path / "dp/rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "dp/rank1.safetensors"))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k  # all-reduced gradients: identical replicas
+
+    single = SAETrainer(dp_config(), d_in=16, out_dir=tmp_path / "one", progress=False)
+    single.fit(SparseStream(seed=2))
+    for i, obj in enumerate(single.objectives):
+        for k, v in obj.state_dict().items():
+            torch.testing.assert_close(r0[f"{i}.{k}"], v, atol=2e-5, rtol=1e-4)
+    assert len(list((tmp_path / "dp").glob("*-x2-*/cfg.json"))) == 3  # one writer of SAE folders

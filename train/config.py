@@ -1,0 +1,174 @@
+"""Training configuration: one `TrainConfig` per run, one `SAETrainSpec` per SAE trained on the stream.
+
+Two presets: `paper` (App. C of arXiv 2506.07691, built on SAELens 5.3.3) and `default` (tuned so that a
+useful SAE trains on a 2-core CPU in minutes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from steer.sae import architectures
+
+SPARSITY_NAMES = {"standard": "l1", "jumprelu": "l0", "topk": "k"}
+
+
+@dataclass
+class SAETrainSpec:
+    """One SAE of a run: its architecture, width and sparsity settings."""
+
+    arch: str = "standard"
+    expansion: int = 8
+    sparsity_coefficient: float | None = None  # L1 (standard) or L0 (jumprelu) coefficient; preset if None
+    k: int | None = None  # topk only
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.001
+    aux_k_coefficient: float = 1.0  # topk auxiliary loss against dead features
+
+    def __post_init__(self) -> None:
+        if self.arch not in architectures():
+            raise ValueError(
+                f"unknown SAE architecture {self.arch!r}; expected one of {', '.join(architectures())}"
+            )
+        if self.expansion < 1:
+            raise ValueError(f"expansion factor must be >= 1, got {self.expansion}")
+        if self.arch == "topk" and (self.k is None or self.k < 1):
+            raise ValueError(f"a topk SAE needs k >= 1 (got k={self.k}); pass --k")
+        if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
+            raise ValueError(f"sparsity coefficient must be >= 0, got {self.sparsity_coefficient}")
+        if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
+            raise ValueError("jumprelu bandwidth and initial threshold must be positive")
+
+    @property
+    def name(self) -> str:
+        """Folder name of this SAE inside a sweep, e.g. `standard-x8-l1_5`, `topk-x8-k32`."""
+        if self.arch == "topk":
+            return f"topk-x{self.expansion}-k{self.k}"
+        return f"{self.arch}-x{self.expansion}-{SPARSITY_NAMES[self.arch]}_{self.sparsity_coefficient:g}"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every SAE of a run (a single activation stream)."""
+
+    total_tokens: int
+    saes: list[SAETrainSpec] = field(default_factory=lambda: [SAETrainSpec()])
+    batch_size: int = 4096  # tokens per optimiser step, summed over all processes
+    lr: float = 4e-4
+    lr_end: float = 4e-5  # floor reached by the cosine decay
+    lr_warmup_fraction: float = 0.01
+    lr_decay_fraction: float = 0.2  # final linear decay from the floor to 0
+    sparsity_warmup_fraction: float = 0.05
+    l1_coefficient: float = 5.0  # default for standard SAEs without their own coefficient
+    l0_coefficient: float = 0.01  # default for jumprelu SAEs without their own coefficient
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    dead_feature_window: int = 200_000  # tokens without firing after which a feature counts as dead
+    sae_dtype: str = "float32"
+    autocast: bool = False  # bf16 autocast of the SAE matmuls (slower than float32 on some CPUs)
+    seed: int = 42
+    checkpoint_every: int = 100  # steps; 0 = only at the end
+    log_every: int = 10  # steps between JSONL log lines
+    preset: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.total_tokens <= 0:
+            raise ValueError(f"total_tokens must be positive, got {self.total_tokens}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not self.saes:
+            raise ValueError("at least one SAE spec is needed")
+        if not 0 < self.lr_end <= self.lr:
+            raise ValueError(f"need 0 < lr_end <= lr, got lr={self.lr}, lr_end={self.lr_end}")
+        for name in ("lr_warmup_fraction", "lr_decay_fraction", "sparsity_warmup_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
+            raise ValueError("lr_warmup_fraction + lr_decay_fraction must be <= 1")
+        names = [s.name for s in self.resolved_specs()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two SAEs of the sweep have the same settings: {names}")
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.total_tokens / self.batch_size)
+
+    @property
+    def final_tokens(self) -> int:
+        """Tokens actually trained on: whole batches, so `total_tokens` rounded up to a batch."""
+        return self.total_steps * self.batch_size
+
+    def resolved_specs(self) -> list[SAETrainSpec]:
+        """The SAE specs with the preset's sparsity coefficient filled in where unset."""
+        out = []
+        for spec in self.saes:
+            if spec.sparsity_coefficient is None and spec.arch != "topk":
+                coeff = self.l1_coefficient if spec.arch == "standard" else self.l0_coefficient
+                spec = replace(spec, sparsity_coefficient=coeff)
+            out.append(spec)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["saes"] = [asdict(s) for s in self.resolved_specs()]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
+        data = dict(data)
+        data["saes"] = [SAETrainSpec(**s) for s in data.get("saes", [])]
+        return cls(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # arXiv 2506.07691 App. C (SAELens 5.3.3): Adam (0.9, 0.999), lr 7e-5 with warm-up, cosine decay to
+    # 7e-6 and a final linear decay; batch 128 tokens; L1 5 / L0 0.01 with warm-up; 40.96M tokens.
+    "paper": dict(
+        total_tokens=40_960_000,
+        batch_size=128,
+        lr=7e-5,
+        lr_end=7e-6,
+        lr_warmup_fraction=0.01,
+        lr_decay_fraction=0.2,
+        sparsity_warmup_fraction=0.05,
+        l1_coefficient=5.0,
+        l0_coefficient=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        grad_clip=1.0,
+        dead_feature_window=128_000,  # SAELens: 1,000 steps of 128 tokens
+        checkpoint_every=10_000,
+        log_every=100,
+    ),
+    # A useful SAE on a 2-core CPU in minutes: big batches (throughput), a larger lr.
+    "default": dict(
+        total_tokens=1_000_000,
+        batch_size=4096,
+        lr=4e-4,
+        lr_end=4e-5,
+        lr_warmup_fraction=0.01,
+        lr_decay_fraction=0.2,
+        sparsity_warmup_fraction=0.05,
+        l1_coefficient=5.0,
+        l0_coefficient=0.01,
+        dead_feature_window=200_000,
+        checkpoint_every=50,
+        log_every=5,
+    ),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> TrainConfig:
+    """A `TrainConfig` from a preset, with explicit overrides (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[name], preset=name)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)

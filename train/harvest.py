@@ -1,0 +1,197 @@
+"""Residual-stream harvesting after decoder layer L, with a forward that stops after layer L.
+
+Public API:
+    decoder_layers(model) -> nn.ModuleList        (Llama/Qwen2 `model.layers`, GPT-2 `transformer.h`)
+    hook_name(layer) -> "blocks.{L}.hook_resid_post"
+    Harvester(model, layer, *, exclude_first_token=False, max_norm_multiple=None)
+        .residuals(batch) -> Tensor [B, T, d] in the model's dtype
+        .per_sequence(batch) -> list of float32 [len_i, d] (all real tokens, no exclusions)
+        .__call__(batch) -> float32 [n_kept, d] (real tokens only, exclusions applied); .last_stats
+    harvest_throughput(model, batches, layer, repeats=3) -> dict (bare forward vs harvesting, tokens/s)
+
+Layer L is the output of decoder block L (0-indexed), i.e. ``hidden_states[L + 1]`` in transformers.
+A forward hook on block L raises a private exception carrying the block's output, so neither the later
+blocks, the final norm nor the LM head run. The model's own dtype is the harvesting dtype (load it with
+``load_model(dtype="bfloat16")`` for fast CPU harvesting); the residuals handed out are float32.
+Batches are right-padded (see ``train.sequences``) and run without an attention mask: in a causal model a
+real token never attends to padding on its right, so its residual equals the unpadded forward's, and the
+mask-free call keeps SDPA on its fast causal path. Padding positions are dropped before anything leaves.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from train.sequences import Batch
+
+
+class _StopForward(Exception):
+    """Raised by the hook on layer L to end the forward; carries that layer's output."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__("forward stopped after the harvested layer")
+        self.output = output
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder blocks of a Llama/Qwen2-style (`model.layers`) or GPT-2-style (`transformer.h`) model."""
+    base = model.base_model
+    for name in ("layers", "h"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: expected `model.layers` (Llama, Qwen2, ...) "
+        "or `transformer.h` (GPT-2)"
+    )
+
+
+def hook_name(layer: int) -> str:
+    """SAELens hook name of the residual stream after block `layer`."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def _check_layer(model: PreTrainedModel, layer: int) -> nn.ModuleList:
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(
+            f"layer {layer} out of range: {type(model).__name__} has layers 0..{len(layers) - 1}"
+        )
+    return layers
+
+
+class Harvester:
+    """Residuals after decoder block `layer` for the real tokens of a Batch."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        layer: int,
+        *,
+        exclude_first_token: bool = False,
+        max_norm_multiple: float | None = None,
+    ):
+        self.layers = _check_layer(model, layer)
+        if max_norm_multiple is not None and max_norm_multiple <= 0:
+            raise ValueError(f"max_norm_multiple must be positive or None, got {max_norm_multiple}")
+        self.model = model
+        self.layer = layer
+        self.exclude_first_token = exclude_first_token
+        self.max_norm_multiple = max_norm_multiple
+        self.last_stats: dict[str, int] = {}
+
+    @property
+    def d_in(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def residuals(self, batch: Batch) -> torch.Tensor:
+        """[B, T, d] residual stream after block `layer`, in the model's dtype (padding rows included)."""
+
+        def stop(_module, _args, output):
+            raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+        handle = self.layers[self.layer].register_forward_hook(stop)
+        try:
+            with torch.inference_mode():
+                self.model.base_model(input_ids=batch.input_ids.to(self.device), use_cache=False)
+        except _StopForward as stopped:
+            return stopped.output
+        finally:
+            handle.remove()
+        raise RuntimeError(
+            f"layer {self.layer} of {type(self.model).__name__} was not called during the forward"
+        )
+
+    def per_sequence(self, batch: Batch) -> list[torch.Tensor]:
+        """float32 residuals of each sequence's real tokens, [len_i, d] each (no exclusions)."""
+        h = self.residuals(batch)
+        return [h[row, :n].float() for row, n in enumerate(batch.lengths)]
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """float32 [n_kept, d]: real tokens only, minus the configured exclusions."""
+        h = self.residuals(batch)
+        keep = batch.attention_mask.to(h.device, dtype=torch.bool, copy=True)
+        n_real = int(keep.sum())
+        if self.exclude_first_token:
+            keep[:, 0] = False
+        x = h[keep].float()
+        n_norm = 0
+        if self.max_norm_multiple is not None and len(x):
+            norms = x.norm(dim=-1)
+            ok = norms <= self.max_norm_multiple * norms.median()
+            n_norm = int((~ok).sum())
+            x = x[ok]
+        self.last_stats = {
+            "real": n_real,
+            "padded": batch.n_padded,
+            "excluded_first": n_real - int(keep.sum()),
+            "excluded_norm": n_norm,
+            "kept": len(x),
+        }
+        return x
+
+
+def _bare_forward(model: PreTrainedModel, layer: int, batches: list[Batch]) -> None:
+    """Layers 0..layer only (a truncated stack, plus the final norm), outputs discarded: the reference cost."""
+    base = model.base_model
+    name = "layers" if isinstance(getattr(base, "layers", None), nn.ModuleList) else "h"
+    full = getattr(base, name)
+    setattr(base, name, full[: layer + 1])
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                base(input_ids=batch.input_ids, use_cache=False)
+    finally:
+        setattr(base, name, full)
+
+
+def harvest_throughput(model: PreTrainedModel, batches: list[Batch], layer: int, repeats: int = 3) -> dict:
+    """Tokens/s of a bare forward to `layer` vs. harvesting (real tokens out, float32) on the same batches.
+
+    Repeats are interleaved (bare, harvest, bare, harvest, ...) and the medians compared. Rates count
+    real tokens; `padding_share` is the share of computed positions that were padding.
+    """
+    _check_layer(model, layer)
+    if not batches or repeats < 1:
+        raise ValueError("harvest_throughput needs at least one batch and one repeat")
+    harvester = Harvester(model, layer)
+    real = sum(b.n_tokens for b in batches)
+    padded = sum(b.n_padded for b in batches)
+    bare_s, harvest_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _bare_forward(model, layer, batches)
+        t1 = time.perf_counter()
+        for batch in batches:
+            harvester(batch)
+        t2 = time.perf_counter()
+        bare_s.append(t1 - t0)
+        harvest_s.append(t2 - t1)
+    bare, harvest = statistics.median(bare_s), statistics.median(harvest_s)
+    return {
+        "layer": layer,
+        "dtype": str(harvester.dtype).removeprefix("torch."),
+        "batches": len(batches),
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "padding_share": 1.0 - real / padded,
+        "repeats": repeats,
+        "bare_seconds": bare,
+        "harvest_seconds": harvest,
+        "bare_tokens_per_s": real / bare,
+        "harvest_tokens_per_s": real / harvest,
+        "ratio": bare / harvest,
+    }
