@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "apps.bench_steer",
     "apps.cli_train",
     "apps.cli_demo",
+    "apps.cli_experiment",
 )
 
 

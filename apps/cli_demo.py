@@ -11,13 +11,29 @@ DEFAULT_PORT = 7860
 
 
 def _serve_options(fn):
-    fn = click.option("--host", default="127.0.0.1", show_default=True,
-                      help="Address to bind. Anything but 127.0.0.1 exposes the model to your network.")(fn)
-    fn = click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")(fn)
-    fn = click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=256, show_default=True,
-                      help="Most new tokens a reply may ask for.")(fn)
-    fn = click.option("--max-prompt-tokens", type=click.IntRange(16, 65536), default=2048, show_default=True,
-                      help="Longest conversation (in tokens) the page accepts.")(fn)
+    fn = click.option(
+        "--host",
+        default="127.0.0.1",
+        show_default=True,
+        help="Address to bind. Anything but 127.0.0.1 exposes the model to your network.",
+    )(fn)
+    fn = click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")(
+        fn
+    )
+    fn = click.option(
+        "--max-new-tokens",
+        type=click.IntRange(1, 4096),
+        default=256,
+        show_default=True,
+        help="Most new tokens a reply may ask for.",
+    )(fn)
+    fn = click.option(
+        "--max-prompt-tokens",
+        type=click.IntRange(16, 65536),
+        default=2048,
+        show_default=True,
+        help="Longest conversation (in tokens) the page accepts.",
+    )(fn)
     return fn
 
 
@@ -37,17 +53,52 @@ def _start(backend, host: str, port: int) -> None:
 
 
 @click.command("demo")
-@click.option("--model", "model_ref", default="default", show_default=True, help="Model: 'default', a folder or a Hub id.")
-@click.option("--sae", "sae_args", multiple=True, required=True, metavar="DIR|REPO:ID",
-              help="SAE folder, or Hub repo and sub-folder; repeat for several.")
-@click.option("--data", default=None, help="Chat data for feature discovery and contexts (default: the shared chat data).")
-@click.option("--conversations", type=click.IntRange(1, 1000), default=32, show_default=True,
-              help="Held-out conversations used for feature discovery.")
-@click.option("--feature", "features", type=int, multiple=True, help="Preselect an `add` edit of this feature.")
-@click.option("--strength", type=float, default=None, help="Strength of preselected edits (default: the residual norm).")
+@click.option(
+    "--model",
+    "model_ref",
+    default="default",
+    show_default=True,
+    help="Model: 'default', a folder or a Hub id.",
+)
+@click.option(
+    "--sae",
+    "sae_args",
+    multiple=True,
+    required=True,
+    metavar="DIR|REPO:ID",
+    help="SAE folder, or Hub repo and sub-folder; repeat for several.",
+)
+@click.option(
+    "--data",
+    default=None,
+    help="Chat data for feature discovery and contexts (default: the shared chat data).",
+)
+@click.option(
+    "--conversations",
+    type=click.IntRange(1, 1000),
+    default=32,
+    show_default=True,
+    help="Held-out conversations used for feature discovery.",
+)
+@click.option(
+    "--feature", "features", type=int, multiple=True, help="Preselect an `add` edit of this feature."
+)
+@click.option(
+    "--strength", type=float, default=None, help="Strength of preselected edits (default: the residual norm)."
+)
 @_serve_options
-def demo_command(model_ref, sae_args, data, conversations, features, strength, host, port, max_new_tokens,
-                 max_prompt_tokens) -> None:
+def demo_command(
+    model_ref,
+    sae_args,
+    data,
+    conversations,
+    features,
+    strength,
+    host,
+    port,
+    max_new_tokens,
+    max_prompt_tokens,
+) -> None:
     """Chat with a model plain and steered through SAE features, side by side, in the browser."""
     from apps.demo import DemoBackend, EditRow
     from apps.demo.loading import discover, load_demo_sae, parse_sae_arg
@@ -63,32 +114,77 @@ def demo_command(model_ref, sae_args, data, conversations, features, strength, h
         for s in saes:
             click.echo(f"discovering special-token features of {s.name} on {len(sample)} conversations")
             s.top_features = discover(model, tok, s, sample)
-        backend = DemoBackend(model, tok, saes, model_ref=model_ref, limits=_limits(max_new_tokens, max_prompt_tokens),
-                              sample_conversations=sample[:16])
+        backend = DemoBackend(
+            model,
+            tok,
+            saes,
+            model_ref=model_ref,
+            limits=_limits(max_new_tokens, max_prompt_tokens),
+            sample_conversations=sample[:16],
+        )
         if features:
             value = strength if strength is not None else round(backend.default_sae.residual_norm, 1)
-            backend.preselect = backend.check_rows(None, [EditRow(k, "add", value, "special") for k in features])
+            backend.preselect = backend.check_rows(
+                None, [EditRow(k, "add", value, "special") for k in features]
+            )
     except (ModelResolutionError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     _start(backend, host, port)
 
 
 @click.command("run")
-@click.option("--model", "model_ref", default="default", show_default=True, help="Model: 'default', a folder or a Hub id.")
+@click.option(
+    "--model",
+    "model_ref",
+    default="default",
+    show_default=True,
+    help="Model: 'default', a folder or a Hub id.",
+)
 @click.option("--data", default=None, help="Chat data (default: ../shared/data/chat, else a Hub dataset).")
-@click.option("--layer", type=click.IntRange(0), default=15, show_default=True, help="Decoder block whose output the SAE reads.")
+@click.option(
+    "--layer",
+    type=click.IntRange(0),
+    default=15,
+    show_default=True,
+    help="Decoder block whose output the SAE reads.",
+)
 @click.option("--tokens", type=click.IntRange(1), default=400_000, show_default=True, help="Training tokens.")
 @click.option("--arch", type=click.Choice(["standard", "jumprelu"]), default="standard", show_default=True)
 @click.option("--expansion", type=click.IntRange(1), default=8, show_default=True, help="d_sae / d_model.")
-@click.option("--batch-size", type=click.IntRange(1), default=4096, show_default=True, help="Tokens per step.")
-@click.option("--conversations", type=click.IntRange(1, 1000), default=48, show_default=True,
-              help="Held-out conversations for evaluation and for feature discovery.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the SAE, its evaluation and features are kept (default: <fast-steer cache>/main-job).")
+@click.option(
+    "--batch-size", type=click.IntRange(1), default=4096, show_default=True, help="Tokens per step."
+)
+@click.option(
+    "--conversations",
+    type=click.IntRange(1, 1000),
+    default=48,
+    show_default=True,
+    help="Held-out conversations for evaluation and for feature discovery.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the SAE, its evaluation and features are kept (default: <fast-steer cache>/main-job).",
+)
 @click.option("--demo/--no-demo", default=True, show_default=True, help="Open the demo at the end.")
 @_serve_options
-def run_command(model_ref, data, layer, tokens, arch, expansion, batch_size, conversations, cache_dir, demo,
-                host, port, max_new_tokens, max_prompt_tokens) -> None:
+def run_command(
+    model_ref,
+    data,
+    layer,
+    tokens,
+    arch,
+    expansion,
+    batch_size,
+    conversations,
+    cache_dir,
+    demo,
+    host,
+    port,
+    max_new_tokens,
+    max_prompt_tokens,
+) -> None:
     """The main job: train (or reuse) a FAST SAE, evaluate it, find its special-token features, open the demo."""
     from apps.demo import DemoBackend
     from apps.demo.main_job import MainJobConfig, preselected_edits, run_main_job
@@ -96,17 +192,33 @@ def run_command(model_ref, data, layer, tokens, arch, expansion, batch_size, con
 
     try:
         cfg = MainJobConfig(
-            model=model_ref, data=data, layer=layer, tokens=tokens, arch=arch, expansion=expansion,
-            batch_size=batch_size, eval_conversations=conversations, feature_conversations=conversations,
+            model=model_ref,
+            data=data,
+            layer=layer,
+            tokens=tokens,
+            arch=arch,
+            expansion=expansion,
+            batch_size=batch_size,
+            eval_conversations=conversations,
+            feature_conversations=conversations,
             cache=cache_dir,
         )
         job, demo_sae, sample = run_main_job(cfg)
-        click.echo(f"[5/5] done in {job.seconds:.0f} s; SAE at {job.sae_dir}" + (" (reused)" if job.reused_sae else ""))
+        click.echo(
+            f"[5/5] done in {job.seconds:.0f} s; SAE at {job.sae_dir}"
+            + (" (reused)" if job.reused_sae else "")
+        )
         if not demo:
             return
         model, tok = load_model(model_ref)
-        backend = DemoBackend(model, tok, [demo_sae], model_ref=model_ref,
-                              limits=_limits(max_new_tokens, max_prompt_tokens), sample_conversations=sample)
+        backend = DemoBackend(
+            model,
+            tok,
+            [demo_sae],
+            model_ref=model_ref,
+            limits=_limits(max_new_tokens, max_prompt_tokens),
+            sample_conversations=sample,
+        )
         backend.preselect = backend.check_rows(
             None, preselected_edits(job.features, cfg.preselect, backend.default_sae.residual_norm)
         )

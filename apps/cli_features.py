@@ -13,20 +13,38 @@ import click
 
 @click.command("features")
 @click.argument("sae_dir")
-@click.option("--data", "data", required=True, multiple=True, help="Conversations: JSONL file(s), folder(s) or HF id.")
-@click.option("--model", "model_ref", default="default", show_default=True, help="Model reference for hub.load_model.")
+@click.option(
+    "--data", "data", required=True, multiple=True, help="Conversations: JSONL file(s), folder(s) or HF id."
+)
+@click.option(
+    "--model", "model_ref", default="default", show_default=True, help="Model reference for hub.load_model."
+)
 @click.option("--sae-id", default=None, help="Sub-folder of SAE_DIR (or of a Hub repo) holding the SAE.")
-@click.option("--layer", type=int, default=None, help="Layer the SAE reads [default: from the SAE's metadata].")
-@click.option("--n", "n_conversations", type=int, default=200, show_default=True, help="Conversations to read.")
+@click.option(
+    "--layer", type=int, default=None, help="Layer the SAE reads [default: from the SAE's metadata]."
+)
+@click.option(
+    "--n", "n_conversations", type=int, default=200, show_default=True, help="Conversations to read."
+)
 @click.option("--top", "top_k", type=int, default=10, show_default=True, help="Features per token type.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here.")
-@click.option("--feature", type=int, default=None, help="Print the top-activating contexts of this feature instead.")
-@click.option("--contexts", "n_contexts", type=int, default=10, show_default=True, help="Contexts with --feature.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here."
+)
+@click.option(
+    "--feature", type=int, default=None, help="Print the top-activating contexts of this feature instead."
+)
+@click.option(
+    "--contexts", "n_contexts", type=int, default=10, show_default=True, help="Contexts with --feature."
+)
 @click.option("--window", type=int, default=12, show_default=True, help="Tokens on each side of the context.")
 @click.option("--include-first-token", is_flag=True, help="Also use position 0 (an attention-sink outlier).")
-@click.option("--dtype", default="float32", show_default=True, help="Model dtype: float32 | bfloat16 | float16.")
+@click.option(
+    "--dtype", default="float32", show_default=True, help="Model dtype: float32 | bfloat16 | float16."
+)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--color/--no-color", default=None, help="Highlight with ANSI colour [default: when a terminal].")
+@click.option(
+    "--color/--no-color", default=None, help="Highlight with ANSI colour [default: when a terminal]."
+)
 def features_command(
     sae_dir: str,
     data: tuple[str, ...],
@@ -54,7 +72,9 @@ def features_command(
         raise click.BadParameter("must be positive", param_hint="--n")
     try:
         model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
-        sae = load_sae(sae_dir, sae_id, device=device, expected_d_in=model.config.get_text_config().hidden_size)
+        sae = load_sae(
+            sae_dir, sae_id, device=device, expected_d_in=model.config.get_text_config().hidden_size
+        )
         layer = layer if layer is not None else sae_layer(sae)
         if layer is None:
             raise click.UsageError("the SAE's metadata names no residual-stream layer; pass --layer L")
@@ -72,7 +92,11 @@ def features_command(
         raise click.ClickException(str(exc)) from exc
 
     if feature is not None:
-        style = "ansi" if (color if color is not None else click.get_text_stream("stdout").isatty()) else "brackets"
+        style = (
+            "ansi"
+            if (color if color is not None else click.get_text_stream("stdout").isatty())
+            else "brackets"
+        )
         click.echo(f"feature {feature} at layer {layer}: top {len(contexts)} of {len(corpus)} conversations")
         for ctx in contexts:
             where = f"conv {ctx.conversation} pos {ctx.position}" + (f" ({ctx.label})" if ctx.label else "")

@@ -49,6 +49,8 @@ class FastSteerLM(HFLM):
         from steer import SteeredModel
 
         device = _pick_device(device)
+        if dtype == "auto":  # lm-eval's usual default: full precision on CPU, bfloat16 on accelerators
+            dtype = "float32" if device == "cpu" else "bfloat16"
         if isinstance(pretrained, str | Path):
             from hub import load_model
 

@@ -25,7 +25,6 @@ from steer.positions import SpecialTokens, SpecialTokenStream
 from steer.sae import SAE
 from steer.spec import LATENT_OPS, Intervention, SpecError
 
-ELEMENTWISE_ARCHITECTURES = ("standard", "jumprelu")
 Positions = str | tuple[int, ...]
 
 
@@ -49,7 +48,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 class LatentEdit:
     """`scale/set/ablate` edits of a few features as `delta(x) = sum_k (f'_k - f_k) W_dec[k]`.
 
-    `f' = f * mul + val`: scale (mul=s, val=0), set (0, s), ablate (0, 0).
+    `f' = f * mul + val`: scale (mul=s, val=0), set (0, s), ablate (0, 0). How `f_k` is computed
+    (`mode`): "columns" (ReLU/JumpReLU: only the edited encoder columns), "topk" (all pre-activations,
+    then the k-th largest as threshold; no dense latent tensor), "full" (`sae.encode`, other architectures).
     """
 
     def __init__(self, sae: SAE, features: list[int], mul: list[float], val: list[float]) -> None:
@@ -58,24 +59,32 @@ class LatentEdit:
         self.features = idx
         self.mul_minus_one = torch.tensor(mul, dtype=sae.dtype, device=sae.device) - 1
         self.val = torch.tensor(val, dtype=sae.dtype, device=sae.device)
+        self.mode = {"standard": "columns", "jumprelu": "columns", "topk": "topk"}.get(
+            sae.architecture, "full"
+        )
         with torch.no_grad():
             self.W_dec = sae.W_dec[idx].detach().contiguous()
-            self.elementwise = sae.architecture in ELEMENTWISE_ARCHITECTURES
-            if self.elementwise:
+            if self.mode == "columns":
                 self.W_enc = sae.W_enc[:, idx].detach().contiguous()
                 self.b_enc = sae.b_enc[idx].detach()
                 threshold = getattr(sae, "threshold", None)
                 self.threshold = None if threshold is None else threshold[idx].detach()
 
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.sae.normalize_in(x.to(self.sae.dtype))
+        return h - self.sae.b_dec if self.sae.cfg.apply_b_dec_to_input else h
+
     @torch.no_grad()
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """The edited features' activations `[N, k]` at residuals `x [N, d_in]`."""
-        if not self.elementwise:
+        if self.mode == "full":
             return self.sae.encode(x)[:, self.features]
-        h = self.sae.normalize_in(x.to(self.sae.dtype))
-        if self.sae.cfg.apply_b_dec_to_input:
-            h = h - self.sae.b_dec
-        h = h @ self.W_enc + self.b_enc
+        if self.mode == "topk":
+            h = self._encoder_input(x) @ self.sae.W_enc + self.sae.b_enc
+            kth = h.topk(self.sae.cfg.k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+            h = h[:, self.features]
+            return torch.relu(h) * (h >= kth)
+        h = self._encoder_input(x) @ self.W_enc + self.b_enc
         acts = torch.relu(h)
         return acts if self.threshold is None else acts * (h > self.threshold)
 
@@ -215,10 +224,6 @@ class HookManager:
         self._handles.clear()
         self._current = None
         self._stream = None
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
 
     # -- hooks ---------------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

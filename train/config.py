@@ -67,6 +67,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     dead_feature_window: int = 200_000  # tokens without firing after which a feature counts as dead
+    # "expected_average_only_in" (SAELens): train on activations scaled to an average norm of sqrt(d_in)
+    # (factor estimated on the first batch, folded into the saved weights); "none": raw activations
+    normalize_activations: str = "expected_average_only_in"
     sae_dtype: str = "float32"
     autocast: bool = False  # bf16 autocast of the SAE matmuls (slower than float32 on some CPUs)
     seed: int = 42
@@ -81,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if not self.saes:
             raise ValueError("at least one SAE spec is needed")
+        if self.normalize_activations not in ("none", "expected_average_only_in"):
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r}; expected none or expected_average_only_in"
+            )
         if not 0 < self.lr_end <= self.lr:
             raise ValueError(f"need 0 < lr_end <= lr, got lr={self.lr}, lr_end={self.lr_end}")
         for name in ("lr_warmup_fraction", "lr_decay_fraction", "sparsity_warmup_fraction"):

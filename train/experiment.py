@@ -57,6 +57,8 @@ class ReproduceConfig:
     expansion: int = 8
     preset: str = "default"
     batch_size: int | None = None  # tokens per step; None = the preset's
+    buffer_tokens: int = 65536  # mixing buffer (at least 2 x batch size)
+    max_len: int = 8192  # FAST truncation of a conversation
     model_dtype: str = "bfloat16"  # harvesting dtype (the SAEs train in float32)
     eval_conversations: int = 200
     held_out_fraction: float = 0.05
@@ -67,11 +69,15 @@ class ReproduceConfig:
         self.methods, self.archs = tuple(self.methods), tuple(self.archs)
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {', '.join(METHODS)}; got {list(self.methods)}")
+            raise ValueError(
+                f"methods must be a non-empty subset of {', '.join(METHODS)}; got {list(self.methods)}"
+            )
         if not self.archs:
             raise ValueError("at least one SAE architecture is needed")
         if self.tokens <= 0 or self.eval_conversations <= 0:
-            raise ValueError(f"tokens and eval_conversations must be positive (got {self.tokens}, {self.eval_conversations})")
+            raise ValueError(
+                f"tokens and eval_conversations must be positive (got {self.tokens}, {self.eval_conversations})"
+            )
         for label, paths in (("chat data", self.chat_data), ("pretraining data", self.pretrain_data)):
             missing = [p for p in paths if not Path(p).expanduser().exists()]
             if missing:
@@ -81,7 +87,9 @@ class ReproduceConfig:
     def train_config(self) -> TrainConfig:
         """The one `TrainConfig` every method uses."""
         specs = [SAETrainSpec(arch=arch, expansion=self.expansion) for arch in self.archs]
-        return preset_config(self.preset, total_tokens=self.tokens, batch_size=self.batch_size, seed=self.seed, saes=specs)
+        return preset_config(
+            self.preset, total_tokens=self.tokens, batch_size=self.batch_size, seed=self.seed, saes=specs
+        )
 
     def settings(self) -> dict[str, Any]:
         """What must match for a rerun to reuse this folder's runs (JSON-able)."""
@@ -132,7 +140,9 @@ def check_settings(cfg: ReproduceConfig) -> None:
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
-            raise ValueError(f"{cfg.out} holds an experiment with other settings ({detail}); use another --out")
+            raise ValueError(
+                f"{cfg.out} holds an experiment with other settings ({detail}); use another --out"
+            )
         return
     cfg.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
@@ -147,7 +157,9 @@ def held_out_conversations(cfg: ReproduceConfig) -> list[list[dict[str, str]]]:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     corpus = load_conversations(cfg.chat_data, split="held_out", held_out_fraction=cfg.held_out_fraction)
     if len(corpus) == 0:
-        raise ValueError(f"no held-out conversations in {cfg.chat_data} (held_out_fraction={cfg.held_out_fraction})")
+        raise ValueError(
+            f"no held-out conversations in {cfg.chat_data} (held_out_fraction={cfg.held_out_fraction})"
+        )
     items = list(corpus.items)
     chosen = random.Random(cfg.seed).sample(items, min(cfg.eval_conversations, len(items)))
     path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chosen), encoding="utf-8")
@@ -169,44 +181,30 @@ def train_run(
     progress: bool = True,
 ) -> None:
     """Train every architecture of one method on one activation stream (resuming a checkpoint if any)."""
-    from hub.sae_io import sae_metadata
-    from train.activations import ActivationStream, StreamConfig
-    from train.data import load_conversations, load_texts
-    from train.trainer import SAETrainer
+    from train.run import DataSpec
+    from train.run import train_run as trainer_run
 
-    train_cfg = cfg.train_config()
-    if run.method == "bt-p":
-        corpus = load_texts(cfg.pretrain_data, split="train", held_out_fraction=cfg.held_out_fraction)
-    else:
-        corpus = load_conversations(cfg.chat_data, split="train", held_out_fraction=cfg.held_out_fraction)
-    stream = ActivationStream(
-        model,
-        tokenizer,
-        corpus,
-        StreamConfig(
-            layer=cfg.layer,
-            method=run.method,
-            batch_size=train_cfg.batch_size,
-            buffer_tokens=max(65536, 4 * train_cfg.batch_size),
-            seed=cfg.seed,
-        ),
+    data = DataSpec(
+        layer=cfg.layer,
+        data=list(cfg.chat_data),
+        pretrain_data=list(cfg.pretrain_data),
+        method=run.method,
+        model=cfg.model,
+        model_dtype=cfg.model_dtype,
+        held_out_fraction=cfg.held_out_fraction,
+        buffer_tokens=cfg.buffer_tokens,
+        max_len=cfg.max_len,
+        seed=cfg.seed,
     )
-    described = stream.describe()
-    metadata = sae_metadata(
-        cfg.model,
-        cfg.layer,
-        dataset_path=", ".join(described["data"]),
-        method=described["method"],
-        training_tokens=train_cfg.final_tokens,
-        chat_template_sha256=described["chat_template_sha256"],
-        special_token_ids=described["special_token_ids"],
-        expansion_factor=cfg.expansion,
-        activations=described,
-        experiment="fast-steer experiment reproduce",
-    )
-    trainer = SAETrainer(train_cfg, stream.d_in, run.run_dir, metadata=metadata, progress=progress)
     start = time.perf_counter()
-    result = trainer.fit(stream, resume=(run.run_dir / "checkpoints").is_dir())
+    result = trainer_run(
+        cfg.train_config(),
+        data,
+        run.run_dir,
+        loaded=(model, tokenizer),
+        resume=(run.run_dir / "checkpoints").is_dir(),
+        progress=progress,
+    )
     _add_timing(run.run_dir, "train_s", time.perf_counter() - start)
     log.info("%s: %d tokens at %.0f tokens/s", run.method, result.tokens, result.tokens_per_s)
 
@@ -221,16 +219,18 @@ def evaluate_run(
 ) -> None:
     """Write `eval.json` into every SAE folder of `run` that lacks one (same held-out chats for all)."""
     from hub.sae_io import load_sae
-    from train.evaluate import EvalConfig, evaluate_sae
+    from train.evaluate import EvalConfig, evaluate_sae, write_eval
 
+    eval_cfg = EvalConfig(max_conversations=len(conversations))
     for sae_dir in run.sae_dirs:
         if (sae_dir / EVAL_FILE).is_file():
             continue
         start = time.perf_counter()
         sae = load_sae(sae_dir)
-        report = evaluate_sae(model, tokenizer, sae, conversations, EvalConfig(layer=cfg.layer), progress=progress)
-        tmp = sae_dir / (EVAL_FILE + ".tmp")
-        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        result = evaluate_sae(sae, model, tokenizer, conversations, cfg.layer, eval_cfg, progress=progress)
+        tmp = write_eval(
+            result, sae_dir / (EVAL_FILE + ".tmp"), {"sae_dir": str(sae_dir), "method": run.method}
+        )
         tmp.replace(sae_dir / EVAL_FILE)
         _add_timing(run.run_dir, "eval_s", time.perf_counter() - start)
 
@@ -249,7 +249,7 @@ def collect_rows(runs: list[RunStatus]) -> list[ResultRow]:
                 ResultRow(
                     method=run.method,
                     arch=meta["architecture"],
-                    metrics=check_metrics(report, str(sae_dir / EVAL_FILE)),
+                    metrics=check_metrics(report.get("metrics", {}), str(sae_dir / EVAL_FILE)),
                     sae_dir=str(sae_dir),
                     tokens=training.get("tokens_trained"),
                     extra={"run_train_s": timing.get("train_s"), "run_eval_s": timing.get("eval_s")},

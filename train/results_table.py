@@ -46,7 +46,9 @@ def check_metrics(metrics: dict[str, Any], where: str) -> dict[str, float]:
     """The `COLUMNS` metrics of `metrics` as floats; a clear error naming what is missing."""
     missing = [key for key, _, _ in COLUMNS if key not in metrics]
     if missing:
-        raise KeyError(f"{where} lacks metric(s) {', '.join(missing)}; expected all of {[k for k, _, _ in COLUMNS]}")
+        raise KeyError(
+            f"{where} lacks metric(s) {', '.join(missing)}; expected all of {[k for k, _, _ in COLUMNS]}"
+        )
     return {key: float(metrics[key]) for key, _, _ in COLUMNS}
 
 
@@ -89,7 +91,10 @@ def ratio_table(rows: list[ResultRow]) -> str:
             base = by_key.get((arch, method))
             if base is None:
                 continue
-            ratios = [base.metrics[k] / fast.metrics[k] if fast.metrics[k] else float("nan") for k in ("mse", "mse_st")]
+            ratios = [
+                base.metrics[k] / fast.metrics[k] if fast.metrics[k] else float("nan")
+                for k in ("mse", "mse_st")
+            ]
             lines.append(f"| {arch} | {METHOD_LABELS[method]} | {ratios[0]:.3f} | {ratios[1]:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -98,8 +103,16 @@ def write_results(rows: list[ResultRow], out_dir: Path, header: dict[str, Any]) 
     """Write `results.json`, `results.md` and `results.png` into `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = sort_rows(rows)
-    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "results.png"}
-    payload = {**header, "rows": [asdict(r) for r in rows], "paper_log2_mse_st_qwen2.5_7b_l18": PAPER_LOG2_MSE_ST}
+    paths = {
+        "json": out_dir / "results.json",
+        "markdown": out_dir / "results.md",
+        "plot": out_dir / "results.png",
+    }
+    payload = {
+        **header,
+        "rows": [asdict(r) for r in rows],
+        "paper_log2_mse_st_qwen2.5_7b_l18": PAPER_LOG2_MSE_ST,
+    }
     paths["json"].write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     settings = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     md = (
@@ -120,18 +133,23 @@ def plot_results(rows: list[ResultRow], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("log2_mse", "log2 MSE"), ("log2_mse_st", "log2 MSE_st (special tokens)"), ("l0", "L0"),
-              ("delta_lm_loss", "Δ LM loss (nats)"))
+    panels = (
+        ("log2_mse", "log2 MSE"),
+        ("log2_mse_st", "log2 MSE_st (special tokens)"),
+        ("l0", "L0"),
+        ("delta_lm_loss", "Δ LM loss (nats)"),
+    )
     archs = sorted({r.arch for r in rows})
     methods = [m for m in METHOD_ORDER if any(r.method == m for r in rows)]
     by_key = {(r.arch, r.method): r for r in rows}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     width = 0.8 / max(len(archs), 1)
-    for ax, (key, name) in zip(axes, panels):
+    for ax, (key, name) in zip(axes, panels, strict=True):
         for i, arch in enumerate(archs):
             xs = [j + (i - (len(archs) - 1) / 2) * width for j in range(len(methods))]
             ys = [by_key[(arch, m)].metrics[key] if (arch, m) in by_key else float("nan") for m in methods]
-            ax.bar(xs, ys, width=width, label=arch)
+            bars = ax.bar(xs, ys, width=width, label=arch)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(range(len(methods)), [METHOD_LABELS[m] for m in methods])
         ax.set_title(name, fontsize=10)
         ax.axhline(0, color="black", linewidth=0.6)

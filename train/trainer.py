@@ -19,7 +19,7 @@ import resource
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -126,6 +126,7 @@ class SAETrainer:
         self.since_fired = [torch.zeros(obj.sae.d_sae, dtype=torch.long) for obj in self.objectives]
         self.step = 0
         self.tokens = 0
+        self.scale = 1.0  # activation scaling factor (set from the first batch when normalising)
 
     # -- set-up -------------------------------------------------------------------------------
     def _build(self, spec: SAETrainSpec) -> Objective:
@@ -157,9 +158,13 @@ class SAETrainer:
         return [self.out_dir / name for name in self.names]
 
     @torch.no_grad()
-    def init_b_dec(self, first_batch: torch.Tensor) -> None:
-        """`b_dec` of every SAE := geometric median of the first batch (all processes' tokens)."""
-        median = geometric_median(self.dist.all_gather_cat(first_batch.float()))
+    def init_from_first_batch(self, first_batch: torch.Tensor) -> None:
+        """Estimate the scaling factor (sqrt(d_in) / mean norm) and set `b_dec` of every SAE to the
+        geometric median of the (scaled) first batch, over all processes' tokens."""
+        points = self.dist.all_gather_cat(first_batch.float())
+        if self.cfg.normalize_activations == "expected_average_only_in":
+            self.scale = float(self.d_in**0.5 / points.norm(dim=-1).mean().clamp_min(1e-12))
+        median = geometric_median(points * self.scale)
         for sae in self.saes:
             sae.b_dec.copy_(median.to(sae.b_dec))
 
@@ -254,8 +259,8 @@ class SAETrainer:
                 break
             x = self._check_batch(x)
             if self.step == 0:
-                self.init_b_dec(x)
-            metrics = self.train_step(x)
+                self.init_from_first_batch(x)
+            metrics = self.train_step(x * self.scale if self.scale != 1.0 else x)
             bar.update(x.shape[0] * self.dist.world_size)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
                 rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
@@ -340,6 +345,7 @@ class SAETrainer:
         return {
             "step": self.step,
             "tokens": self.tokens,
+            "scale": self.scale,
             "config": self.cfg.to_dict(),
             "world_size": self.dist.world_size,
             "saes": [
@@ -386,7 +392,7 @@ class SAETrainer:
             opt.load_state_dict(saved["optimizer"])
             since.copy_(saved["since_fired"])
         stream.load_state_dict(ckpt.read_part(folder, f"stream_rank{self.dist.rank}"))
-        self.step, self.tokens = state["step"], state["tokens"]
+        self.step, self.tokens, self.scale = state["step"], state["tokens"], state["scale"]
         log.info("resumed from %s (step %d, %d tokens)", folder, self.step, self.tokens)
         return self.step
 
@@ -414,6 +420,11 @@ class SAETrainer:
         train_cfg = {k: v for k, v in self.cfg.to_dict().items() if k != "saes"}
         for spec, obj, folder in zip(self.specs, self.objectives, result.sae_dirs, strict=True):
             obj.sync_to_sae()
+            if self.cfg.normalize_activations != "none":
+                # the SAE now reads raw activations; save_sae folds the factor into the weights
+                obj.sae.cfg = replace(
+                    obj.sae.cfg, normalize_activations="expected_average_only_in", norm_scaling_factor=self.scale
+                )
             obj.sae.cfg.metadata = {
                 **self.metadata,
                 "sae_name": spec.name,
@@ -423,6 +434,7 @@ class SAETrainer:
                     "steps": result.steps,
                     "tokens_trained": result.tokens,
                     "processes": self.dist.world_size,
+                    "activation_scaling_factor": self.scale,
                     "final_metrics": result.final_metrics.get(spec.name, {}),
                 },
             }

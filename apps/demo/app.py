@@ -15,10 +15,13 @@ from apps.demo.edits import EDIT_HEADERS, EditRow, parse_rows
 from apps.demo.settings import OPS, POSITIONS, DemoInputError, GenerationSettings
 from apps.demo.token_view import TOKEN_VIEW_CSS
 
-PAGE_CSS = TOKEN_VIEW_CSS + """
+PAGE_CSS = (
+    TOKEN_VIEW_CSS
+    + """
 #fs-title { margin-bottom: 0; }
 .fs-contexts .fs-tokens { border-bottom: 1px solid #8884; padding: 4px 0; }
 """
+)
 MODEL_EVENTS = "model"  # one concurrency group for everything that runs the model
 
 
@@ -63,7 +66,9 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
     """The page for `backend` (not yet launched; see `launch_app`)."""
     first = backend.default_sae
     preselect = backend.preselect
-    start_feature = preselect[0].feature if preselect else (first.top_features[0].feature if first.top_features else 0)
+    start_feature = (
+        preselect[0].feature if preselect else (first.top_features[0].feature if first.top_features else 0)
+    )
     max_strength = backend.max_strength(first)
 
     def strength_label(name: str | None) -> str:
@@ -83,7 +88,10 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
                     plain = gr.Chatbot(label="Plain model", elem_id="plain-chat", height=380)
                     steered = gr.Chatbot(label="Steered model", elem_id="steered-chat", height=380)
                     baseline = gr.Chatbot(
-                        label="Plain model + system prompt", elem_id="baseline-chat", height=380, visible=False
+                        label="Plain model + system prompt",
+                        elem_id="baseline-chat",
+                        height=380,
+                        visible=False,
                     )
                 with gr.Row():
                     message = gr.Textbox(
@@ -97,17 +105,23 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
                     clear_btn = gr.Button("Clear chat", scale=1, elem_id="clear-chat")
                 with gr.Accordion("Sampling (shared by every pane)", open=True):
                     with gr.Row():
-                        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature (0 = greedy)")
+                        temperature = gr.Slider(
+                            0.0, 2.0, value=0.7, step=0.05, label="temperature (0 = greedy)"
+                        )
                         top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p")
                         max_new = gr.Slider(
-                            1, backend.limits.max_new_tokens, value=min(96, backend.limits.max_new_tokens),
-                            step=1, label="max new tokens",
+                            1,
+                            backend.limits.max_new_tokens,
+                            value=min(96, backend.limits.max_new_tokens),
+                            step=1,
+                            label="max new tokens",
                         )
                         seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="seed")
                     with gr.Row():
                         show_baseline = gr.Checkbox(label="Show prompt-only baseline pane", value=False)
                         system_prompt = gr.Textbox(
-                            label="System prompt for the baseline pane", placeholder="e.g. Talk like a pirate.",
+                            label="System prompt for the baseline pane",
+                            placeholder="e.g. Talk like a pirate.",
                             scale=3,
                         )
                 token_view = gr.HTML(label="Token view", elem_id="token-view")
@@ -126,11 +140,17 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
                     elem_id="feature-table",
                 )
                 with gr.Row():
-                    feature = gr.Number(value=start_feature, precision=0, label="feature id", elem_id="feature-id")
+                    feature = gr.Number(
+                        value=start_feature, precision=0, label="feature id", elem_id="feature-id"
+                    )
                     lookup_btn = gr.Button("Look up", elem_id="lookup")
                 op = gr.Radio(list(OPS), value="add", label="op", elem_id="op")
                 strength = gr.Slider(
-                    -max_strength, max_strength, value=0.0, step=0.1, label=strength_label(first.name),
+                    -max_strength,
+                    max_strength,
+                    value=0.0,
+                    step=0.1,
+                    label=strength_label(first.name),
                     elem_id="strength",
                 )
                 positions = gr.Radio(list(POSITIONS), value="special", label="positions", elem_id="positions")
@@ -146,7 +166,9 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
                     interactive=True,
                     elem_id="edits",
                 )
-                with gr.Accordion("Spec JSON (for `fast-steer chat --spec` and `fast-steer lm-eval`)", open=False):
+                with gr.Accordion(
+                    "Spec JSON (for `fast-steer chat --spec` and `fast-steer lm-eval`)", open=False
+                ):
                     spec_text = gr.Code(language="json", label="spec", elem_id="spec-json", interactive=True)
                     with gr.Row():
                         export_btn = gr.Button("Export", elem_id="export-spec")
@@ -155,36 +177,47 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
 
         # -- handlers ------------------------------------------------------------------------
         @user_errors
-        def send(msg, plain_h, steered_h, base_h, name, table, temp, tp, mnt, sd, with_base, sys_prompt):
-            settings = _settings(temp, tp, mnt, sd).validate(backend.limits)
-            msg = backend.check_message(msg)
-            rows = backend.check_rows(name, parse_rows(table))
-            panes = [
-                (list(plain_h or []), {}),
-                (list(steered_h or []), {"sae_name": name, "rows": rows}),
-            ]
-            if with_base:
-                panes.append((list(base_h or []), {"system_prompt": sys_prompt or ""}))
+        def send(
+            message,
+            plain_history,
+            steered_history,
+            baseline_history,
+            sae,
+            edits,
+            temperature,
+            top_p,
+            max_new_tokens,
+            seed,
+            show_baseline,
+            system_prompt,
+        ):
+            settings = _settings(temperature, top_p, max_new_tokens, seed).validate(backend.limits)
+            message = backend.check_message(message)
+            rows = backend.check_rows(sae, parse_rows(edits))
+            panes = [(plain_history, {}), (steered_history, {"sae_name": sae, "rows": rows})]
+            if show_baseline:
+                panes.append((baseline_history, {"system_prompt": system_prompt or ""}))
             histories = [to_conversation(h) for h, _ in panes]
-            shown = [h + [{"role": "user", "content": msg}, {"role": "assistant", "content": ""}] for h, _ in panes]
+            turn = [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+            shown = [[*(h or []), *turn] for h, _ in panes]
 
             def state():
-                out = [*shown, *([base_h or []] if not with_base else [])]
-                return ("", *out)
+                return ("", *shown, *([] if show_baseline else [baseline_history or []]))
 
             yield state()
             for i, (_, kw) in enumerate(panes):
-                for text in backend.stream(histories[i], msg, settings, **kw):
+                for text in backend.stream(histories[i], message, settings, **kw):
                     shown[i][-1] = {"role": "assistant", "content": text}
                     yield state()
 
         @user_errors
-        def lookup(name, feat, steered_h):
-            convo = to_conversation(steered_h)
-            return backend.contexts_html(name, feat), backend.token_view_html(name, feat, convo)
+        def lookup(sae, feature, steered_history):
+            convo = to_conversation(steered_history)
+            return backend.contexts_html(sae, feature), backend.token_view_html(sae, feature, convo)
 
         @user_errors
-        def select_sae(name):
+        def select_sae(sae):
+            name = sae
             s = backend.sae(name)
             limit = backend.max_strength(s)
             first_feature = s.top_features[0].feature if s.top_features else 0
@@ -202,19 +235,18 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
             return int(rows[row][1])
 
         @user_errors
-        def add_edit(table, name, feat, op_, strength_, positions_):
-            rows = parse_rows(table)
-            new = EditRow(backend.check_feature(name, feat), op_, float(strength_), positions_)
-            rows = [r for r in rows if not (r.feature == new.feature and r.positions == new.positions)] + [new]
-            return [r.as_list() for r in backend.check_rows(name, rows)]
+        def add_edit(edits, sae, feature, op, strength, positions):
+            new = EditRow(backend.check_feature(sae, feature), str(op), float(strength), str(positions))
+            rows = [r for r in parse_rows(edits) if (r.feature, r.positions) != (new.feature, new.positions)]
+            return [r.as_list() for r in backend.check_rows(sae, [*rows, new])]
 
         @user_errors
-        def export(name, table):
-            return backend.export(name, parse_rows(table))
+        def export(sae, edits):
+            return backend.export(sae, parse_rows(edits))
 
         @user_errors
-        def import_(text):
-            name, rows = backend.import_(text)
+        def import_(spec):
+            name, rows = backend.import_(spec)
             return name, [r.as_list() for r in rows]
 
         @user_errors
@@ -241,36 +273,68 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
             return out
 
         # -- wiring --------------------------------------------------------------------------
-        send_inputs = [message, plain, steered, baseline, sae_name, edits, temperature, top_p, max_new, seed,
-                       show_baseline, system_prompt]
+        send_inputs = [
+            message,
+            plain,
+            steered,
+            baseline,
+            sae_name,
+            edits,
+            temperature,
+            top_p,
+            max_new,
+            seed,
+            show_baseline,
+            system_prompt,
+        ]
         send_outputs = [message, plain, steered, baseline]
         for trigger, api_name in ((send_btn.click, "send"), (message.submit, False)):
             trigger(
-                send, send_inputs, send_outputs, api_name=api_name, concurrency_id=MODEL_EVENTS,
+                send,
+                send_inputs,
+                send_outputs,
+                api_name=api_name,
+                concurrency_id=MODEL_EVENTS,
             ).success(
-                lookup, [sae_name, feature, steered], [contexts, token_view], api_name=False,
+                lookup,
+                [sae_name, feature, steered],
+                [contexts, token_view],
+                api_name=False,
                 concurrency_id=MODEL_EVENTS,
             )
         clear_btn.click(lambda: ([], [], []), None, [plain, steered, baseline], api_name=False, queue=False)
-        show_baseline.change(lambda v: gr.update(visible=v), show_baseline, baseline, api_name=False, queue=False)
+        show_baseline.change(
+            lambda v: gr.update(visible=v), show_baseline, baseline, api_name=False, queue=False
+        )
         lookup_btn.click(
-            lookup, [sae_name, feature, steered], [contexts, token_view], api_name="lookup_feature",
+            lookup,
+            [sae_name, feature, steered],
+            [contexts, token_view],
+            api_name="lookup_feature",
             concurrency_id=MODEL_EVENTS,
         )
         features.select(pick_feature, features, feature, api_name=False).then(
-            lookup, [sae_name, feature, steered], [contexts, token_view], api_name=False,
+            lookup,
+            [sae_name, feature, steered],
+            [contexts, token_view],
+            api_name=False,
             concurrency_id=MODEL_EVENTS,
         )
         sae_name.input(
             select_sae, sae_name, [sae_info, features, strength, feature, edits], api_name="select_sae"
         )
-        add_btn.click(add_edit, [edits, sae_name, feature, op, strength, positions], edits, api_name="add_edit")
+        add_btn.click(
+            add_edit, [edits, sae_name, feature, op, strength, positions], edits, api_name="add_edit"
+        )
         clear_edits_btn.click(lambda: [], None, edits, api_name=False, queue=False)
         export_btn.click(export, [sae_name, edits], spec_text, api_name="export_spec")
         import_btn.click(import_, spec_text, [sae_name, edits], api_name="import_spec")
         gr.api(generate, api_name="generate", concurrency_id=MODEL_EVENTS)
         app.load(
-            lookup, [sae_name, feature, steered], [contexts, token_view], api_name=False,
+            lookup,
+            [sae_name, feature, steered],
+            [contexts, token_view],
+            api_name=False,
             concurrency_id=MODEL_EVENTS,
         )
     return app

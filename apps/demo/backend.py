@@ -7,6 +7,7 @@ steered reply is generated, so nothing else may run on it at that time.
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 from collections.abc import Iterator
@@ -189,10 +190,8 @@ class DemoBackend:
 
     def reply(self, history: Conversation, message: str, settings: GenerationSettings, **kw) -> str:
         """The whole reply (the last value of `stream`)."""
-        text = ""
-        for text in self.stream(history, message, settings, **kw):
-            pass
-        return text
+        last = collections.deque(self.stream(history, message, settings, **kw), maxlen=1)
+        return last[0] if last else ""
 
     # -- features ----------------------------------------------------------------------------
     def feature_rows(self, sae_name: str | None) -> list[list]:
@@ -249,7 +248,9 @@ class DemoBackend:
         ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
         ids = ids[: self.limits.max_prompt_tokens]
         with self.lock, torch.no_grad():
-            residual = Harvester(self.model, s.layer).per_sequence(make_batch([ids], self.tokenizer.pad_token_id))[0]
+            residual = Harvester(self.model, s.layer).per_sequence(
+                make_batch([ids], self.tokenizer.pad_token_id)
+            )[0]
             acts = feature_activations(s.sae, residual, feature)
         marks = self.special.mask(torch.tensor(ids)).tolist()
         tokens = [

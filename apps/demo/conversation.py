@@ -25,7 +25,9 @@ def to_conversation(history: list | None) -> Conversation:
         role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
         content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
         if role not in ("system", "user", "assistant"):
-            raise ValueError(f"chat history has a message with role {role!r}; expected system, user or assistant")
+            raise ValueError(
+                f"chat history has a message with role {role!r}; expected system, user or assistant"
+            )
         out.append({"role": role, "content": message_text(content)})
     return out
 

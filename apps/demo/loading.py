@@ -36,7 +36,9 @@ def load_demo_sae(ref: SAERef, model, name: str | None = None) -> DemoSAE:
     """Load the SAE at `ref` on the model's device and check that it fits the model."""
     from hub import load_sae, sae_layer
 
-    source, sae_id = (ref, None) if isinstance(ref, str) else (ref.get("path") or ref["repo"], ref.get("sae_id"))
+    source, sae_id = (
+        (ref, None) if isinstance(ref, str) else (ref.get("path") or ref["repo"], ref.get("sae_id"))
+    )
     sae = load_sae(source, sae_id, device=model.device).eval()
     layer = sae_layer(sae)
     name = name or sae_name(ref)
@@ -69,12 +71,17 @@ def discover(
 
 
 def save_top_features(features: list[TopFeature], path: Path) -> None:
-    path.write_text(json.dumps([f.__dict__ for f in features], indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps([f.__dict__ for f in features], indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def read_top_features(path: Path) -> list[TopFeature]:
     """Rows written by `save_top_features` (a ValueError naming the file if it is malformed)."""
     try:
-        return [TopFeature(str(r["token"]), int(r["feature"]), float(r["mean_max"])) for r in json.loads(path.read_text())]
+        return [
+            TopFeature(str(r["token"]), int(r["feature"]), float(r["mean_max"]))
+            for r in json.loads(path.read_text())
+        ]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not a feature table written by fast-steer: {exc}") from None

@@ -40,6 +40,7 @@ class MainJobConfig:
     expansion: int = 8
     batch_size: int = 4096
     seed: int = 42
+    exclude_first_token: bool = True  # its residual norm is ~100x the rest on SmolLM2; recorded in metadata
     eval_conversations: int = 48
     feature_conversations: int = 48
     sample_conversations: int = 16
@@ -52,7 +53,12 @@ class MainJobConfig:
             raise ValueError(f"layer must be >= 0, got {self.layer}")
         if self.tokens < self.batch_size:
             raise ValueError(f"tokens must be at least one batch ({self.batch_size}), got {self.tokens}")
-        for name in ("eval_conversations", "feature_conversations", "sample_conversations", "features_per_token"):
+        for name in (
+            "eval_conversations",
+            "feature_conversations",
+            "sample_conversations",
+            "features_per_token",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.preselect < 0:
@@ -87,14 +93,28 @@ def resolve_data(data: str | None) -> str:
 def job_dir(cfg: MainJobConfig, model_source: str, data: str) -> Path:
     """The cache folder of this configuration."""
     settings = {
-        k: v for k, v in asdict(cfg).items()
-        if k not in ("cache", "eval_conversations", "feature_conversations", "sample_conversations",
-                     "features_per_token", "preselect", "data")
+        k: v
+        for k, v in asdict(cfg).items()
+        if k
+        not in (
+            "cache",
+            "eval_conversations",
+            "feature_conversations",
+            "sample_conversations",
+            "features_per_token",
+            "preselect",
+            "data",
+        )
     }
     settings.update(model_source=model_source, data=data, version=CACHE_VERSION)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = cfg.cache or cache_dir() / "main-job"
     return root / f"L{cfg.layer}-{cfg.arch}-x{cfg.expansion}-{cfg.tokens // 1000}k-{key}"
+
+
+def buffer_tokens(cfg: MainJobConfig) -> int:
+    """Mixing-buffer size: 65,536 tokens, smaller for tiny budgets (never below two batches)."""
+    return max(2 * cfg.batch_size, min(65_536, cfg.tokens))
 
 
 def spread(items: list, n: int) -> list:
@@ -115,7 +135,7 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
     from train.data import load_conversations
     from train.evaluate import EVAL_FILE, EvalConfig, EvalResult, evaluate_sae, format_table, write_eval
     from train.features import discover_features
-    from train.trainer import SAETrainer
+    from train.trainer import CKPT_DIR, SAETrainer
 
     start = time.perf_counter()
     data = resolve_data(cfg.data)
@@ -123,11 +143,16 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
     model, tok = load_model(cfg.model, dtype="bfloat16")
     n_layers = model.config.get_text_config().num_hidden_layers
     if cfg.layer >= n_layers:
-        raise click.ClickException(f"--layer {cfg.layer} is out of range: the model has layers 0..{n_layers - 1}")
+        raise click.ClickException(
+            f"--layer {cfg.layer} is out of range: the model has layers 0..{n_layers - 1}"
+        )
     d_in = model.config.get_text_config().hidden_size
     out = job_dir(cfg, load_model_source(cfg.model, model), data)
     train_cfg = preset_config(
-        "default", total_tokens=cfg.tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+        "default",
+        total_tokens=cfg.tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
         saes=[SAETrainSpec(arch=cfg.arch, expansion=cfg.expansion)],
     )
     trainer = SAETrainer(train_cfg, d_in, out)
@@ -137,21 +162,36 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
     if reused:
         echo(f"[2/5] reusing the SAE trained earlier: {out}")
     else:
-        echo(f"[2/5] training a FAST {cfg.arch} SAE (x{cfg.expansion}) at layer {cfg.layer} on {cfg.tokens:,} tokens -> {out}")
+        echo(
+            f"[2/5] training a FAST {cfg.arch} SAE (x{cfg.expansion}) at layer {cfg.layer} on {cfg.tokens:,} tokens -> {out}"
+        )
         corpus = load_conversations(data, split="train")
         stream = ActivationStream(
-            model, tok, corpus,
-            StreamConfig(layer=cfg.layer, batch_size=cfg.batch_size,
-                         buffer_tokens=max(65536, 4 * cfg.batch_size), seed=cfg.seed),
+            model,
+            tok,
+            corpus,
+            StreamConfig(
+                layer=cfg.layer,
+                batch_size=cfg.batch_size,
+                buffer_tokens=buffer_tokens(cfg),
+                exclude_first_token=cfg.exclude_first_token,
+                seed=cfg.seed,
+            ),
         )
         described = stream.describe()
         trainer.metadata = sae_metadata(
-            cfg.model, cfg.layer, dataset_path=data, method=described["method"],
-            training_tokens=train_cfg.final_tokens, chat_template_sha256=described["chat_template_sha256"],
-            special_token_ids=described["special_token_ids"], expansion_factor=cfg.expansion,
-            activations=described, created_by="fast-steer run",
+            cfg.model,
+            cfg.layer,
+            dataset_path=data,
+            method=described["method"],
+            training_tokens=train_cfg.final_tokens,
+            chat_template_sha256=described["chat_template_sha256"],
+            special_token_ids=described["special_token_ids"],
+            expansion_factor=cfg.expansion,
+            activations=described,
+            created_by="fast-steer run",
         )
-        trainer.fit(stream, resume=True)
+        trainer.fit(stream, resume=(out / CKPT_DIR).is_dir())
     sae = load_sae(out)
 
     eval_path = out / EVAL_FILE
@@ -161,7 +201,9 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
         result = EvalResult(**{f.name: stored[f.name] for f in fields(EvalResult)})
     else:
         echo(f"[3/5] evaluating on {cfg.eval_conversations} held-out conversations")
-        result = evaluate_sae(sae, model, tok, spread(held_out, cfg.eval_conversations), cfg.layer, EvalConfig())
+        result = evaluate_sae(
+            sae, model, tok, spread(held_out, cfg.eval_conversations), cfg.layer, EvalConfig()
+        )
         write_eval(result, eval_path)
     echo(format_table(result))
 
@@ -170,9 +212,16 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
         echo(f"[4/5] top special-token features (cached in {features_path})")
         features = read_top_features(features_path)
     else:
-        echo(f"[4/5] discovering special-token features on {cfg.feature_conversations} held-out conversations")
+        echo(
+            f"[4/5] discovering special-token features on {cfg.feature_conversations} held-out conversations"
+        )
         report = discover_features(
-            model, tok, sae, cfg.layer, spread(held_out, cfg.feature_conversations), top_k=cfg.features_per_token
+            model,
+            tok,
+            sae,
+            cfg.layer,
+            spread(held_out, cfg.feature_conversations),
+            top_k=cfg.features_per_token,
         )
         features = top_features(report, cfg.features_per_token)
         save_top_features(features, features_path)
@@ -180,7 +229,10 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
     del model
     demo_sae = DemoSAE(name=out.name, ref=str(out), sae=sae, layer=cfg.layer, top_features=features)
     job = MainJobResult(
-        sae_dir=out, metrics=result.metrics, features=features, reused_sae=reused,
+        sae_dir=out,
+        metrics=result.metrics,
+        features=features,
+        reused_sae=reused,
         seconds=time.perf_counter() - start,
     )
     return job, demo_sae, spread(held_out, cfg.sample_conversations)
@@ -208,4 +260,3 @@ def preselected_edits(features: list[TopFeature], n: int, strength: float) -> li
         if len(chosen) == n:
             break
     return [EditRow(k, "add", round(strength, 1), "special") for k in chosen]
-

@@ -52,7 +52,7 @@ def export_spec(sae: DemoSAE, rows: list[EditRow]) -> str:
 def import_spec(text: str, saes: list[DemoSAE]) -> tuple[str, list[EditRow]]:
     """(name of the loaded SAE the spec refers to, its edits as rows) of spec JSON from the page."""
     if not (text or "").strip():
-        raise DemoInputError("paste a spec JSON first (an object, a list, or {\"interventions\": [...]})")
+        raise DemoInputError('paste a spec JSON first (an object, a list, or {"interventions": [...]})')
     try:
         data: Any = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -83,7 +83,9 @@ def import_spec(text: str, saes: list[DemoSAE]) -> tuple[str, list[EditRow]]:
         except SpecError as exc:
             raise DemoInputError(f"intervention {i}: {exc}") from None
         if spec.layer != sae.layer:
-            raise DemoInputError(f"intervention {i} is for layer {spec.layer} but SAE {sae.name} reads layer {sae.layer}")
+            raise DemoInputError(
+                f"intervention {i} is for layer {spec.layer} but SAE {sae.name} reads layer {sae.layer}"
+            )
         if not isinstance(spec.positions, str):
             raise DemoInputError(
                 f"intervention {i} lists explicit position tokens {spec.positions}; the demo supports the modes "

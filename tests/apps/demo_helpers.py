@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from apps.demo import DemoBackend, DemoLimits, DemoSAE, EditRow, build_app, launch_app
+from apps.demo import DemoBackend, DemoLimits, EditRow, build_app, launch_app
 from apps.demo.loading import discover, load_demo_sae
 from hub import save_sae
 from steer.sae import SAEConfig, build_sae
@@ -27,7 +27,9 @@ def tiny_backend(tokenizer, folder: Path, preselect: list[EditRow] | None = None
     """A backend on a tiny Llama (d_model 64) with a random standard SAE (256 features) at layer 2."""
     model = build_tiny_model("llama", len(tokenizer))
     torch.manual_seed(1)
-    sae = build_sae(SAEConfig("standard", d_in=64, d_sae=D_SAE, metadata={"hook_name": f"blocks.{LAYER}.hook_resid_post"}))
+    sae = build_sae(
+        SAEConfig("standard", d_in=64, d_sae=D_SAE, metadata={"hook_name": f"blocks.{LAYER}.hook_resid_post"})
+    )
     save_sae(sae, folder)
     demo_sae = load_demo_sae(str(folder), model, name="tiny-sae")
     conversations = read_conversations(n=8)

@@ -47,15 +47,12 @@ def tiny(chatml_tokenizer, tmp_path_factory):
     return model, chatml_tokenizer, sae, root
 
 
-def _loglikelihoods(lm, task_manager, task=MMLU_TASK, chat=True, limit=5, **kwargs) -> list[float]:
+def _loglikelihoods(lm, task_manager) -> list[float]:
+    """Per-choice loglikelihoods of the first 5 items of MMLU abstract algebra, chat template applied."""
     results = simple_evaluate(
-        model=lm, tasks=[task], limit=limit, task_manager=task_manager, apply_chat_template=chat, **kwargs
+        model=lm, tasks=[MMLU_TASK], limit=5, task_manager=task_manager, apply_chat_template=True
     )
-    return [
-        resp[0][0] if isinstance(resp[0], tuple | list) else resp[0]
-        for s in results["samples"][task]
-        for resp in s["resps"]
-    ]
+    return [resp[0][0] for s in results["samples"][MMLU_TASK] for resp in s["resps"]]
 
 
 def _generations(lm, task_manager) -> list[str]:
@@ -124,16 +121,49 @@ def test_adapter_model_args_errors(tiny):
     assert lm.steering_active and lm.specs[0].edits[0].strength == 30.0
 
 
+USER_TASK = """task: user_task
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{path}"
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
 def test_cli_hands_over_to_lm_eval(tiny, tmp_path):
+    """lm-eval's own CLI runs (default --model fast-steer), with the user's --include_path kept beside ours."""
     _, _, _, root = tiny
-    args = ["lm-eval", "--model_args", f"pretrained={root / 'model'}", "--tasks", MMLU_TASK, "--limit", "3"]
-    args += ["--device", "cpu", "--output_path", str(tmp_path / "out")]
+    user = tmp_path / "user_tasks"
+    user.mkdir()
+    (user / "user_task.yaml").write_text(USER_TASK.format(path=EVAL_DATA / "mmlu_val.jsonl"))
+    args = ["lm-eval", "--model_args", f"pretrained={root / 'model'}", "--tasks", f"{MMLU_TASK},user_task"]
+    args += [
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--include_path",
+        str(user),
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "fast-steer (" in result.output and "abstract_algebra" in result.output
+    assert (
+        "fast-steer (" in result.output
+        and "abstract_algebra" in result.output
+        and "user_task" in result.output
+    )
     saved = list((tmp_path / "out").rglob("results_*.json"))
     assert len(saved) == 1
-    assert json.loads(saved[0].read_text())["results"][MMLU_TASK]["sample_len"] == 3
+    results = json.loads(saved[0].read_text())["results"]
+    assert results[MMLU_TASK]["sample_len"] == 2 and results["user_task"]["sample_len"] == 2
 
 
 def test_cli_compare_one_table(tiny, tmp_path):

@@ -69,8 +69,10 @@ def check_special_only_touches_special(model, tok, architecture="standard"):
     ids, mask = pad_batch(chat_ids(tok, PROMPTS), tok.pad_token_id)
     special = sm.special_tokens.mask(ids, mask)
     encoded_rows: list[int] = []
-    original_encode = sae.encode
+    sae_rows: list[int] = []
+    original_encode, original_normalize = sae.encode, sae.normalize_in
     sae.encode = lambda x: (encoded_rows.append(x.shape[0]), original_encode(x))[1]
+    sae.normalize_in = lambda x: (sae_rows.append(x.shape[0]), original_normalize(x))[1]
     with torch.no_grad():
         with capture_layer(model, layer) as plain:
             model(input_ids=ids, attention_mask=mask)
@@ -79,10 +81,10 @@ def check_special_only_touches_special(model, tok, architecture="standard"):
     plain_h, steered_h = plain[0], steered[0]
     assert torch.equal(steered_h[~special], plain_h[~special])
     assert (steered_h[special] - plain_h[special]).norm(dim=-1).min() > 1.0
-    if architecture == "topk":  # full encode, but only of the special positions
-        assert encoded_rows == [int(special.sum())]
-    else:  # ReLU/JumpReLU: a few encoder columns, never the full encoder
-        assert encoded_rows == []
+    assert sae_rows == [int(special.sum())], "the SAE sees only the gathered special positions"
+    assert encoded_rows == [], (
+        "no dense encode (ReLU: a few encoder columns; TopK: pre-activations + threshold)"
+    )
 
 
 def check_cache_equals_recompute(model, tok, positions, n_new=8, strength=None):
@@ -205,7 +207,10 @@ def test_position_modes_select_expected_positions(chatml_tokenizer):
         assert torch.equal(changed, want), positions
     # during generation, "generated" edits exactly the new positions: prompt residuals stay as they were
     spec = Intervention(layer=layer, sae=sae, edits=[Edit(0, "add", 10.0)], positions="generated")
+    with torch.no_grad(), capture_layer(model, layer) as plain_steps:
+        greedy(model.generate, ids, mask, 3, tok.pad_token_id)
     with torch.no_grad(), sm.steer(spec), capture_layer(model, layer) as seen:
         greedy(sm.generate, ids, mask, 3, tok.pad_token_id)
-    assert torch.equal(seen[0], plain[0]), "the prefill (prompt) is untouched"
-    assert len(seen) == 3
+    assert len(seen) == len(plain_steps) == 3
+    assert torch.equal(seen[0], plain_steps[0]), "the prefill (prompt) is untouched"
+    torch.testing.assert_close((seen[1] - plain_steps[1]).norm(dim=-1), torch.full((2, 1), 10.0))

@@ -64,7 +64,9 @@ def test_three_architectures_train_on_one_stream(tmp_path):
 
     lines = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(5, 101, 5))
-    baseline = ((first - geometric_median(first)) ** 2).sum(-1).mean().item()  # b_dec-only reconstruction
+    assert trainer.scale == pytest.approx(16**0.5 / first.norm(dim=-1).mean().item(), rel=1e-5)
+    scaled = first * trainer.scale  # the log's MSE is on activations scaled to an average norm sqrt(d_in)
+    baseline = ((scaled - geometric_median(scaled)) ** 2).sum(-1).mean().item()  # b_dec-only reconstruction
     for name in trainer.names:
         mses = [r["saes"][name]["mse"] for r in lines]
         assert mses[-1] < 0.5 * mses[0], (name, mses)
@@ -76,12 +78,15 @@ def test_three_architectures_train_on_one_stream(tmp_path):
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))  # unit decoder rows
         loaded = load_sae(folder)
         assert loaded.architecture == spec.arch and loaded.cfg.apply_b_dec_to_input is False
-        torch.testing.assert_close(loaded.W_enc, sae.W_enc)
+        assert loaded.cfg.normalize_activations == "none"  # the scaling factor is folded into the weights
+        torch.testing.assert_close(loaded.encode(first), sae.encode(first), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(loaded(first), sae(first), atol=1e-4, rtol=1e-4)
         meta = loaded.cfg.metadata
         assert meta["model"] == "synthetic" and meta["training"]["tokens_trained"] == 6400
         assert meta["training"]["sae"]["arch"] == spec.arch
     jump = load_sae(result.sae_dirs[1])
     torch.testing.assert_close(jump.threshold, trainer.objectives[1].log_threshold.exp().detach())
+    assert ((sae.encode(first) > 0).sum(-1) <= 6).all()  # the topk SAE on raw activations
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert summary["finished"] and summary["peak_memory_mib"] > 0
     assert not (tmp_path / "checkpoints").exists()  # removed once the SAEs are written

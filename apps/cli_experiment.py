@@ -1,0 +1,199 @@
+"""`fast-steer experiment reproduce` (FAST vs BT(F) vs BT(P)) and `fast-steer experiment sweep` (steering)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from apps.cli_train import _Tokens
+
+
+def default_out() -> Path:
+    from hub.cache import cache_dir
+
+    return cache_dir() / "experiments" / "reproduce"
+
+
+@click.group("experiment")
+def experiment_group() -> None:
+    """Reproduce the FAST paper's comparison and its steering sweep on a model (default: SmolLM2)."""
+
+
+@experiment_group.command("reproduce")
+@click.option(
+    "--model", "model_ref", default="default", show_default=True, help="'default', a folder or a Hub id."
+)
+@click.option(
+    "--layer", type=int, default=15, show_default=True, help="Residual stream after decoder block L."
+)
+@click.option("--tokens", type=_Tokens(), default="1.5M", show_default=True, help="Training tokens per SAE.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Experiment folder.  "
+              "[default: <fast-steer cache>/experiments/reproduce]")  # fmt: skip
+@click.option("--data", multiple=True, type=click.Path(exists=True), help="Conversations (FAST, BT(F), held-out).  "
+              "[default: ../shared/data/chat]")  # fmt: skip
+@click.option("--pretrain-data", multiple=True, type=click.Path(exists=True), help="Pretraining text (BT(P)).  "
+              "[default: ../shared/data/pretrain]")  # fmt: skip
+@click.option("--method", "methods", multiple=True, type=click.Choice(["fast", "bt-f", "bt-p"]),
+              help="Methods to compare.  [default: all three]")  # fmt: skip
+@click.option("--arch", "archs", multiple=True, type=click.Choice(["standard", "jumprelu", "topk"]),
+              help="SAE architectures (trained side by side on each method's stream).  [default: standard, jumprelu]")  # fmt: skip
+@click.option("--expansion", type=int, default=8, show_default=True, help="d_sae / d_in.")
+@click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True)
+@click.option("--batch-size", type=int, help="Tokens per optimiser step.  [default: the preset's]")
+@click.option("--buffer-tokens", type=int, default=65536, show_default=True, help="Mixing buffer size.")
+@click.option(
+    "--max-len", type=int, default=8192, show_default=True, help="FAST truncation per conversation."
+)
+@click.option(
+    "--held-out-fraction", type=float, default=0.05, show_default=True, help="Held-out share (content hash)."
+)
+@click.option(
+    "--eval-conversations", type=int, default=200, show_default=True, help="Held-out conversations."
+)
+@click.option(
+    "--dtype", "model_dtype", default="bfloat16", show_default=True, help="Model dtype (harvest, eval)."
+)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def reproduce_command(model_ref, layer, tokens, out_dir, data, pretrain_data, methods, archs, expansion, preset,
+                      batch_size, buffer_tokens, max_len, held_out_fraction, eval_conversations, model_dtype, seed,
+                      quiet) -> None:  # fmt: skip
+    """Train FAST, BT(F) and BT(P) SAEs with identical settings, evaluate them on the same held-out
+    conversations, and write results.{json,md,png}. Finished runs are reused, unfinished ones resumed."""
+    from train.experiment import ReproduceConfig, reproduce
+
+    defaults = ReproduceConfig.__dataclass_fields__
+    try:
+        cfg = ReproduceConfig(
+            out=out_dir or default_out(),
+            model=model_ref,
+            layer=layer,
+            tokens=tokens,
+            chat_data=list(data) or defaults["chat_data"].default_factory(),
+            pretrain_data=list(pretrain_data) or defaults["pretrain_data"].default_factory(),
+            methods=tuple(methods) or defaults["methods"].default,
+            archs=tuple(archs) or defaults["archs"].default,
+            expansion=expansion,
+            preset=preset,
+            batch_size=batch_size,
+            buffer_tokens=buffer_tokens,
+            max_len=max_len,
+            held_out_fraction=held_out_fraction,
+            model_dtype=model_dtype,
+            eval_conversations=eval_conversations,
+            seed=seed,
+        )
+        result = reproduce(cfg, progress=not quiet)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    reused = [m for m in cfg.methods if m not in result.trained]
+    click.echo(
+        f"trained: {', '.join(result.trained) or 'none'}; reused: {', '.join(reused) or 'none'}", err=True
+    )
+    click.echo(result.paths["markdown"].read_text(encoding="utf-8"))
+    click.echo("wrote " + ", ".join(str(p) for p in result.paths.values()), err=True)
+
+
+@experiment_group.command("sweep")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The reproduce folder; results go to OUT/sweep.  [default: <fast-steer cache>/experiments/reproduce]")  # fmt: skip
+@click.option("--sae", "sae_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="SAE folder to steer with.  [default: the FAST standard SAE of OUT]")  # fmt: skip
+@click.option(
+    "--model", "model_ref", help="Model reference.  [default: the one in OUT/experiment.json, or 'default']"
+)
+@click.option("--strengths", default="0,15,25,50,100,150,200", show_default=True,
+              help="Comma-separated strengths, in %% of the median special-token residual norm.")  # fmt: skip
+@click.option("--feature", type=int, help="Steer this feature instead of the top <|im_start|> feature.")
+@click.option("--subjects", help="Comma-separated MMLU subjects (local data).  [default: high_school_geography,"
+              "high_school_psychology,marketing,us_foreign_policy]")  # fmt: skip
+@click.option(
+    "--mmlu-limit", type=int, default=25, show_default=True, help="MMLU items per subject (0 = all)."
+)
+@click.option(
+    "--max-new-tokens", type=int, default=48, show_default=True, help="Length of the greedy replies."
+)
+@click.option("--conversations", "n_conversations", type=int, default=100, show_default=True,
+              help="Held-out conversations for feature discovery and the norm scale.")  # fmt: skip
+@click.option("--data", multiple=True, type=click.Path(exists=True),
+              help="Conversations for the held-out split when OUT has no heldout.jsonl.  [default: ../shared/data/chat]")  # fmt: skip
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder with mmlu_{test,val,dev}.jsonl.  [default: ../shared/data/eval]")  # fmt: skip
+@click.option("--dtype", "model_dtype", default="bfloat16", show_default=True, help="Model dtype.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mmlu_limit, max_new_tokens,
+                  n_conversations, data, eval_data, model_dtype, quiet) -> None:  # fmt: skip
+    """Add the top <|im_start|> feature of the FAST SAE at special positions at several strengths: greedy
+    replies to fixed prompts and a local MMLU score per strength (sweep.{json,md,png})."""
+    from apps.steering_sweep import DEFAULT_EVAL_DATA, MMLU_SUBJECTS, SweepConfig, run_sweep
+    from hub import load_model
+
+    out = out_dir or default_out()
+    try:
+        settings = _settings(out)
+        sae_dir = sae_dir or _fast_standard_sae(out)
+        conversations = _conversations(out, list(data) or settings.get("chat_data"), n_conversations)
+        cfg = SweepConfig(
+            sae_dir=sae_dir,
+            out=out / "sweep",
+            strengths=_numbers(strengths),
+            max_new_tokens=max_new_tokens,
+            mmlu_subjects=tuple(s.strip() for s in subjects.split(",") if s.strip())
+            if subjects
+            else MMLU_SUBJECTS,
+            mmlu_limit=mmlu_limit or None,
+            eval_data=eval_data or DEFAULT_EVAL_DATA,
+            feature=feature,
+        )
+        ref = model_ref or settings.get("model", "default")
+        model, tok = load_model(ref, dtype=model_dtype)
+        result = run_sweep(cfg, model, tok, conversations, model_ref=ref, progress=not quiet)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo((cfg.out / "sweep.md").read_text(encoding="utf-8"))
+    click.echo(f"wrote {cfg.out}/sweep.{{json,md,png}} in {result.wall_s:.0f} s", err=True)
+
+
+def _settings(out: Path) -> dict:
+    path = out / "experiment.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _fast_standard_sae(out: Path) -> Path:
+    folders = sorted(p.parent for p in (out / "runs" / "fast").glob("**/sae_weights.safetensors"))
+    standard = [f for f in folders if json.loads((f / "cfg.json").read_text())["architecture"] == "standard"]
+    if not standard:
+        raise FileNotFoundError(
+            f"no FAST standard SAE under {out / 'runs' / 'fast'}: run `fast-steer experiment reproduce --out {out}` "
+            "first, or pass --sae DIR"
+        )
+    return standard[0]
+
+
+def _conversations(out: Path, data: list[str] | None, n: int) -> list:
+    from train.data import load_conversations
+    from train.experiment import HELDOUT_FILE, SHARED_DATA
+
+    path = out / HELDOUT_FILE
+    if path.is_file():
+        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    else:
+        items = list(load_conversations(data or [str(SHARED_DATA / "chat")], split="held_out").items)
+    if not items:
+        raise ValueError("no held-out conversations for feature discovery")
+    return items[:n]
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: expected comma-separated numbers like 0,15,25", param_hint="--strengths"
+        ) from None
+
+
+def register(group: click.Group) -> None:
+    group.add_command(experiment_group)

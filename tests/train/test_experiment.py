@@ -1,0 +1,141 @@
+"""The reproduce experiment's plumbing on a tiny model: six SAEs, one table, reuse and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import CHAT_DATA, PRETRAIN_DATA, build_tiny_model, read_conversations
+from train.experiment import EVAL_FILE, ReproduceConfig, plan_runs, reproduce
+from train.results_table import ResultRow, check_metrics, markdown_table, ratio_table
+
+
+def write_small_data(tmp_path, n_chats: int = 60, n_docs: int = 6):
+    """Small chat and pretraining files cut from the shared data (tests only; not copied into the repo)."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": c}) + "\n" for c in read_conversations(n=n_chats)))
+    pre = tmp_path / "pretrain.jsonl"
+    with open(PRETRAIN_DATA / "c4_en_sample.jsonl", encoding="utf-8") as fh:
+        docs = [json.loads(next(fh))["text"] for _ in range(n_docs)]
+    pre.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return chat, pre
+
+
+def tiny_config(tmp_path, chat, pre, **overrides) -> ReproduceConfig:
+    values = dict(
+        out=tmp_path / "exp",
+        model="tiny-llama",
+        layer=1,
+        tokens=512,
+        chat_data=[str(chat)],
+        pretrain_data=[str(pre)],
+        expansion=2,
+        batch_size=128,
+        buffer_tokens=512,
+        eval_conversations=4,
+        held_out_fraction=0.2,
+        max_len=2048,
+    )
+    values.update(overrides)
+    return ReproduceConfig(**values)
+
+
+@pytest.fixture
+def tiny(chatml_tokenizer):
+    return build_tiny_model("llama", len(chatml_tokenizer)), chatml_tokenizer
+
+
+def test_reproduce_six_saes_table_and_reuse(tmp_path, tiny):
+    model, tok = tiny
+    chat, pre = write_small_data(tmp_path)
+    cfg = tiny_config(tmp_path, chat, pre)
+    first = reproduce(cfg, model, tok, progress=False)
+    assert first.trained == ["fast", "bt-f", "bt-p"]
+    assert {(r.method, r.arch) for r in first.rows} == {
+        (m, a) for m in ("fast", "bt-f", "bt-p") for a in ("standard", "jumprelu")
+    }
+    for row in first.rows:
+        assert row.tokens == 512
+        assert all(math.isfinite(row.metrics[k]) for k in ("mse", "log2_mse", "l0", "delta_lm_loss"))
+        assert row.metrics["log2_mse"] == pytest.approx(math.log2(row.metrics["mse"]))
+    saved = json.loads(first.paths["json"].read_text())
+    assert len(saved["rows"]) == 6 and saved["layer"] == 1
+    md = first.paths["markdown"].read_text()
+    assert all(label in md for label in ("FAST standard", "BT(F) jumprelu", "BT(P) standard", "log2 MSE_st"))
+    assert first.paths["plot"].stat().st_size > 5000
+    # every SAE was evaluated on the same frozen held-out conversations
+    assert len((cfg.out / "heldout.jsonl").read_text().splitlines()) == 4
+    sizes = {json.loads((Path(r.sae_dir) / EVAL_FILE).read_text())["n_sequences"] for r in first.rows}
+    assert sizes == {4}
+
+    weights = {d: load_file(d / "sae_weights.safetensors") for run in plan_runs(cfg) for d in run.sae_dirs}
+    second = reproduce(cfg, model, tok, progress=False)
+    assert second.trained == [] and second.evaluated == []
+    assert [r.metrics for r in second.rows] == [r.metrics for r in first.rows]
+    for folder, tensors in weights.items():
+        again = load_file(folder / "sae_weights.safetensors")
+        assert all(torch.equal(tensors[k], again[k]) for k in tensors)
+
+
+def test_reproduce_finishes_only_what_is_missing(tmp_path, tiny):
+    model, tok = tiny
+    chat, pre = write_small_data(tmp_path)
+    cfg = tiny_config(tmp_path, chat, pre, methods=("fast", "bt-f"), archs=("standard",), tokens=384)
+    reproduce(cfg, model, tok, progress=False)
+    fast_run, bt_run = plan_runs(cfg)
+    before = load_file(bt_run.sae_dirs[0] / "sae_weights.safetensors")
+    (fast_run.sae_dirs[0] / EVAL_FILE).unlink()  # evaluated no more: re-evaluate only
+    (bt_run.sae_dirs[0] / "sae_weights.safetensors").unlink()  # killed before saving: train again
+    again = reproduce(cfg, model, tok, progress=False)
+    assert again.trained == ["bt-f"]
+    assert again.evaluated == ["fast", "bt-f"]
+    after = load_file(bt_run.sae_dirs[0] / "sae_weights.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # same seeds, same data order: same SAE
+    timing = json.loads((bt_run.run_dir / "timing.json").read_text())
+    assert timing["train_s"] > 0 and timing["eval_s"] > 0
+
+
+def test_reproduce_refuses_other_settings_in_same_folder(tmp_path, tiny):
+    chat, pre = write_small_data(tmp_path, n_chats=30)
+    cfg = tiny_config(tmp_path, chat, pre, methods=("fast",), archs=("standard",), tokens=256)
+    reproduce(cfg, *tiny, progress=False)
+    with pytest.raises(ValueError, match="other settings.*tokens: saved 256, now 512"):
+        reproduce(
+            tiny_config(tmp_path, chat, pre, methods=("fast",), archs=("standard",)), *tiny, progress=False
+        )
+
+
+def test_config_errors_are_specific(tmp_path):
+    with pytest.raises(ValueError, match="methods must be a non-empty subset"):
+        ReproduceConfig(out=tmp_path, methods=("fast", "bt-x"), chat_data=[str(CHAT_DATA)])
+    with pytest.raises(FileNotFoundError, match="pretraining data not found: /nope"):
+        ReproduceConfig(out=tmp_path, chat_data=[str(CHAT_DATA)], pretrain_data=["/nope"])
+
+
+def _row(method: str, mse: float, mse_st: float) -> ResultRow:
+    metrics = dict.fromkeys(
+        ("l0", "explained_variance", "dead_share", "delta_lm_loss", "delta_lm_loss_pct"), 0.5
+    )
+    metrics.update(mse=mse, log2_mse=math.log2(mse), mse_st=mse_st, log2_mse_st=math.log2(mse_st))
+    return ResultRow(method, "standard", metrics, sae_dir=f"/x/{method}")
+
+
+def test_tables_order_methods_and_compute_ratios():
+    rows = [_row("bt-p", 4.0, 32.0), _row("fast", 2.0, 2.0), _row("bt-f", 3.0, 4.0)]
+    md = markdown_table(rows).splitlines()
+    assert [line.split("|")[1].strip() for line in md[2:]] == [
+        "FAST standard",
+        "BT(F) standard",
+        "BT(P) standard",
+    ]
+    assert "5.1985" in md[4]  # the paper's BT(P) reference sits beside ours
+    ratios = ratio_table(rows)
+    assert "| standard | BT(F) | 1.500 | 2.000 |" in ratios
+    assert "| standard | BT(P) | 2.000 | 16.000 |" in ratios
+    with pytest.raises(KeyError, match="eval.json lacks metric.*delta_lm_loss_pct"):
+        check_metrics({"mse": 1.0}, "eval.json")
