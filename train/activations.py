@@ -27,14 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from train.buffer import MixingBuffer
-from train.data import Corpus
+from train.data import Corpus, content_hash
 from train.harvest import Harvester, hook_name
 from train.sequences import (
     METHOD_LABELS,
@@ -117,7 +117,7 @@ class ActivationStream:
         config: StreamConfig,
     ):
         rank, world_size = _distributed_rank()
-        config = StreamConfig(**{**asdict(config)})
+        config = replace(config)
         config.rank = rank if config.rank is None else config.rank
         config.world_size = world_size if config.world_size is None else config.world_size
         config.validate()
@@ -265,6 +265,7 @@ class ActivationStream:
         return {
             "config": {k: getattr(self.config, k) for k in _STATE_FIELDS},
             "corpus_size": len(self.corpus),
+            "corpus_fingerprint": self._corpus_fingerprint(),
             "epoch": self.epoch,
             "pool": self.pool,
             "batch_pos": self.batch_pos,
@@ -279,12 +280,20 @@ class ActivationStream:
             "buffer_n_out": buf["n_out"],
         }
 
+    def _corpus_fingerprint(self) -> str:
+        """sha256 over the content hashes of up to 64 evenly spaced records (cheap check of the same data)."""
+        n = len(self.corpus)
+        picks = sorted({i * n // 64 for i in range(64)})
+        return hashlib.sha256("".join(content_hash(self.corpus[i]) for i in picks).encode()).hexdigest()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state` (taken from a stream with the same config and corpus)."""
         mine = {k: getattr(self.config, k) for k in _STATE_FIELDS}
         diff = {k: (state["config"].get(k), v) for k, v in mine.items() if state["config"].get(k) != v}
         if state["corpus_size"] != len(self.corpus):
             diff["corpus_size"] = (state["corpus_size"], len(self.corpus))
+        elif state["corpus_fingerprint"] != self._corpus_fingerprint():
+            diff["corpus_fingerprint"] = (state["corpus_fingerprint"], self._corpus_fingerprint())
         if diff:
             listed = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"activation stream state does not match this stream ({listed})")

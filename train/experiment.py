@@ -252,7 +252,13 @@ def collect_rows(runs: list[RunStatus]) -> list[ResultRow]:
                     metrics=check_metrics(report.get("metrics", {}), str(sae_dir / EVAL_FILE)),
                     sae_dir=str(sae_dir),
                     tokens=training.get("tokens_trained"),
-                    extra={"run_train_s": timing.get("train_s"), "run_eval_s": timing.get("eval_s")},
+                    extra={
+                        "run_train_s": timing.get("train_s"),
+                        "run_eval_s": timing.get("eval_s"),
+                        "mse_by_token_type": {
+                            k: v["mse"] for k, v in report.get("mse_by_token_type", {}).items()
+                        },
+                    },
                 )
             )
     return rows

@@ -99,6 +99,20 @@ def ratio_table(rows: list[ResultRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def token_type_table(rows: list[ResultRow]) -> str:
+    """Held-out MSE per element by token type (position 0, each special/role token, other tokens), per SAE."""
+    types: list[str] = []
+    for row in rows:
+        types += [t for t in row.extra.get("mse_by_token_type", {}) if t not in types]
+    if not types:
+        return ""
+    lines = ["| SAE | " + " | ".join(f"`{t}`" for t in types) + " |", "|---|" + "---|" * len(types)]
+    for row in sort_rows(rows):
+        by_type = row.extra.get("mse_by_token_type", {})
+        lines.append(f"| {row.label} | " + " | ".join(_fmt(by_type.get(t), ".4g") for t in types) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(rows: list[ResultRow], out_dir: Path, header: dict[str, Any]) -> dict[str, Path]:
     """Write `results.json`, `results.md` and `results.png` into `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +135,9 @@ def write_results(rows: list[ResultRow], out_dir: Path, header: dict[str, Any]) 
         "Baseline / FAST ratios (same architecture; > 1 means FAST reconstructs better):\n\n"
         f"{ratio_table(rows)}"
     )
+    by_type = token_type_table(rows)
+    if by_type:
+        md += f"\nMSE per element by token type (position 0 is its own column: the attention sink):\n\n{by_type}"
     paths["markdown"].write_text(md, encoding="utf-8")
     plot_results(rows, paths["plot"], title=f"{header.get('model', '')} layer {header.get('layer', '')}")
     return paths

@@ -423,7 +423,9 @@ class SAETrainer:
             if self.cfg.normalize_activations != "none":
                 # the SAE now reads raw activations; save_sae folds the factor into the weights
                 obj.sae.cfg = replace(
-                    obj.sae.cfg, normalize_activations="expected_average_only_in", norm_scaling_factor=self.scale
+                    obj.sae.cfg,
+                    normalize_activations="expected_average_only_in",
+                    norm_scaling_factor=self.scale,
                 )
             obj.sae.cfg.metadata = {
                 **self.metadata,

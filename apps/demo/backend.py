@@ -184,14 +184,15 @@ class DemoBackend:
                 return self.steered.steer(*specs)
 
         with self.lock:
-            yield from stream_reply(
+            for text in stream_reply(
                 self.steered.generate, self.tokenizer, ids, settings.generate_kwargs(), settings.seed, context
-            )
+            ):
+                yield text.strip()
 
     def reply(self, history: Conversation, message: str, settings: GenerationSettings, **kw) -> str:
         """The whole reply (the last value of `stream`)."""
         last = collections.deque(self.stream(history, message, settings, **kw), maxlen=1)
-        return last[0] if last else ""
+        return last[0].strip() if last else ""
 
     # -- features ----------------------------------------------------------------------------
     def feature_rows(self, sae_name: str | None) -> list[list]:

@@ -128,6 +128,9 @@ def test_bad_configuration_is_rejected(llama):
     b = ActivationStream(model, tok, corpus, StreamConfig(**SMALL, seed=1))
     with pytest.raises(ValueError, match="seed: saved 0 vs now 1"):
         b.load_state_dict(a.state_dict())
+    other = Corpus(kind="chat", items=read_conversations("gsm8k_train.jsonl", 4), sources=["gsm8k"])
+    with pytest.raises(ValueError, match="corpus_fingerprint"):
+        ActivationStream(model, tok, other, StreamConfig(**SMALL)).load_state_dict(a.state_dict())
 
 
 def _shard_worker(rank: int, world_size: int, store: str, tok, out: str) -> None:

@@ -67,6 +67,7 @@ def test_reproduce_six_saes_table_and_reuse(tmp_path, tiny):
     assert len(saved["rows"]) == 6 and saved["layer"] == 1
     md = first.paths["markdown"].read_text()
     assert all(label in md for label in ("FAST standard", "BT(F) jumprelu", "BT(P) standard", "log2 MSE_st"))
+    assert "| FAST standard | " in md.split("by token type")[1]  # the per-token-type table follows
     assert first.paths["plot"].stat().st_size > 5000
     # every SAE was evaluated on the same frozen held-out conversations
     assert len((cfg.out / "heldout.jsonl").read_text().splitlines()) == 4

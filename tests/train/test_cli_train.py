@@ -1,0 +1,147 @@
+"""`fast-steer train` / `fast-steer eval` on a tiny model: a sweep on one stream, evaluation with plots,
+resume after a SIGKILL giving the same SAE as an uninterrupted run; and an integration run on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from apps.cli import main
+from tests.conftest import CHAT_DATA, build_tiny_model, read_conversations
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, chatml_tokenizer):
+    """A tiny Llama saved as a model folder, and a JSONL of 120 conversations."""
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_model("llama", len(chatml_tokenizer)).save_pretrained(root / "model")
+    chatml_tokenizer.save_pretrained(root / "model")
+    data = root / "chat.jsonl"
+    with open(data, "w", encoding="utf-8") as fh:
+        for conv in read_conversations("taskmaster4_coffee.jsonl", 120):
+            fh.write(json.dumps({"messages": conv}) + "\n")
+    return root / "model", data
+
+
+def _train_args(model, data, out, tokens="12k", extra=()):
+    return ["train", "--model", str(model), "--data", str(data), "--layer", "1", "--dtype", "float32",
+            "--tokens", tokens, "--batch-size", "128", "--buffer-tokens", "1024", "--token-budget", "1024",
+            "--lr", "1e-3", "--lr-end", "1e-4", "--held-out-fraction", "0.2", "--out", str(out), "--quiet", *extra]  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sweep_then_eval_with_plots(tiny_setup, tmp_path, one_thread):
+    model, data = tiny_setup
+    out = tmp_path / "sweep"
+    args = _train_args(model, data, out, tokens="4k", extra=["--arch", "standard", "--arch", "topk", "--k", "8",
+                                                             "--expansion", "2", "--l1", "1", "--l1", "3"])  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    names = sorted(Path(p).name for p in report["sae_dirs"])
+    assert names == ["standard-x2-l1_1", "standard-x2-l1_3", "topk-x2-k8"]
+    assert report["tokens"] == 4096 and report["peak_memory_mib"] > 0
+    meta = json.loads((out / "topk-x2-k8" / "cfg.json").read_text())["metadata"]
+    assert meta["method"] == "FAST" and meta["hook_name"] == "blocks.1.hook_resid_post"
+    assert meta["training"]["sae"]["k"] == 8 and meta["held_out_fraction"] == 0.2
+
+    res = CliRunner().invoke(
+        main, ["eval", str(out), "--data", str(data), "--plot", str(tmp_path / "png"), "--quiet"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "MSE_st" in res.output and "special-token set" in res.output
+    for name in names:
+        ev = json.loads((out / name / "eval.json").read_text())
+        assert ev["metrics"]["l0"] > 0 and "delta_lm_loss" in ev["metrics"]
+        assert ev["n_sequences"] > 0 and ev["method"] == "fast"
+        assert (tmp_path / "png" / name / "mse_by_token_type.png").stat().st_size > 1000
+        assert (tmp_path / "png" / name / "training_curves.png").stat().st_size > 1000
+
+
+def test_bad_options_give_clear_errors(tiny_setup, tmp_path):
+    model, data = tiny_setup
+    res = CliRunner().invoke(main, _train_args(model, data, tmp_path / "x", extra=["--arch", "topk"]))
+    assert res.exit_code != 0 and "--arch topk needs --k" in res.output
+    res = CliRunner().invoke(main, _train_args(model, data, tmp_path / "x", extra=["--method", "bt-p"]))
+    assert res.exit_code != 0 and "--pretrain-data" in res.output
+    res = CliRunner().invoke(main, _train_args(model, data, tmp_path / "x", tokens="lots"))
+    assert res.exit_code != 0 and "not a token count" in res.output
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tiny_setup, tmp_path, one_thread):
+    model, data = tiny_setup
+    extra = ["--checkpoint-every", "5", "--arch", "jumprelu", "--expansion", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "apps", *_train_args(model, data, killed, extra=extra)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    latest = killed / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (killed / "train_summary.json").exists()
+    step = json.loads(latest.read_text())["step"]
+    assert 0 < step < 94
+
+    res = CliRunner().invoke(main, _train_args(model, data, killed, extra=[*extra, "--resume"]))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["resumed_from_step"] >= step
+    full = tmp_path / "full"
+    res = CliRunner().invoke(main, _train_args(model, data, full, extra=extra))
+    assert res.exit_code == 0, res.output
+    a = load_file(str(killed / "sae_weights.safetensors"))
+    b = load_file(str(full / "sae_weights.safetensors"))
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+    ta = json.loads((killed / "cfg.json").read_text())["metadata"]["training"]
+    assert (
+        ta["tokens_trained"]
+        == 94 * 128
+        == json.loads((full / "cfg.json").read_text())["metadata"]["training"]["tokens_trained"]
+    )
+
+
+@pytest.mark.integration
+def test_smollm2_fast_training_beats_zero_feature_baseline(tmp_path):
+    from hub import load_model
+    from train.config import SAETrainSpec, TrainConfig
+    from train.data import load_conversations
+    from train.evaluate import EvalConfig, evaluate_sae
+    from train.run import DataSpec, train_run
+
+    loaded = load_model("default", dtype="bfloat16")
+    data = [str(CHAT_DATA / "taskmaster4_coffee.jsonl")]
+    cfg = TrainConfig(total_tokens=8192, batch_size=512, saes=[SAETrainSpec(expansion=2)], lr=1e-3, lr_end=1e-4,
+                      checkpoint_every=0)  # fmt: skip
+    spec = DataSpec(layer=15, data=data, buffer_tokens=2048, token_budget=2048)
+    result = train_run(cfg, spec, tmp_path / "sae", loaded=loaded, progress=False)
+    from hub import load_sae
+
+    sae = load_sae(result.sae_dirs[0])
+    held = load_conversations(data, split="held_out")
+    res = evaluate_sae(sae, *loaded, list(held)[:12], 15, EvalConfig(lm_loss=False), progress=False)
+    m = res.metrics
+    assert m["explained_variance"] > m["explained_variance_bdec_only"] + 0.1, m
+    assert 0 < m["l0"] < sae.d_sae
