@@ -167,6 +167,11 @@ def demo_command(
     default=None,
     help="Where the SAE, its evaluation and features are kept (default: <fast-steer cache>/main-job).",
 )
+@click.option(
+    "--keep-first-token",
+    is_flag=True,
+    help="Train on the first token too (the paper's default; its norm is ~100x the rest on SmolLM2).",
+)
 @click.option("--demo/--no-demo", default=True, show_default=True, help="Open the demo at the end.")
 @_serve_options
 def run_command(
@@ -179,6 +184,7 @@ def run_command(
     batch_size,
     conversations,
     cache_dir,
+    keep_first_token,
     demo,
     host,
     port,
@@ -186,9 +192,8 @@ def run_command(
     max_prompt_tokens,
 ) -> None:
     """The main job: train (or reuse) a FAST SAE, evaluate it, find its special-token features, open the demo."""
-    from apps.demo import DemoBackend
-    from apps.demo.main_job import MainJobConfig, preselected_edits, run_main_job
-    from hub import ModelResolutionError, load_model
+    from apps.demo.main_job import MainJobConfig, build_main_backend, run_main_job
+    from hub import ModelResolutionError
 
     try:
         cfg = MainJobConfig(
@@ -199,6 +204,7 @@ def run_command(
             arch=arch,
             expansion=expansion,
             batch_size=batch_size,
+            exclude_first_token=not keep_first_token,
             eval_conversations=conversations,
             feature_conversations=conversations,
             cache=cache_dir,
@@ -210,18 +216,7 @@ def run_command(
         )
         if not demo:
             return
-        model, tok = load_model(model_ref)
-        backend = DemoBackend(
-            model,
-            tok,
-            [demo_sae],
-            model_ref=model_ref,
-            limits=_limits(max_new_tokens, max_prompt_tokens),
-            sample_conversations=sample,
-        )
-        backend.preselect = backend.check_rows(
-            None, preselected_edits(job.features, cfg.preselect, backend.default_sae.residual_norm)
-        )
+        backend = build_main_backend(cfg, demo_sae, sample, _limits(max_new_tokens, max_prompt_tokens))
     except (ModelResolutionError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     _start(backend, host, port)

@@ -113,7 +113,7 @@ def _dist_context():
 @click.option("--buffer-tokens", type=int, default=65536, show_default=True, help="Mixing buffer size.")
 @click.option("--token-budget", type=int, default=8192, show_default=True, help="Padded tokens per forward.")
 @click.option(
-    "--max-len", type=int, default=8192, show_default=True, help="FAST truncation per conversation."
+    "--max-len", type=int, help="FAST truncation per conversation.  [default: 8192 or the model's context]"
 )
 @click.option("--block-len", type=int, default=2048, show_default=True, help="BT block length.")
 @click.option("--exclude-first-token", is_flag=True, help="Drop position 0 (its norm is ~100x on SmolLM2).")

@@ -6,12 +6,14 @@ Public API:
     ActivationStream(model, tokenizer, corpus, config)
         iter / next / .next_batch() -> float32 [batch_size, d_in]
         .tokens_yielded, .stats, .epoch, .d_in, .shard_indices(epoch)
+        .sample_batches(n_tokens) -> list[Batch]   (what the stream would harvest first; for benchmarks)
         .state_dict() -> flat dict of torch.Tensor and JSON-able values;  .load_state_dict(state)
         .describe() -> provenance dict for the SAE's cfg.json metadata
 
 Each epoch visits the corpus in a seeded permutation; rank r of `world_size` takes every
-`world_size`-th item of it, so data-parallel processes harvest disjoint data. The rank's items are
-processed in pools of `pool_size`: a pool is tokenised (FAST: one conversation per sequence; BT(F)/BT(P):
+`world_size`-th item of it, so data-parallel processes harvest disjoint data (shards differ by at most
+one record: keep `max_epochs=None` and stop on a token count, so every rank takes the same steps).
+The rank's items are processed in pools of `pool_size`: a pool is tokenised (FAST: one conversation per sequence; BT(F)/BT(P):
 concatenated into `block_len` blocks, the remainder carried into the next pool), length-bucketed into
 batches of at most `token_budget` padded tokens, and the batch order is shuffled. Harvested residuals go
 into the mixing buffer, which hands out shuffled rows. The stream is infinite (a new permutation per
@@ -62,10 +64,10 @@ class StreamConfig:
     method: str = "fast"
     batch_size: int = 4096
     buffer_tokens: int = 65536
-    token_budget: int = 8192
+    token_budget: int = 4096
     max_len: int = 8192
     block_len: int = 2048
-    pool_size: int = 256
+    pool_size: int = 2048
     exclude_first_token: bool = False
     max_norm_multiple: float | None = None
     seed: int = 0
@@ -203,24 +205,44 @@ class ActivationStream:
             self._order = (self.epoch, self.shard_indices(self.epoch))
         return self._order[1]
 
-    def _build_pool(self) -> list[Batch]:
+    def _pool_batches(self, epoch: int, pool: int, carry_in: list[int]) -> tuple[list[Batch], list[int]]:
+        """The bucketed batches of one pool and the BT remainder carried to the next pool."""
         cfg = self.config
-        items = [
-            self.corpus[i]
-            for i in self._epoch_order()[self.pool * cfg.pool_size : (self.pool + 1) * cfg.pool_size]
-        ]
+        order = self._epoch_order() if epoch == self.epoch else self.shard_indices(epoch)
+        items = [self.corpus[i] for i in order[pool * cfg.pool_size : (pool + 1) * cfg.pool_size]]
         if cfg.method == "fast":
-            sequences, self._carry_out = fast_sequences(items, self.tokenizer, cfg.max_len), []
+            sequences, carry_out = fast_sequences(items, self.tokenizer, cfg.max_len), []
         else:
             token_lists = (
                 render_conversations(self.tokenizer, items)
                 if cfg.method == "bt-f"
                 else text_token_lists(items, self.tokenizer)
             )
-            sequences, self._carry_out = pack_blocks(token_lists, cfg.block_len, self.carry_in)
-        return bucket_batches(
-            sequences, cfg.token_budget, self.pad_id, seed=f"{cfg.seed}:{self.epoch}:{self.pool}"
-        )
+            sequences, carry_out = pack_blocks(token_lists, cfg.block_len, carry_in)
+        batches = bucket_batches(sequences, cfg.token_budget, self.pad_id, seed=f"{cfg.seed}:{epoch}:{pool}")
+        return batches, carry_out
+
+    def _build_pool(self) -> list[Batch]:
+        batches, self._carry_out = self._pool_batches(self.epoch, self.pool, self.carry_in)
+        return batches
+
+    def sample_batches(self, n_tokens: int) -> list[Batch]:
+        """The first token batches of epoch 0 (as the stream harvests them), until `n_tokens` real tokens.
+
+        For benchmarks (`harvest_throughput`); harvests nothing and leaves the stream's position alone.
+        """
+        out: list[Batch] = []
+        pool, carry, total = 0, [], 0
+        n_pools = -(-len(self.shard_indices(0)) // self.config.pool_size)
+        while total < n_tokens and pool < n_pools:
+            batches, carry = self._pool_batches(0, pool, carry)
+            for batch in batches:
+                out.append(batch)
+                total += batch.n_tokens
+                if total >= n_tokens:
+                    break
+            pool += 1
+        return out
 
     def _next_pool(self) -> None:
         self.pool, self.batch_pos, self.carry_in = self.pool + 1, 0, self._carry_out
@@ -261,7 +283,7 @@ class ActivationStream:
 
     def state_dict(self) -> dict[str, Any]:
         """Flat dict: torch.Tensor values (save with safetensors) and JSON-able values (save as JSON)."""
-        buf = self.buffer.state_dict()
+        buf = self.buffer.state_dict()  # all tensors
         return {
             "config": {k: getattr(self.config, k) for k in _STATE_FIELDS},
             "corpus_size": len(self.corpus),
@@ -274,10 +296,7 @@ class ActivationStream:
             "stats": dict(self.stats),
             "carry_in": torch.tensor(self.carry_in, dtype=torch.long),
             "tail": self.tail.clone(),
-            "buffer_store": buf["store"],
-            "buffer_pending": buf["pending"],
-            "buffer_rng": buf["rng"],
-            "buffer_n_out": buf["n_out"],
+            **{f"buffer_{k}": v for k, v in buf.items()},
         }
 
     def _corpus_fingerprint(self) -> str:
@@ -308,13 +327,7 @@ class ActivationStream:
         self.carry_in = [int(t) for t in state["carry_in"].tolist()]
         self.tail = state["tail"].to(torch.float32).clone()
         self.buffer.load_state_dict(
-            {
-                "store": state["buffer_store"],
-                "pending": state["buffer_pending"],
-                "rng": state["buffer_rng"],
-                "n_out": state["buffer_n_out"],
-                "capacity": self.config.buffer_tokens,
-            }
+            {k.removeprefix("buffer_"): v for k, v in state.items() if k.startswith("buffer_")}
         )
         self._batches = None
 

@@ -9,9 +9,11 @@ Public API:
         .state_dict() / .load_state_dict(state)    tensors + ints, no pickle needed
 
 Memory is bounded: one preallocated [capacity, d_in] float32 store plus a pending tensor that holds what
-did not fit from the last push (at most one push). When the handed-out half is used up, the rows that
-remain in it stay in the store (nothing is lost), new activations fill the freed slots and the whole store
-is shuffled again. Every pushed row is handed out exactly once (by `pop` or `flush`).
+did not fit from the last push (at most one push). Shuffling permutes slot indices, never the rows, so
+there is no transient copy of the store: when the store is full a seeded permutation picks half of its
+slots to hand out (in that order); popped slots become free and the next pushes fill them. Slots of the
+handed-out half that are left over when a request cannot be served stay in the store and are mixed again
+with the refill. Every pushed row is handed out exactly once (by `pop` or `flush`).
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ class MixingBuffer:
             raise ValueError(f"buffer capacity must be at least 2 tokens, got {capacity}")
         self.capacity = capacity
         self.d_in = d_in
-        self.store = torch.empty(capacity, d_in, dtype=torch.float32)
-        self.filled = 0  # rows [0, filled) are valid
-        self.n_out = 0  # rows [filled - n_out, filled) are the shuffled half being handed out
+        self.store = torch.zeros(capacity, d_in, dtype=torch.float32)
+        self.free = torch.arange(capacity)  # empty slots, filled front first
+        self.out = torch.empty(0, dtype=torch.long)  # shuffled slots being handed out, popped from the end
         self.pending = torch.empty(0, d_in, dtype=torch.float32)
         self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def filled(self) -> int:
+        """Rows in the store."""
+        return self.capacity - len(self.free)
 
     def __len__(self) -> int:
         """Rows held (store and pending)."""
@@ -44,70 +51,63 @@ class MixingBuffer:
         x = x.detach().to(torch.float32)
         if len(self.pending):
             x = torch.cat([self.pending, x])
-        free = self.capacity - self.filled
-        take = min(free, len(x))
-        self.store[self.filled : self.filled + take] = x[:take]
-        self.filled += take
+        take = min(len(self.free), len(x))
+        self.store[self.free[:take]] = x[:take]
+        self.free = self.free[take:]
         self.pending = x[take:].clone()
 
     def can_pop(self, n: int) -> bool:
-        """Whether `pop(n)` can be served now (from the handed-out half, or after a re-shuffle of a full store)."""
+        """Whether `pop(n)` can be served now (from the handed-out half, or after re-mixing a full store)."""
         self._check_n(n)
-        if self.n_out >= n:
-            return True
-        return self.filled + len(self.pending) >= self.capacity
+        return len(self.out) >= n or len(self) >= self.capacity
 
     def pop(self, n: int) -> torch.Tensor:
-        """`n` rows from the shuffled half; re-shuffles a full store when the half is used up."""
+        """`n` rows from the shuffled half; re-mixes a full store when the half is used up."""
         if not self.can_pop(n):
             raise RuntimeError(
                 f"buffer cannot serve {n} rows: push more activations first (holds {len(self)})"
             )
-        if self.n_out < n:
-            self.n_out = 0  # leftovers of the old half stay in the store and are mixed again
-            self.push(self.pending[:0])  # move pending rows into the freed slots
-            self._shuffle()
-            self.n_out = self.capacity // 2
-        out = self.store[self.filled - n : self.filled].clone()
-        self.filled -= n
-        self.n_out -= n
-        return out
+        if len(self.out) < n:
+            self.push(self.pending[:0])  # move pending rows into the free slots: the store is now full
+            perm = torch.randperm(self.capacity, generator=self.generator)
+            self.out = perm[: self.capacity // 2]
+        slots, self.out = self.out[-n:], self.out[:-n]
+        self.free = torch.cat([self.free, slots])
+        return self.store[slots]
 
     def flush(self) -> torch.Tensor:
         """Everything left (store and pending), shuffled; the buffer is empty afterwards."""
-        rows = torch.cat([self.store[: self.filled], self.pending])
+        used = torch.ones(self.capacity, dtype=torch.bool)
+        used[self.free] = False
+        rows = torch.cat([self.store[used], self.pending])
         rows = rows[torch.randperm(len(rows), generator=self.generator)]
-        self.filled, self.n_out = 0, 0
+        self.free, self.out = torch.arange(self.capacity), self.out[:0]
         self.pending = self.pending[:0]
         return rows
-
-    def _shuffle(self) -> None:
-        perm = torch.randperm(self.filled, generator=self.generator)
-        self.store[: self.filled] = self.store[: self.filled][perm]
 
     def _check_n(self, n: int) -> None:
         if not 0 < n <= self.capacity // 2:
             raise ValueError(f"can only pop 1..{self.capacity // 2} rows (half the buffer), asked for {n}")
 
     def state_dict(self) -> dict:
-        """Contents, positions and generator state: tensors and ints only."""
+        """Contents, slot bookkeeping and generator state: tensors and ints only."""
         return {
-            "store": self.store[: self.filled].clone(),
+            "store": self.store.clone(),
+            "free": self.free.clone(),
+            "out": self.out.clone(),
             "pending": self.pending.clone(),
-            "n_out": self.n_out,
-            "capacity": self.capacity,
             "rng": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()` taken from a buffer of the same capacity and width."""
-        if int(state["capacity"]) != self.capacity or state["store"].shape[1:] != (self.d_in,):
+        if tuple(state["store"].shape) != (self.capacity, self.d_in):
             raise ValueError(
-                f"buffer state is for capacity {state['capacity']} x {tuple(state['store'].shape[1:])}, "
-                f"this buffer is {self.capacity} x ({self.d_in},)"
+                f"buffer state holds {tuple(state['store'].shape)} rows x width, "
+                f"this buffer is ({self.capacity}, {self.d_in})"
             )
-        self.filled = len(state["store"])
-        self.store[: self.filled] = state["store"]
+        self.store.copy_(state["store"])
+        self.free = state["free"].to(torch.long).clone()
+        self.out = state["out"].to(torch.long).clone()
         self.pending = state["pending"].to(torch.float32).clone()
-        self.n_out = int(state["n_out"])
         self.generator.set_state(state["rng"])

@@ -90,6 +90,13 @@ class Objective(nn.Module):
     def forward(self, x: torch.Tensor, coefficient: float, dead_mask: torch.Tensor | None) -> LossOutput:
         raise NotImplementedError
 
+    def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations; one fused `addmm` in the plain training set-up (no input normalisation or b_dec)."""
+        cfg = self.sae.cfg
+        if cfg.normalize_activations == "none" and not cfg.apply_b_dec_to_input and x.dtype == self.sae.dtype:
+            return torch.addmm(self.sae.b_enc, x, self.sae.W_enc)
+        return self.sae.hidden_pre(x)
+
     def sync_to_sae(self) -> None:
         """Write training-only parameters into the inference SAE (e.g. `threshold = exp(log_threshold)`)."""
 
@@ -98,11 +105,11 @@ class StandardObjective(Objective):
     def forward(
         self, x: torch.Tensor, coefficient: float, dead_mask: torch.Tensor | None = None
     ) -> LossOutput:
-        feature_acts = torch.relu(self.sae.hidden_pre(x))
+        feature_acts = torch.relu(self.hidden_pre(x))
         sae_out = self.sae.decode(feature_acts)
         mse = mse_loss(sae_out, x)
-        weighted = feature_acts.float() * self.sae.W_dec.norm(dim=1)
-        penalty = coefficient * weighted.sum(dim=-1).mean()
+        # mean over tokens of sum_j f_j ||W_dec[j]||, as one reduction over the batch
+        penalty = coefficient * (feature_acts.float().sum(dim=0) @ self.sae.W_dec.norm(dim=1)) / x.shape[0]
         return LossOutput(mse + penalty, mse, penalty, feature_acts)
 
 
@@ -120,7 +127,7 @@ class JumpReLUObjective(Objective):
     def forward(
         self, x: torch.Tensor, coefficient: float, dead_mask: torch.Tensor | None = None
     ) -> LossOutput:
-        hidden_pre = self.sae.hidden_pre(x)
+        hidden_pre = self.hidden_pre(x)
         threshold = self.log_threshold.exp()
         bw = self.spec.jumprelu_bandwidth
         feature_acts = JumpReLUFn.apply(hidden_pre, threshold, bw)
@@ -139,7 +146,7 @@ class TopKObjective(Objective):
     def forward(
         self, x: torch.Tensor, coefficient: float, dead_mask: torch.Tensor | None = None
     ) -> LossOutput:
-        hidden_pre = self.sae.hidden_pre(x)
+        hidden_pre = self.hidden_pre(x)
         feature_acts = self.sae.activation(hidden_pre)
         sae_out = self.sae.decode(feature_acts)
         mse = mse_loss(sae_out, x)

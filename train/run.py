@@ -32,7 +32,7 @@ class DataSpec:
     held_out_fraction: float = 0.05
     buffer_tokens: int = 65536
     token_budget: int = 8192
-    max_len: int = 8192
+    max_len: int | None = None  # FAST truncation; None: 8192, or the model's context if shorter
     block_len: int = 2048
     exclude_first_token: bool = False
     max_norm_multiple: float | None = None
@@ -69,6 +69,9 @@ def train_run(
         corpus = load_conversations(data.data, split="train", held_out_fraction=data.held_out_fraction)
     if len(corpus) == 0:
         raise ValueError(f"no training records found in {corpus.sources}")
+    text_cfg = model.config.get_text_config()
+    context = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None) or 8192
+    max_len = data.max_len or min(8192, context)
     stream = ActivationStream(
         model,
         tok,
@@ -79,7 +82,7 @@ def train_run(
             batch_size=cfg.batch_size // dist.world_size,
             buffer_tokens=data.buffer_tokens,
             token_budget=data.token_budget,
-            max_len=data.max_len,
+            max_len=max_len,
             block_len=data.block_len,
             exclude_first_token=data.exclude_first_token,
             max_norm_multiple=data.max_norm_multiple,
@@ -93,7 +96,7 @@ def train_run(
     metadata = sae_metadata(
         model_name=data.model,
         layer=data.layer,
-        context_size=data.max_len if data.method == "fast" else data.block_len,
+        context_size=max_len if data.method == "fast" else data.block_len,
         dataset_path=",".join(map(str, data.pretrain_data if data.method == "bt-p" else data.data)),
         **extra,
         held_out_fraction=data.held_out_fraction,

@@ -57,7 +57,7 @@ def render_conversations(
     if not conversations:
         return []
     texts = tokenizer.apply_chat_template(list(conversations), tokenize=False)
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 def render_conversation(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> list[int]:
@@ -80,7 +80,7 @@ def text_token_lists(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -
         raise ValueError("BT(P) separates documents with the eos token, but the tokenizer has none")
     if not texts:
         return []
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     return [list(t) + [tokenizer.eos_token_id] for t in ids]
 
 

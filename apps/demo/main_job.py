@@ -17,9 +17,10 @@ from pathlib import Path
 
 import click
 
-from apps.demo.backend import DemoSAE, TopFeature
+from apps.demo.backend import DemoBackend, DemoSAE, TopFeature
 from apps.demo.edits import EditRow
 from apps.demo.loading import FEATURES_FILE, read_top_features, save_top_features, top_features
+from apps.demo.settings import DemoLimits
 from hub.cache import cache_dir, hub_reachable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -236,6 +237,21 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
         seconds=time.perf_counter() - start,
     )
     return job, demo_sae, spread(held_out, cfg.sample_conversations)
+
+
+def build_main_backend(cfg: MainJobConfig, demo_sae: DemoSAE, sample: list, limits: DemoLimits | None = None):
+    """The demo backend of the main job: the float32 model, its SAE, and the strongest special-token
+    features preselected as `add` edits at special positions, with the layer's typical residual norm
+    as strength."""
+    from hub import load_model
+
+    model, tok = load_model(cfg.model)
+    backend = DemoBackend(
+        model, tok, [demo_sae], model_ref=cfg.model, limits=limits, sample_conversations=sample
+    )
+    rows = preselected_edits(demo_sae.top_features, cfg.preselect, backend.default_sae.residual_norm)
+    backend.preselect = backend.check_rows(None, rows)
+    return backend
 
 
 def load_model_source(ref: str, model) -> str:

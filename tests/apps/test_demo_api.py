@@ -132,7 +132,19 @@ def test_second_turn_keeps_each_panes_history(server):
     )
     plain, steered = (to_conversation(pane) for pane in first[1:3])
     second = client.predict(
-        "And then?", first[1], first[2], [], "tiny-sae", _table(rows), 0, 1.0, 6, 0, False, "", api_name="/send"
+        "And then?",
+        first[1],
+        first[2],
+        [],
+        "tiny-sae",
+        _table(rows),
+        0,
+        1.0,
+        6,
+        0,
+        False,
+        "",
+        api_name="/send",
     )
     plain2, steered2 = (to_conversation(pane) for pane in second[1:3])
     assert [m["role"] for m in plain2] == ["user", "assistant"] * 2
@@ -175,8 +187,11 @@ def test_bad_input_gives_clear_errors(server, tmp_path):
     limit = backend.max_strength(backend.default_sae)
     with pytest.raises(AppError, match=f"unknown feature id {D_SAE}"):
         client.predict(EMPTY_TABLE, "tiny-sae", D_SAE, "add", 0.5, "special", api_name="/add_edit")
-    with pytest.raises(AppError, match="strength .* is out of range"):
+    with pytest.raises(AppError, match="greater than maximum"):  # the slider's own bound
         client.predict(EMPTY_TABLE, "tiny-sae", 3, "add", limit * 10, "special", api_name="/add_edit")
+    too_strong = _table([EditRow(3, "add", limit * 10, "special")])
+    with pytest.raises(AppError, match=f"row 1: strength {limit * 10} is out of range"):
+        client.predict("Hi", [], [], [], "tiny-sae", too_strong, 0, 1.0, 6, 0, False, "", api_name="/send")
     with pytest.raises(AppError, match="max new tokens must be between 1 and 24"):
         client.predict(messages=[], message="Hi", max_new_tokens=500, api_name="/generate")
     with pytest.raises(AppError, match="type a message first"):
@@ -197,10 +212,11 @@ def test_lookup_feature_renders_contexts_and_token_view(server):
     backend, client = server
     feature = backend.default_sae.top_features[0].feature
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"}]
-    contexts, tokens = client.predict("tiny-sae", feature, history, api_name="/lookup_feature")
+    as_chatbot = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in history]
+    contexts, tokens = client.predict("tiny-sae", feature, as_chatbot, api_name="/lookup_feature")
     assert f"Top contexts of feature {feature}" in contexts
     assert "fs-special" in tokens  # special tokens are marked
-    assert tokens.count("class='fs-tok") == len(
+    assert tokens.count("<span class='fs-tok") == len(
         backend.tokenizer.apply_chat_template(history, tokenize=True, return_dict=True)["input_ids"]
     )
 

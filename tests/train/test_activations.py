@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import PRETRAIN_DATA, build_tiny_model, read_conversations
 from train.activations import ActivationStream, StreamConfig
 from train.data import Corpus, load_texts
+from train.harvest import harvest_throughput
 from train.sequences import fast_sequences
 
 LAYER = 1
@@ -111,6 +112,19 @@ def test_describe_records_provenance(llama):
     json.dumps(info)
     bt = ActivationStream(model, tok, _chat_corpus(), StreamConfig(**{**SMALL, "method": "bt-f"})).describe()
     assert bt["method"] == "BT(F)" and bt["block_len"] == 128 and "max_len" not in bt
+
+
+def test_sample_batches_for_benchmarks(llama):
+    model, tok = llama
+    stream = ActivationStream(model, tok, _chat_corpus(), StreamConfig(**SMALL))
+    batches = stream.sample_batches(2000)
+    assert sum(b.n_tokens for b in batches) >= 2000 and all(b.n_padded <= 1024 for b in batches)
+    assert [b.input_ids.tolist() for b in stream.sample_batches(2000)] == [
+        b.input_ids.tolist() for b in batches
+    ]
+    assert (stream.epoch, stream.pool, stream.batch_pos, stream.stats["forward_batches"]) == (0, 0, 0, 0)
+    report = harvest_throughput(model, batches, LAYER, repeats=1)
+    assert report["real_tokens"] == sum(b.n_tokens for b in batches)
 
 
 def test_bad_configuration_is_rejected(llama):

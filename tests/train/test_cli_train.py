@@ -56,7 +56,7 @@ def test_sweep_then_eval_with_plots(tiny_setup, tmp_path, one_thread):
                                                              "--expansion", "2", "--l1", "1", "--l1", "3"])  # fmt: skip
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     names = sorted(Path(p).name for p in report["sae_dirs"])
     assert names == ["standard-x2-l1_1", "standard-x2-l1_3", "topk-x2-k8"]
     assert report["tokens"] == 4096 and report["peak_memory_mib"] > 0
@@ -107,7 +107,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_setup, tmp_path, one_thr
 
     res = CliRunner().invoke(main, _train_args(model, data, killed, extra=[*extra, "--resume"]))
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["resumed_from_step"] >= step
+    assert json.loads(res.stdout)["resumed_from_step"] >= step
     full = tmp_path / "full"
     res = CliRunner().invoke(main, _train_args(model, data, full, extra=extra))
     assert res.exit_code == 0, res.output
