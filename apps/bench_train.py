@@ -122,7 +122,9 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         "model": sum(p.numel() * p.element_size() for p in model.parameters()) / mib,
         "saes_params_grads_adam": 4 * (2 * d_sae * acts.shape[1] + d_sae + acts.shape[1]) * 4 / mib,
         "buffer": buffer_tokens * acts.shape[1] * 4 * 1.5 / mib,  # store + pending refill
-        "step_activations": 4 * batch_size * d_sae * 4 / mib,
+        "step_activations": 4 * batch_size * d_sae * 4 / mib,  # feature acts + 3 gradients of [batch, d_sae]
+        # one bf16 harvesting forward of 8192 padded tokens: residual, attention and MLP transients
+        "lm_forward": 8192 * (4 * acts.shape[1] + 3 * model.config.get_text_config().intermediate_size) * 2 / mib,
         "bench_activations": acts.numel() * 4 / mib,
     }
     estimate = sum(est.values())

@@ -109,7 +109,8 @@ class StandardObjective(Objective):
         sae_out = self.sae.decode(feature_acts)
         mse = mse_loss(sae_out, x)
         # mean over tokens of sum_j f_j ||W_dec[j]||, as one reduction over the batch
-        penalty = coefficient * (feature_acts.float().sum(dim=0) @ self.sae.W_dec.norm(dim=1)) / x.shape[0]
+        norms = self.sae.W_dec.norm(dim=1)
+        penalty = coefficient * (feature_acts.sum(dim=0, dtype=norms.dtype) @ norms) / x.shape[0]
         return LossOutput(mse + penalty, mse, penalty, feature_acts)
 
 

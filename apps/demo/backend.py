@@ -235,7 +235,8 @@ class DemoBackend:
                 TokenActivation(self.tokenizer.decode([ids[j]]), float(acts[j]), s.sample.special[i][j])
                 for j in range(lo, hi)
             ]
-            items.append(render_token_html(tokens, feature, title=f"max {value:.3f} at token {pos}"))
+            title = f"conversation {i}: {value:.3f} at token {pos}"
+            items.append(render_token_html(tokens, feature, title=title, legend=False))
         if not items:
             return f"<em>Feature {feature} does not fire on the {len(s.sample.residuals)} sample conversations.</em>"
         return f"<div class='fs-contexts'><b>Top contexts of feature {feature}</b>{''.join(items)}</div>"

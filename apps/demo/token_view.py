@@ -15,7 +15,9 @@ class TokenActivation:
     special: bool
 
 
-def render_token_html(tokens: list[TokenActivation], feature: int, title: str = "") -> str:
+def render_token_html(
+    tokens: list[TokenActivation], feature: int, title: str = "", legend: bool = True
+) -> str:
     """HTML with one span per token: background opacity = activation / max activation.
 
     The first token is left out of the scale (its residual norm is often ~100x the rest), special
@@ -36,10 +38,14 @@ def render_token_html(tokens: list[TokenActivation], feature: int, title: str = 
         )
     active = sum(t.activation > 0 for t in tokens)
     head = html.escape(title) if title else f"feature {feature}"
+    if legend:
+        head += (
+            f": active on {active} of {len(tokens)} tokens, max {top:.3f} "
+            "(first token excluded from the colour scale); dashed = special/role token"
+        )
     return (
         "<div class='fs-tokens'>"
-        f"<div class='fs-tokens-head'>{head}: active on {active} of {len(tokens)} tokens, "
-        f"max {top:.3f} (first token excluded from the colour scale); dashed = special/role token</div>"
+        f"<div class='fs-tokens-head'>{head}</div>"
         "<div class='fs-tokens-body' style='font-family: monospace; line-height: 1.9; white-space: pre-wrap'>"
         + "".join(spans)
         + "</div></div>"

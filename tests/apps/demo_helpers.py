@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 
 from apps.demo import DemoBackend, DemoLimits, EditRow, build_app, launch_app
@@ -13,6 +14,11 @@ from hub import save_sae
 from steer.sae import SAEConfig, build_sae
 from tests.conftest import build_tiny_model, read_conversations
 
+# Gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix.
+GRADIO_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
 LAYER = 2
 D_SAE = 256
 

@@ -17,7 +17,9 @@ from apps.demo.loading import load_demo_sae  # noqa: E402
 from hub import save_sae  # noqa: E402
 from steer.sae import SAEConfig, build_sae  # noqa: E402
 from steer.spec import Intervention, load_interventions  # noqa: E402
-from tests.apps.demo_helpers import D_SAE, LAYER, serve, tiny_backend  # noqa: E402
+from tests.apps.demo_helpers import D_SAE, GRADIO_WARNINGS, LAYER, serve, tiny_backend  # noqa: E402
+
+pytestmark = GRADIO_WARNINGS
 
 EMPTY_TABLE = {"headers": ["feature", "op", "strength", "positions"], "data": []}
 

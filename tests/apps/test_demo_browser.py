@@ -12,9 +12,9 @@ pytest.importorskip("gradio")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 from steer.spec import Intervention  # noqa: E402
-from tests.apps.demo_helpers import LAYER, serve, tiny_backend  # noqa: E402
+from tests.apps.demo_helpers import GRADIO_WARNINGS, LAYER, serve, tiny_backend  # noqa: E402
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, *GRADIO_WARNINGS]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

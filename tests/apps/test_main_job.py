@@ -14,10 +14,11 @@ from tests.conftest import CHAT_DATA
 
 pytestmark = pytest.mark.integration
 
-TINY = ["--tokens", "2048", "--batch-size", "1024", "--expansion", "2", "--conversations", "4"]
+DATA = CHAT_DATA / "taskmaster4_coffee.jsonl"  # a small file: the job loads it three times
+TINY = ["--data", str(DATA), "--tokens", "2048", "--batch-size", "1024", "--expansion", "2", "--conversations", "4"]
 
 
-@pytest.mark.skipif(not CHAT_DATA.is_dir(), reason="needs the shared chat data")
+@pytest.mark.skipif(not DATA.is_file(), reason="needs the shared chat data")
 def test_main_job_trains_then_reuses_the_cached_sae(tmp_path):
     result = CliRunner().invoke(main, ["run", "--no-demo", "--cache-dir", str(tmp_path), *TINY])
     assert result.exit_code == 0, result.output
@@ -34,6 +35,7 @@ def test_main_job_trains_then_reuses_the_cached_sae(tmp_path):
 
     # Second run, same settings, from Python: nothing is retrained or recomputed.
     cfg = MainJobConfig(
+        data=str(DATA),
         tokens=2048,
         batch_size=1024,
         expansion=2,
