@@ -107,8 +107,9 @@ def demo_command(
     from train.data import load_conversations
 
     try:
+        refs = [parse_sae_arg(arg) for arg in sae_args]
         model, tok = load_model(model_ref)
-        saes = [load_demo_sae(parse_sae_arg(arg), model) for arg in sae_args]
+        saes = [load_demo_sae(ref, model) for ref in refs]
         source = resolve_data(data)
         sample = spread(load_conversations(source, split="held_out").items, conversations)
         for s in saes:

@@ -209,6 +209,7 @@ class SAETrainer:
                         "coefficient": torch.tensor(coefficient),
                     }
                 )
+            del res  # free this SAE's activations before the next SAE's forward
         self.step += 1
         self.tokens += n_global
         return out

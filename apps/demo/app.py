@@ -70,6 +70,7 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
         preselect[0].feature if preselect else (first.top_features[0].feature if first.top_features else 0)
     )
     max_strength = backend.max_strength(first)
+    start = preselect[0] if preselect else EditRow(start_feature, "add", 0.0, "special")
 
     def strength_label(name: str | None) -> str:
         s = backend.sae(name)
@@ -118,11 +119,14 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
                         )
                         seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="seed")
                     with gr.Row():
-                        show_baseline = gr.Checkbox(label="Show prompt-only baseline pane", value=False)
+                        show_baseline = gr.Checkbox(
+                            label="Show prompt-only baseline pane", value=False, elem_id="show-baseline"
+                        )
                         system_prompt = gr.Textbox(
                             label="System prompt for the baseline pane",
                             placeholder="e.g. Talk like a pirate.",
                             scale=3,
+                            elem_id="system-prompt",
                         )
                 token_view = gr.HTML(label="Token view", elem_id="token-view")
             with gr.Column(scale=2):
@@ -144,16 +148,18 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
                         value=start_feature, precision=0, label="feature id", elem_id="feature-id"
                     )
                     lookup_btn = gr.Button("Look up", elem_id="lookup")
-                op = gr.Radio(list(OPS), value="add", label="op", elem_id="op")
+                op = gr.Radio(list(OPS), value=start.op, label="op", elem_id="op")
                 strength = gr.Slider(
                     -max_strength,
                     max_strength,
-                    value=0.0,
+                    value=start.strength,
                     step=0.1,
                     label=strength_label(first.name),
                     elem_id="strength",
                 )
-                positions = gr.Radio(list(POSITIONS), value="special", label="positions", elem_id="positions")
+                positions = gr.Radio(
+                    list(POSITIONS), value=start.positions, label="positions", elem_id="positions"
+                )
                 with gr.Row():
                     add_btn = gr.Button("Add / update edit", variant="secondary", elem_id="add-edit")
                     clear_edits_btn = gr.Button("Remove all edits", elem_id="clear-edits")

@@ -239,3 +239,13 @@ def test_sae_that_does_not_fit_is_refused(chatml_tokenizer, tmp_path):
     save_sae(deep, tmp_path / "deep")
     with pytest.raises(ValueError, match="layer 9 is outside the model's 4 layers"):
         load_demo_sae(str(tmp_path / "deep"), model)
+
+
+def test_demo_command_rejects_a_missing_sae_before_loading_anything(tmp_path):
+    from click.testing import CliRunner
+
+    from apps.cli import main
+
+    result = CliRunner().invoke(main, ["demo", "--sae", str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert "neither an existing folder nor a Hub reference" in result.output
