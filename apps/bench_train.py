@@ -116,6 +116,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     sae_rate = statistics.median(sae_rates)
     limit = 1.0 / (1.0 / fwd["bare_tokens_per_s"] + 1.0 / sae_rate)
     d_sae = acts.shape[1] * expansion
+    inter = model.config.get_text_config().intermediate_size
     mib = 2**20
     est = {
         "runtime_baseline": base_rss,
@@ -124,7 +125,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         "buffer": buffer_tokens * acts.shape[1] * 4 * 1.5 / mib,  # store + pending refill
         "step_activations": 4 * batch_size * d_sae * 4 / mib,  # feature acts + 3 gradients of [batch, d_sae]
         # one bf16 harvesting forward of 8192 padded tokens: residual, attention and MLP transients
-        "lm_forward": 8192 * (4 * acts.shape[1] + 3 * model.config.get_text_config().intermediate_size) * 2 / mib,
+        "lm_forward": 8192 * (4 * acts.shape[1] + 3 * inter) * 2 / mib,
         "bench_activations": acts.numel() * 4 / mib,
     }
     estimate = sum(est.values())
