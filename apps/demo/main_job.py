@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import click
@@ -27,6 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_CHAT = REPO_ROOT.parent / "shared" / "data" / "chat"
 HUB_CHAT_DATASET = "HuggingFaceTB/everyday-conversations-llama3.1-2k:train_sft"
 CACHE_VERSION = 1
+# The settings that change the trained SAE, hashed into its cache folder's name.
+TRAINING_KEYS = ("model", "layer", "tokens", "arch", "expansion", "batch_size", "seed", "exclude_first_token")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class MainJobConfig:
     sample_conversations: int = 16
     features_per_token: int = 5
     preselect: int = 1  # top features preselected in the demo (0 = none)
+    preselect_strength: float = 2.0  # their `add` strength, in units of the layer's typical residual norm
     cache: Path | None = None  # None: <fast-steer cache>/main-job
 
     def __post_init__(self) -> None:
@@ -64,6 +67,10 @@ class MainJobConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.preselect < 0:
             raise ValueError(f"preselect must be >= 0, got {self.preselect}")
+        if not 0 <= self.preselect_strength <= 4:
+            raise ValueError(
+                f"preselect_strength must be between 0 and 4 residual norms, got {self.preselect_strength}"
+            )
 
 
 @dataclass
@@ -92,21 +99,8 @@ def resolve_data(data: str | None) -> str:
 
 
 def job_dir(cfg: MainJobConfig, model_source: str, data: str) -> Path:
-    """The cache folder of this configuration."""
-    settings = {
-        k: v
-        for k, v in asdict(cfg).items()
-        if k
-        not in (
-            "cache",
-            "eval_conversations",
-            "feature_conversations",
-            "sample_conversations",
-            "features_per_token",
-            "preselect",
-            "data",
-        )
-    }
+    """The cache folder of the SAE these settings train (evaluation and features are cached beside it)."""
+    settings = {k: getattr(cfg, k) for k in TRAINING_KEYS}
     settings.update(model_source=model_source, data=data, version=CACHE_VERSION)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = cfg.cache or cache_dir() / "main-job"
@@ -241,15 +235,16 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
 
 def build_main_backend(cfg: MainJobConfig, demo_sae: DemoSAE, sample: list, limits: DemoLimits | None = None):
     """The demo backend of the main job: the float32 model, its SAE, and the strongest special-token
-    features preselected as `add` edits at special positions, with the layer's typical residual norm
-    as strength."""
+    features preselected as `add` edits at special positions, `cfg.preselect_strength` times the
+    layer's typical residual norm strong."""
     from hub import load_model
 
     model, tok = load_model(cfg.model)
     backend = DemoBackend(
         model, tok, [demo_sae], model_ref=cfg.model, limits=limits, sample_conversations=sample
     )
-    rows = preselected_edits(demo_sae.top_features, cfg.preselect, backend.default_sae.residual_norm)
+    strength = cfg.preselect_strength * backend.default_sae.residual_norm
+    rows = preselected_edits(demo_sae.top_features, cfg.preselect, strength)
     backend.preselect = backend.check_rows(None, rows)
     return backend
 

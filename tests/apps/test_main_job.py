@@ -15,7 +15,18 @@ from tests.conftest import CHAT_DATA
 pytestmark = pytest.mark.integration
 
 DATA = CHAT_DATA / "taskmaster4_coffee.jsonl"  # a small file: the job loads it three times
-TINY = ["--data", str(DATA), "--tokens", "2048", "--batch-size", "1024", "--expansion", "2", "--conversations", "4"]
+TINY = [
+    "--data",
+    str(DATA),
+    "--tokens",
+    "2048",
+    "--batch-size",
+    "1024",
+    "--expansion",
+    "2",
+    "--conversations",
+    "4",
+]
 
 
 @pytest.mark.skipif(not DATA.is_file(), reason="needs the shared chat data")
@@ -63,5 +74,5 @@ def test_main_job_trains_then_reuses_the_cached_sae(tmp_path):
     assert [(r.feature, r.op, r.positions) for r in backend.preselect] == [
         (strongest.feature, "add", "special")
     ]
-    assert backend.preselect[0].strength == pytest.approx(backend.default_sae.residual_norm, abs=0.05)
+    assert backend.preselect[0].strength == pytest.approx(2 * backend.default_sae.residual_norm, abs=0.05)
     assert backend.feature_rows(None)[0][1] == job.features[0].feature
