@@ -44,6 +44,9 @@ class EvalConfig:
     dense_threshold: float = 0.1
     extra_special_tokens: tuple[str | int, ...] = ()  # added to the template's special tokens for MSE_st
     lm_loss: bool = True
+    # Leave position 0 out of the headline metrics and the LM-loss splice (it is still reported under
+    # "first token"). None follows the SAE's training (`metadata.activations.exclude_first_token`).
+    exclude_first_token: bool | None = None
 
 
 @dataclass
@@ -86,8 +89,17 @@ class _Accumulator:
         b_dec: torch.Tensor,
         special: torch.Tensor,
         labels: list[str | None],
+        skip_first: bool = False,
     ) -> None:
         err = (recon - x).pow(2).mean(dim=-1)  # per token, per element
+        self.by_type[FIRST][0] += err[0].item()
+        self.by_type[FIRST][1] += 1
+        for e, label in zip(err[1:].tolist(), labels[1:], strict=True):
+            key = label if label is not None else OTHER
+            self.by_type[key][0] += e
+            self.by_type[key][1] += 1
+        if skip_first:
+            x, recon, feats, special, err = x[1:], recon[1:], feats[1:], special[1:], err[1:]
         self.seq_mse.append(err.mean().item())
         if special.any():
             self.seq_mse_st.append(err[special].mean().item())
@@ -99,10 +111,6 @@ class _Accumulator:
         self.l0_sum += fired.sum().item()
         self.fired += fired.sum(dim=0)
         self.tokens += x.shape[0]
-        for pos, (e, label) in enumerate(zip(err.tolist(), labels, strict=True)):
-            key = FIRST if pos == 0 else (label if label is not None else OTHER)
-            self.by_type[key][0] += e
-            self.by_type[key][1] += 1
 
     def metrics(self, dense_threshold: float) -> dict[str, float]:
         sst = self.sum_sq - (self.sum_x.pow(2).sum().item() / self.tokens)
@@ -169,6 +177,9 @@ def evaluate_sae(
     if not conversations:
         raise ValueError("no held-out conversations to evaluate on")
     special = special or resolve_special_tokens(tokenizer, extra=cfg.extra_special_tokens)
+    skip_first = cfg.exclude_first_token
+    if skip_first is None:
+        skip_first = bool(sae.metadata.get("activations", {}).get("exclude_first_token", False))
     names = dict(special.names)
     seqs = fast_sequences(list(conversations)[: cfg.max_conversations], tokenizer, max_len=cfg.max_len)
     batches = bucket_batches(seqs, cfg.token_budget, tokenizer.pad_token_id, seed=None)
@@ -208,11 +219,20 @@ def evaluate_sae(
                 names.get(t) if m else None for t, m in zip(ids_row, st_mask[row, :n].tolist(), strict=True)
             ]
             acc.add_sequence(
-                x_all[row, :n], recon_all[row, :n], feats_all[row, :n], b_dec, st_mask[row, :n], labels
+                x_all[row, :n],
+                recon_all[row, :n],
+                feats_all[row, :n],
+                b_dec,
+                st_mask[row, :n],
+                labels,
+                skip_first=skip_first,
             )
         if cfg.lm_loss:
             ce, n_ce = _token_ce(logits, batch)
-            state["recon"], state["mask"] = recon_all.to(device), att.bool()
+            splice_mask = att.bool()
+            if skip_first:
+                splice_mask[:, 0] = False  # batches are right-padded: column 0 is each sequence's first token
+            state["recon"], state["mask"] = recon_all.to(device), splice_mask
             handle = layers[layer].register_forward_hook(splice)
             try:
                 spliced_logits = model(input_ids=ids, attention_mask=att).logits
@@ -234,7 +254,7 @@ def evaluate_sae(
         n_sequences=len(seqs),
         n_tokens=acc.tokens,
         layer=layer,
-        config=asdict(cfg),
+        config={**asdict(cfg), "exclude_first_token": skip_first},
     )
 
 
@@ -288,6 +308,8 @@ def format_table(result: EvalResult) -> str:
         ]
     width = max(len(name) for name, _ in rows)
     lines = [f"held-out: {result.n_sequences} conversations, {result.n_tokens} tokens, layer {result.layer}"]
+    if result.config.get("exclude_first_token"):
+        lines.append("first token of each conversation left out (as in training); see 'first token' below")
     lines += [f"{name:<{width}}  {value:>12.5g}" for name, value in rows]
     st = result.special_tokens
     lines.append(f"special-token set: {st['special_tokens']} + role names {st['role_tokens']}")

@@ -110,3 +110,24 @@ def test_bad_inputs_are_reported(setup):
         evaluate_sae(sae, model, tok, convs, LAYER, progress=False)
     with pytest.raises(ValueError, match="layer 9 out of range"):
         evaluate_sae(_exact_sae(64), model, tok, convs, 9, progress=False)
+
+
+def test_first_token_exclusion_follows_training_metadata(setup):
+    """An SAE trained without position 0 is scored without it, while 'first token' stays reported."""
+    model, tok, convs = setup
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="standard", d_in=64, d_sae=128))
+    cfg = EvalConfig(max_len=120, token_budget=300)
+    kept = evaluate_sae(sae, model, tok, convs, LAYER, cfg, progress=False)
+    sae.cfg.metadata["activations"] = {"exclude_first_token": True}
+    skipped = evaluate_sae(sae, model, tok, convs, LAYER, cfg, progress=False)
+    assert not kept.config["exclude_first_token"] and skipped.config["exclude_first_token"]
+    assert skipped.n_tokens == kept.n_tokens - len(convs)
+    assert skipped.mse_by_token_type["first token"] == kept.mse_by_token_type["first token"]
+    assert skipped.metrics["mse"] != pytest.approx(kept.metrics["mse"])
+    assert skipped.metrics["delta_lm_loss"] != pytest.approx(kept.metrics["delta_lm_loss"])
+    assert "left out (as in training)" in format_table(skipped)
+    forced = evaluate_sae(
+        sae, model, tok, convs, LAYER, EvalConfig(max_len=120, exclude_first_token=False), progress=False
+    )
+    assert forced.metrics["mse"] == pytest.approx(kept.metrics["mse"])
