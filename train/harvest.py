@@ -1,7 +1,7 @@
 """Residual-stream harvesting after decoder layer L, with a forward that stops after layer L.
 
 Public API:
-    decoder_layers(model) -> nn.ModuleList        (Llama/Qwen2 `model.layers`, GPT-2 `transformer.h`)
+    decoder_layers(model) -> nn.ModuleList        (re-exported from steer.hooks)
     hook_name(layer) -> "blocks.{L}.hook_resid_post"
     Harvester(model, layer, *, exclude_first_token=False, max_norm_multiple=None)
         .residuals(batch) -> Tensor [B, T, d] in the model's dtype
@@ -27,7 +27,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from steer.hooks import decoder_layers
 from train.sequences import Batch
+
+__all__ = ["Harvester", "decoder_layers", "harvest_throughput", "hook_name"]
 
 
 class _StopForward(Exception):
@@ -36,19 +39,6 @@ class _StopForward(Exception):
     def __init__(self, output: torch.Tensor):
         super().__init__("forward stopped after the harvested layer")
         self.output = output
-
-
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The decoder blocks of a Llama/Qwen2-style (`model.layers`) or GPT-2-style (`transformer.h`) model."""
-    base = model.base_model
-    for name in ("layers", "h"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: expected `model.layers` (Llama, Qwen2, ...) "
-        "or `transformer.h` (GPT-2)"
-    )
 
 
 def hook_name(layer: int) -> str:
