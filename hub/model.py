@@ -34,7 +34,9 @@ class LoadedModel:
         yield self.tokenizer
 
 
-def load_model(ref: str = "default", dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(
+    ref: str = "default", dtype: str | torch.dtype = "float32", device: str = "cpu"
+) -> LoadedModel:
     """Load `ref`: `"default"` (SmolLM2-135M-Instruct), a local folder, or a Hugging Face model id.
 
     `"default"` tries, in order: the converted copy in the fast-steer cache, the Hub id when the
@@ -74,8 +76,11 @@ def _routes(ref: str):
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         yield f"Hugging Face Hub ({ref})", lambda: _hub_id(ref)
         return
-    yield f"reference {ref!r}", lambda: _raise(
-        ValueError("expected 'default', an existing local folder, or a Hugging Face id 'owner/name'")
+    yield (
+        f"reference {ref!r}",
+        lambda: _raise(
+            ValueError("expected 'default', an existing local folder, or a Hugging Face id 'owner/name'")
+        ),
     )
 
 

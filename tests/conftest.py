@@ -73,13 +73,29 @@ def build_tiny_model(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 
     """A tiny randomly initialised causal LM of the given architecture, in eval mode."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False
+    )
     if arch == "llama":
-        cfg = LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, **common)
+        cfg = LlamaConfig(
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            **common,
+        )
     elif arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, **common)
+        cfg = Qwen2Config(
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            **common,
+        )
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=2048, **common)
     else:

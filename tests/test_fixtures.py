@@ -6,8 +6,14 @@ from tests.conftest import read_conversations
 
 
 def test_chatml_tokenizer_special_ids(chatml_tokenizer):
-    assert chatml_tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
-    ids = chatml_tokenizer.apply_chat_template(read_conversations(n=1)[0], tokenize=True, return_dict=True)["input_ids"]
+    assert chatml_tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        0,
+        1,
+        2,
+    ]
+    ids = chatml_tokenizer.apply_chat_template(read_conversations(n=1)[0], tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     assert ids[0] == 1 and 2 in ids
 
 

@@ -70,7 +70,9 @@ def train_run(
     if len(corpus) == 0:
         raise ValueError(f"no training records found in {corpus.sources}")
     text_cfg = model.config.get_text_config()
-    context = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None) or 8192
+    context = (
+        getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None) or 8192
+    )
     max_len = data.max_len or min(8192, context)
     stream = ActivationStream(
         model,
