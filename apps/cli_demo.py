@@ -153,7 +153,7 @@ def demo_command(
 @click.option("--arch", type=click.Choice(["standard", "jumprelu"]), default="standard", show_default=True)
 @click.option("--expansion", type=click.IntRange(1), default=8, show_default=True, help="d_sae / d_model.")
 @click.option(
-    "--batch-size", type=click.IntRange(1), default=4096, show_default=True, help="Tokens per step."
+    "--batch-size", type=click.IntRange(1), default=1024, show_default=True, help="Tokens per step."
 )
 @click.option(
     "--conversations",

@@ -142,7 +142,11 @@ def top_anchor_feature(
     report = discover_features(model, tokenizer, sae, layer, conversations, top_k=5, progress=progress)
     top = report.top(ANCHOR_TOKEN)
     if not top:
-        raise ValueError(f"no feature of the SAE fires on {ANCHOR_TOKEN} in the conversations given")
+        raise ValueError(
+            f"no feature of the SAE fires on {ANCHOR_TOKEN} outside position 0 in the {len(conversations)} "
+            "conversations given (it reconstructs those positions from b_dec alone); steer with another SAE "
+            "(--sae, e.g. the jumprelu one of the same run) or name a feature (--feature K)"
+        )
     return top[0].feature, top[0].mean_max_activation
 
 

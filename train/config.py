@@ -154,16 +154,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         checkpoint_every=10_000,
         log_every=100,
     ),
-    # A useful SAE on a 2-core CPU in minutes: big batches (throughput), a larger lr.
+    # A useful SAE on a 2-core CPU in minutes. Tuned on 380k FAST tokens of SmolLM2 layer 15 (first token
+    # excluded), held-out explained variance / L0 of a 576x4608 standard SAE: batch 4096, L1 5: 0.32 / 311;
+    # batch 1024, L1 5: 0.27 / 6 (20% dead); batch 1024, L1 2: 0.75 / 73 (none dead).
     "default": dict(
         total_tokens=1_000_000,
-        batch_size=4096,
+        batch_size=1024,
         lr=4e-4,
         lr_end=4e-5,
         lr_warmup_fraction=0.01,
         lr_decay_fraction=0.2,
         sparsity_warmup_fraction=0.05,
-        l1_coefficient=5.0,
+        l1_coefficient=2.0,
         l0_coefficient=0.01,
         dead_feature_window=200_000,
         checkpoint_every=50,

@@ -41,7 +41,7 @@ class MainJobConfig:
     tokens: int = 400_000
     arch: str = "standard"
     expansion: int = 8
-    batch_size: int = 4096
+    batch_size: int = 1024
     seed: int = 42
     exclude_first_token: bool = True  # its residual norm is ~100x the rest on SmolLM2; recorded in metadata
     eval_conversations: int = 48
