@@ -42,6 +42,12 @@ def experiment_group() -> None:
 @click.option("--expansion", type=int, default=8, show_default=True, help="d_sae / d_in.")
 @click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True)
 @click.option("--batch-size", type=int, help="Tokens per optimiser step.  [default: the preset's]")
+@click.option(
+    "--l1", "l1_coefficient", type=float, help="L1 coefficient of standard SAEs.  [default: the preset's]"
+)
+@click.option(
+    "--l0", "l0_coefficient", type=float, help="L0 coefficient of jumprelu SAEs.  [default: the preset's]"
+)
 @click.option("--buffer-tokens", type=int, default=65536, show_default=True, help="Mixing buffer size.")
 @click.option(
     "--max-len", type=int, default=8192, show_default=True, help="FAST truncation per conversation."
@@ -58,7 +64,7 @@ def experiment_group() -> None:
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def reproduce_command(model_ref, layer, tokens, out_dir, data, pretrain_data, methods, archs, expansion, preset,
-                      batch_size, buffer_tokens, max_len, held_out_fraction, eval_conversations, model_dtype, seed,
+                      batch_size, l1_coefficient, l0_coefficient, buffer_tokens, max_len, held_out_fraction, eval_conversations, model_dtype, seed,
                       quiet) -> None:  # fmt: skip
     """Train FAST, BT(F) and BT(P) SAEs with identical settings, evaluate them on the same held-out
     conversations, and write results.{json,md,png}. Finished runs are reused, unfinished ones resumed."""
@@ -78,6 +84,8 @@ def reproduce_command(model_ref, layer, tokens, out_dir, data, pretrain_data, me
             expansion=expansion,
             preset=preset,
             batch_size=batch_size,
+            l1_coefficient=l1_coefficient,
+            l0_coefficient=l0_coefficient,
             buffer_tokens=buffer_tokens,
             max_len=max_len,
             held_out_fraction=held_out_fraction,

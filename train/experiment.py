@@ -57,6 +57,8 @@ class ReproduceConfig:
     expansion: int = 8
     preset: str = "default"
     batch_size: int | None = None  # tokens per step; None = the preset's
+    l1_coefficient: float | None = None  # standard SAEs; None = the preset's
+    l0_coefficient: float | None = None  # jumprelu SAEs; None = the preset's
     buffer_tokens: int = 65536  # mixing buffer (at least 2 x batch size)
     max_len: int = 8192  # FAST truncation of a conversation
     model_dtype: str = "bfloat16"  # harvesting dtype (the SAEs train in float32)
@@ -88,7 +90,13 @@ class ReproduceConfig:
         """The one `TrainConfig` every method uses."""
         specs = [SAETrainSpec(arch=arch, expansion=self.expansion) for arch in self.archs]
         return preset_config(
-            self.preset, total_tokens=self.tokens, batch_size=self.batch_size, seed=self.seed, saes=specs
+            self.preset,
+            total_tokens=self.tokens,
+            batch_size=self.batch_size,
+            l1_coefficient=self.l1_coefficient,
+            l0_coefficient=self.l0_coefficient,
+            seed=self.seed,
+            saes=specs,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -96,6 +104,8 @@ class ReproduceConfig:
         out = asdict(self)
         out["out"] = str(self.out)
         out["methods"], out["archs"] = list(self.methods), list(self.archs)
+        # the resolved optimisation settings, so that a changed preset is noticed instead of retraining
+        out["train_config"] = json.loads(json.dumps(self.train_config().to_dict()))
         return out
 
 

@@ -106,7 +106,10 @@ def token_type_table(rows: list[ResultRow]) -> str:
         types += [t for t in row.extra.get("mse_by_token_type", {}) if t not in types]
     if not types:
         return ""
-    lines = ["| SAE | " + " | ".join(f"`{t}`" for t in types) + " |", "|---|" + "---|" * len(types)]
+    lines = [
+        "| SAE | " + " | ".join(f"`{t}`".replace("|", "\\|") for t in types) + " |",
+        "|---|" + "---|" * len(types),
+    ]
     for row in sort_rows(rows):
         by_type = row.extra.get("mse_by_token_type", {})
         lines.append(f"| {row.label} | " + " | ".join(_fmt(by_type.get(t), ".4g") for t in types) + " |")

@@ -109,6 +109,12 @@ def test_reproduce_refuses_other_settings_in_same_folder(tmp_path, tiny):
         reproduce(
             tiny_config(tmp_path, chat, pre, methods=("fast",), archs=("standard",)), *tiny, progress=False
         )
+    # a changed optimisation setting (e.g. a retuned preset) is caught too, instead of training new folders
+    changed = tiny_config(
+        tmp_path, chat, pre, methods=("fast",), archs=("standard",), tokens=256, l1_coefficient=3.0
+    )
+    with pytest.raises(ValueError, match="train_config: saved"):
+        reproduce(changed, *tiny, progress=False)
 
 
 def test_config_errors_are_specific(tmp_path):
