@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 demo: install model
 	$(VENV)/bin/fast-steer run
 
-test: install model $(TEST_STAMP) saelens-venv
+test: install model $(TEST_STAMP) saelens-venv lint
 	$(PY) -m pytest -q
 
 install: $(STAMP)
