@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from apps.cli_options import model_option
 from steer.spec import OPS, POSITION_MODES
 
 
@@ -35,13 +36,7 @@ class ChatOptions:
 
 @click.command("chat")
 @click.argument("prompt", required=False)
-@click.option(
-    "--model",
-    "model_ref",
-    default="default",
-    show_default=True,
-    help="Model: 'default', a folder or a Hub id.",
-)
+@model_option
 @click.option("--sae", "sae_source", help="SAE folder or Hub repo id (overrides the SAE of --spec).")
 @click.option("--sae-id", help="Sub-folder of --sae holding the SAE.")
 @click.option(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from apps.cli_options import model_option
+
 DEFAULT_PORT = 7860
 
 
@@ -53,13 +55,7 @@ def _start(backend, host: str, port: int) -> None:
 
 
 @click.command("demo")
-@click.option(
-    "--model",
-    "model_ref",
-    default="default",
-    show_default=True,
-    help="Model: 'default', a folder or a Hub id.",
-)
+@model_option
 @click.option(
     "--sae",
     "sae_args",
@@ -134,13 +130,7 @@ def demo_command(
 
 
 @click.command("run")
-@click.option(
-    "--model",
-    "model_ref",
-    default="default",
-    show_default=True,
-    help="Model: 'default', a folder or a Hub id.",
-)
+@model_option
 @click.option("--data", default=None, help="Chat data (default: ../shared/data/chat, else a Hub dataset).")
 @click.option(
     "--layer",

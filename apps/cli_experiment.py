@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from apps.cli_options import model_option
 from apps.cli_train import _Tokens
 
 
@@ -22,9 +23,7 @@ def experiment_group() -> None:
 
 
 @experiment_group.command("reproduce")
-@click.option(
-    "--model", "model_ref", default="default", show_default=True, help="'default', a folder or a Hub id."
-)
+@model_option
 @click.option(
     "--layer", type=int, default=15, show_default=True, help="Residual stream after decoder block L."
 )

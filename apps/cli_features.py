@@ -10,15 +10,15 @@ from pathlib import Path
 
 import click
 
+from apps.cli_options import model_option
+
 
 @click.command("features")
 @click.argument("sae_dir")
 @click.option(
     "--data", "data", required=True, multiple=True, help="Conversations: JSONL file(s), folder(s) or HF id."
 )
-@click.option(
-    "--model", "model_ref", default="default", show_default=True, help="Model reference for hub.load_model."
-)
+@model_option
 @click.option("--sae-id", default=None, help="Sub-folder of SAE_DIR (or of a Hub repo) holding the SAE.")
 @click.option(
     "--layer", type=int, default=None, help="Layer the SAE reads [default: from the SAE's metadata]."

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from apps.cli_options import model_option
+
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
 
 
@@ -61,9 +63,7 @@ def _dist_context():
 
 
 @click.command("train")
-@click.option(
-    "--model", "model_ref", default="default", show_default=True, help="'default', a folder or a Hub id."
-)
+@model_option
 @click.option("--data", multiple=True, type=click.Path(), help="Conversation files/folders (repeatable).")
 @click.option(
     "--pretrain-data", multiple=True, type=click.Path(), help="Pretraining text files/folders (bt-p)."
