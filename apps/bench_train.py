@@ -64,7 +64,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     import torch
 
     from hub import load_model
-    from train.activations import ActivationStream, StreamConfig
+    from train.activations import ActivationStream, StreamConfig, context_length
     from train.config import SAETrainSpec, TrainConfig
     from train.data import load_conversations
     from train.harvest import Harvester, harvest_throughput
@@ -82,7 +82,8 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         chars += sum(len(m["content"]) for m in conv)
         if chars > 6 * tokens:
             break
-    seqs = fast_sequences(convs, tok, max_len=8192)
+    max_len = min(8192, context_length(model) or 8192)
+    seqs = fast_sequences(convs, tok, max_len=max_len)
     batches, real = [], 0
     for b in bucket_batches(seqs, 8192, tok.pad_token_id, seed=0):
         batches.append(b)
@@ -106,7 +107,9 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
                 model,
                 tok,
                 corpus,
-                StreamConfig(layer=layer, batch_size=batch_size, buffer_tokens=buffer_tokens),
+                StreamConfig(
+                    layer=layer, batch_size=batch_size, buffer_tokens=buffer_tokens, max_len=max_len
+                ),
             )  # fmt: skip
         )
         trainer = SAETrainer(cfg, acts.shape[1], Path(tmp) / "e2e", progress=False)

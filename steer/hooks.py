@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -137,8 +138,6 @@ class CompiledIntervention:
             return hidden
         if mask is None:
             return hidden + self.latent.delta(hidden.reshape(-1, hidden.shape[-1])).view_as(hidden)
-        if not bool(mask.any()):
-            return hidden
         selected = hidden[mask]
         edited = selected + self.latent.delta(selected)
         return hidden.masked_scatter(mask.unsqueeze(-1), edited)
@@ -152,18 +151,37 @@ class CallPositions:
     input_ids: torch.Tensor | None
     shape: tuple[int, int]  # (B, T) of this call
     device: torch.device
-    real: torch.Tensor | None  # [B, T] bool, None = every position is a real token
+    attention_mask: torch.Tensor | None  # [B, T] of this call's positions, 0 = padding
     start: int  # absolute column of the first position (the cache length)
     prompt_len: int
-    special: torch.Tensor | None
-    _cache: dict = field(default_factory=dict)
+    special_marks: list[list[bool]] | None  # from the special-token stream, None if not tracked
+    special_any: bool = False
+    _masks: dict = field(default_factory=dict)
+    _empty: dict = field(default_factory=dict)
+
+    @cached_property
+    def real(self) -> torch.Tensor | None:
+        """Bool `[B, T]` of real (non-padding) positions; None when every position is real."""
+        if self.attention_mask is None:
+            return None
+        real = self.attention_mask.to(self.device).bool()
+        return None if bool(real.all()) else real
 
     def mask(self, positions: Positions) -> torch.Tensor | None:
         """Bool mask `[B, T]`, or None meaning "every position"."""
-        key = positions
-        if key not in self._cache:
-            self._cache[key] = self._compute(positions)
-        return self._cache[key]
+        if positions not in self._masks:
+            self._masks[positions] = self._compute(positions)
+        return self._masks[positions]
+
+    def selects_nothing(self, positions: Positions) -> bool:
+        """Whether `positions` selects no position of this call (the hook then has nothing to do)."""
+        if positions not in self._empty:
+            mask = self.mask(positions)
+            if positions == "special":
+                self._empty[positions] = not self.special_any
+            else:
+                self._empty[positions] = mask is not None and not bool(mask.any())
+        return self._empty[positions]
 
     def _compute(self, positions: Positions) -> torch.Tensor | None:
         if positions == "all":
@@ -179,7 +197,7 @@ class CallPositions:
                 f"positions={positions!r} needs input_ids, but the model was called with inputs_embeds"
             )
         if positions == "special":
-            return self.special
+            return torch.tensor(self.special_marks, dtype=torch.bool, device=self.device)
         out = torch.isin(self.input_ids, torch.tensor(positions, device=self.input_ids.device))
         return out if self.real is None else out & self.real
 
@@ -238,11 +256,9 @@ class HookManager:
         batch, length = shape_source.shape[:2]
         start = _cache_length(kwargs.get("past_key_values"))
         attention_mask = kwargs.get("attention_mask")
-        real = None
+        call_mask = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-            real = attention_mask[:, -length:].to(shape_source.device).bool()
-            if bool(real.all()):
-                real = None
+            call_mask = attention_mask[:, -length:]
         if start == 0:
             self._prompt_len = self.declared_prompt_len or length
             if self.needs_special:
@@ -257,15 +273,24 @@ class HookManager:
                 "was seen); special positions are tracked per row, so beam search and cache reordering are "
                 "not supported"
             )
-        special = self._stream.update(input_ids, real) if self.needs_special else None
+        special_marks = self._stream.advance(input_ids, call_mask) if self.needs_special else None
         self._current = CallPositions(
-            input_ids, (batch, length), shape_source.device, real, start, self._prompt_len, special
+            input_ids,
+            (batch, length),
+            shape_source.device,
+            call_mask,
+            start,
+            self._prompt_len,
+            special_marks,
+            special_any=self.needs_special and self._stream.any_marked,
         )
 
     def _layer_hook(self, item: CompiledIntervention):
         def hook(module: nn.Module, args: tuple, output):
             if self._current is None:
                 raise SpecError(f"steered layer {item.layer} ran outside a forward of the steered model")
+            if self._current.selects_nothing(item.positions):
+                return output
             hidden = output[0] if isinstance(output, tuple) else output
             edited = item.apply(hidden, self._current.mask(item.positions))
             return (edited, *output[1:]) if isinstance(output, tuple) else edited

@@ -12,7 +12,7 @@ mask produced one token at a time by a `SpecialTokenStream` (the KV-cache path o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -34,19 +34,16 @@ class SpecialTokens:
 
     `special_ids`: ids that are always marked. `roles`: (role, token ids) pairs, e.g.
     `("assistant", (520, 9531))`. `names`: (id, token string) for every id that can be marked.
-    `vocab_size`: the tokenizer's size (ids at or above it are never special).
     """
 
     special_ids: tuple[int, ...]
     roles: tuple[tuple[str, tuple[int, ...]], ...]
     names: tuple[tuple[int, str], ...]
-    vocab_size: int
-    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     # -- the automaton --------------------------------------------------------------------
     @cached_property
-    def _trie(self) -> tuple[int, list[tuple[int, int, int]]]:
-        """(number of nodes, [(node, token, child)]) of the role-sequence trie rooted at `_ROOT`."""
+    def transitions(self) -> dict[tuple[int, int], int]:
+        """Role-sequence trie edges `(node, token) -> child`, rooted at `_ROOT` (other moves: see `step`)."""
         children: dict[tuple[int, int], int] = {}
         n_nodes = 2
         for _, seq in self.roles:
@@ -56,20 +53,17 @@ class SpecialTokens:
                     children[(node, tok)] = n_nodes
                     n_nodes += 1
                 node = children[(node, tok)]
-        return n_nodes, [(node, tok, child) for (node, tok), child in children.items()]
+        return children
 
-    def _table(self, device: torch.device) -> torch.Tensor:
-        """Transition table `[n_nodes, vocab_size + 1]` (last column: any id outside the vocab)."""
-        key = str(device)
-        if key not in self._tables:
-            n_nodes, edges = self._trie
-            table = torch.full((n_nodes, self.vocab_size + 1), _OUTSIDE, dtype=torch.int32)
-            for node, tok, child in edges:
-                table[node, tok] = child
-            if self.special_ids:
-                table[:, list(self.special_ids)] = _ROOT
-            self._tables[key] = table.to(device)
-        return self._tables[key]
+    @cached_property
+    def _special_set(self) -> frozenset[int]:
+        return frozenset(self.special_ids)
+
+    def step(self, state: int, token: int) -> int:
+        """The automaton's next state after reading `token` (`_OUTSIDE` = not marked)."""
+        if token in self._special_set:
+            return _ROOT
+        return self.transitions.get((state, token), _OUTSIDE)
 
     def stream(self, batch_size: int, device: torch.device | str = "cpu") -> SpecialTokenStream:
         """A fresh streaming marker for `batch_size` rows (state carried across `update` calls)."""
@@ -113,39 +107,52 @@ class SpecialTokens:
 
 
 class SpecialTokenStream:
-    """Marks special positions chunk by chunk (prompt, then one generated token per step)."""
+    """Marks special positions chunk by chunk (prompt, then one generated token per step).
+
+    The automaton runs in Python over the ids copied to the host once per call: a decode step costs
+    one small transfer and a few dictionary lookups, not a chain of tiny tensor kernels.
+    """
 
     def __init__(self, tokens: SpecialTokens, batch_size: int, device: torch.device) -> None:
         self.tokens = tokens
-        self.table = tokens._table(device)
-        self.state = torch.full((batch_size,), _OUTSIDE, dtype=torch.int32, device=device)
+        self.device = device
+        self.state = [_OUTSIDE] * batch_size
+        self.any_marked = False  # whether the last `update` marked any position
 
     @property
     def batch_size(self) -> int:
-        return self.state.shape[0]
+        return len(self.state)
 
     def update(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Advance over `input_ids [B, T]`; return the bool mask `[B, T]` of marked positions."""
+        marks = self.advance(input_ids, attention_mask)
+        return torch.tensor(marks, dtype=torch.bool, device=self.device).view(input_ids.shape)
+
+    def advance(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> list[list[bool]]:
+        """Advance over `input_ids [B, T]`; the marks as nested lists (`any_marked` says if any is set)."""
         if input_ids.ndim != 2 or input_ids.shape[0] != self.batch_size:
             raise ValueError(
                 f"expected input_ids of shape [{self.batch_size}, T], got {tuple(input_ids.shape)}; "
                 "start a new stream when the batch changes"
             )
-        ids = input_ids.to(self.state.device)
-        vocab = self.tokens.vocab_size
-        cols = torch.where((ids >= 0) & (ids < vocab), ids, vocab)
-        real = None if attention_mask is None else attention_mask.to(self.state.device).bool()
-        out = torch.empty(ids.shape, dtype=torch.bool, device=ids.device)
-        state = self.state
-        for t in range(ids.shape[1]):
-            nxt = self.table[state, cols[:, t]]
-            if real is not None:
-                nxt = torch.where(real[:, t], nxt, state)
-                out[:, t] = real[:, t] & (nxt != _OUTSIDE)
-            else:
-                out[:, t] = nxt != _OUTSIDE
-            state = nxt
-        self.state = state
+        rows = input_ids.tolist()
+        real = None if attention_mask is None else attention_mask.tolist()
+        step = self.tokens.step
+        out = []
+        for row, ids in enumerate(rows):
+            state = self.state[row]
+            marks = []
+            for t, token in enumerate(ids):
+                if real is None or real[row][t]:
+                    state = step(state, token)
+                    marks.append(state != _OUTSIDE)
+                else:
+                    marks.append(False)
+            self.state[row] = state
+            out.append(marks)
+        self.any_marked = any(map(any, out))
         return out
 
 
@@ -182,7 +189,6 @@ def resolve_special_tokens(
         special_ids=tuple(sorted(special_ids)),
         roles=tuple(sorted(roles.items())),
         names=names,
-        vocab_size=len(tokenizer),
     )
 
 

@@ -108,6 +108,12 @@ def chat_template_sha256(tokenizer: PreTrainedTokenizerBase) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def context_length(model: torch.nn.Module) -> int | None:
+    """The model's number of positions (`max_position_embeddings` / `n_positions`), if its config says."""
+    text_cfg = model.config.get_text_config()
+    return getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
+
+
 class ActivationStream:
     """Yields float32 [batch_size, d_in] residual batches; resumable through `state_dict()`."""
 
@@ -132,8 +138,7 @@ class ActivationStream:
         if len(corpus) < config.world_size:
             raise ValueError(f"corpus has {len(corpus)} records, fewer than world_size={config.world_size}")
         seq_len = config.max_len if config.method == "fast" else config.block_len
-        text_cfg = model.config.get_text_config()
-        max_pos = getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
+        max_pos = context_length(model)
         if max_pos is not None and seq_len > max_pos:
             name = "max_len" if config.method == "fast" else "block_len"
             raise ValueError(f"{name}={seq_len} exceeds the model's {max_pos} positions")
