@@ -1,14 +1,16 @@
 """`fast-steer bench train`: FAST harvesting and end-to-end SAE training against the sequential limit.
 
-Measured in one run on the same conversations (JSON on stdout):
-- bare bf16 forward to layer L and FAST harvesting (interleaved repeats, medians; padding share);
-- the bare SAE step (the trainer's own step on pre-harvested activations, interleaved repeats);
-- the sequential limit `1 / (1/forward + 1/SAE step)`;
-- end-to-end training (ActivationStream -> SAETrainer.fit) in steady state: tokens trained between the first
-  and the last batch handed out, over that time (the first buffer fill is start-up, not throughput);
-- peak memory against model + SAEs + optimiser + gradients + buffer + one step's activations;
-- `--vs-saelens`: SAELens 6.54 (in `.venv-saelens`, `make saelens-venv`) on the same model, layer, SAE size,
-  batch and token budget, and the ratio.
+Measured in one run on the same conversations (JSON on stdout, progress bars on stderr):
+1. end-to-end training (ActivationStream -> SAETrainer.fit, the same code as `fast-steer train`) of
+   `--tokens` tokens, timed as a whole (start-up, the first buffer fill and saving included);
+2. on exactly the forward batches that run harvested: a bare forward to layer L vs FAST harvesting
+   (interleaved repeats, medians; padding share);
+3. the bare SAE step (the trainer's own step on pre-harvested activations, repeats, median);
+4. the sequential limit for the same work: bare forward time of those batches + trained tokens / bare SAE
+   step rate; `end_to_end_ratio_to_limit` = that time / the end-to-end time;
+5. peak memory of the end-to-end run against model + SAEs + optimiser + buffer + transients;
+6. `--vs-saelens`: SAELens 6.54 (in `.venv-saelens`, `make saelens-venv`) on the same model, layer, SAE
+   size, batch and token budget, and the ratio of whole-run rates.
 """
 
 from __future__ import annotations
@@ -33,129 +35,111 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class _TimedStream:
-    """Wraps a stream and records when each batch was handed out."""
-
-    def __init__(self, stream) -> None:
-        self.stream, self.times = stream, []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        x = next(self.stream)
-        self.times.append(time.perf_counter())
-        return x
-
-
-def _sae_step_rate(trainer, xs, repeats: int) -> list[float]:
+def _sae_step_rate(trainer, xs, repeats: int, bar) -> list[float]:
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for x in xs:
             trainer.train_step(x)
+            bar.update(len(x))
         rates.append(sum(len(x) for x in xs) / (time.perf_counter() - t0))
     return rates
 
 
 def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch_size: int, tokens: int,
-              buffer_tokens: int, repeats: int, autocast: bool) -> dict:  # fmt: skip
+              buffer_tokens: int, repeats: int, autocast: bool, dtype: str) -> dict:  # fmt: skip
     """All measurements of `fast-steer bench train` (without SAELens)."""
     import torch
+    from tqdm.auto import tqdm
 
     from hub import load_model
     from train.activations import ActivationStream, StreamConfig, context_length
     from train.config import SAETrainSpec, TrainConfig
     from train.data import load_conversations
     from train.harvest import Harvester, harvest_throughput
-    from train.sequences import bucket_batches, fast_sequences
-    from train.trainer import SAETrainer, peak_memory_mib
+    from train.memory import peak_memory_mib, reset_peak_memory
+    from train.trainer import SAETrainer
 
     base_rss = _rss_mib()
-    loaded = load_model(model_ref, dtype="bfloat16")
-    model, tok = loaded
+    model, tok = load_model(model_ref, dtype=dtype)
     corpus = load_conversations(data, split="train")
-    # enough conversations for `tokens` real tokens (~4 chars per token)
-    convs, chars = [], 0
-    for conv in corpus:
-        convs.append(conv)
-        chars += sum(len(m["content"]) for m in conv)
-        if chars > 6 * tokens:
-            break
-    max_len = min(8192, context_length(model) or 8192)
-    seqs = fast_sequences(convs, tok, max_len=max_len)
-    batches, real = [], 0
-    for b in bucket_batches(seqs, 8192, tok.pad_token_id, seed=0):
-        batches.append(b)
-        real += b.n_tokens
-        if real >= tokens:
-            break
-    fwd = harvest_throughput(model, batches, layer, repeats=repeats)
-
+    stream_cfg = StreamConfig(layer=layer, batch_size=batch_size, buffer_tokens=buffer_tokens,
+                              max_len=min(8192, context_length(model) or 8192))  # fmt: skip
     cfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, saes=[SAETrainSpec(expansion=expansion)],
                       checkpoint_every=0, log_every=10**9, autocast=autocast)  # fmt: skip
-    harvester = Harvester(model, layer)
-    acts = torch.cat([harvester(b) for b in batches])
-    xs = [acts[i : i + batch_size] for i in range(0, len(acts) - batch_size + 1, batch_size)]
+    d_in = model.config.get_text_config().hidden_size
+    stream = ActivationStream(model, tok, corpus, stream_cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        step_trainer = SAETrainer(cfg, acts.shape[1], tmp, progress=False)
-        step_trainer.init_from_first_batch(xs[0])
-        sae_rates = _sae_step_rate(step_trainer, xs, repeats)
-        del step_trainer
-        stream = _TimedStream(
-            ActivationStream(
-                model,
-                tok,
-                corpus,
-                StreamConfig(
-                    layer=layer, batch_size=batch_size, buffer_tokens=buffer_tokens, max_len=max_len
-                ),
-            )  # fmt: skip
-        )
-        trainer = SAETrainer(cfg, acts.shape[1], Path(tmp) / "e2e", progress=False)
+        trainer = SAETrainer(cfg, d_in, Path(tmp) / "e2e", progress=True)
+        peak_window = reset_peak_memory()  # the training run's peak, not the model loading's
+        t0 = time.perf_counter()
         result = trainer.fit(stream)
-    n = len(stream.times)
-    e2e = (n - 1) * batch_size / (stream.times[-1] - stream.times[0]) if n > 1 else float("nan")
-    sae_rate = statistics.median(sae_rates)
-    limit = 1.0 / (1.0 / fwd["bare_tokens_per_s"] + 1.0 / sae_rate)
-    d_sae = acts.shape[1] * expansion
-    inter = model.config.get_text_config().intermediate_size
-    mib = 2**20
-    est = {
-        "runtime_baseline": base_rss,
-        "model": sum(p.numel() * p.element_size() for p in model.parameters()) / mib,
-        "saes_params_grads_adam": 4 * (2 * d_sae * acts.shape[1] + d_sae + acts.shape[1]) * 4 / mib,
-        "buffer": buffer_tokens * acts.shape[1] * 4 * 1.5 / mib,  # store + pending refill
-        "step_activations": 4 * batch_size * d_sae * 4 / mib,  # feature acts + 3 gradients of [batch, d_sae]
-        # one bf16 harvesting forward of 8192 padded tokens: residual, attention and MLP transients
-        "lm_forward": 8192 * (4 * acts.shape[1] + 3 * inter) * 2 / mib,
-        "bench_activations": acts.numel() * 4 / mib,
-    }
-    estimate = sum(est.values())
-    peak = peak_memory_mib()
+        e2e_seconds = time.perf_counter() - t0
+        peak = peak_memory_mib()
+        del trainer
+
+        # the very batches the run harvested, in order
+        batches = stream.sample_batches(stream.stats["real_tokens"])
+        real = sum(b.n_tokens for b in batches)
+        with tqdm(total=2 * repeats * real, unit="tok", unit_scale=True, desc="forward vs harvest") as bar:
+            fwd = harvest_throughput(model, batches, layer, repeats=repeats, on_tokens=bar.update)
+        harvester = Harvester(model, layer)
+        acts = torch.cat([harvester(b) for b in batches])
+        xs = [acts[i : i + batch_size] for i in range(0, len(acts) - batch_size + 1, batch_size)]
+        step_trainer = SAETrainer(cfg, d_in, Path(tmp) / "steps", progress=False)
+        step_trainer.init_from_first_batch(xs[0])
+        with tqdm(total=repeats * len(xs) * batch_size, unit="tok", unit_scale=True, desc="SAE step") as bar:
+            sae_rate = statistics.median(_sae_step_rate(step_trainer, xs, repeats, bar))
+    limit_seconds = fwd["bare_seconds"] + result.tokens / sae_rate
+    e2e_rate = result.tokens / e2e_seconds
+    estimate = _memory_estimate(model, stream_cfg, d_in, expansion, batch_size, base_rss)
     return {
         "model": model_ref,
         "layer": layer,
-        "sae": f"{acts.shape[1]}x{d_sae}",
+        "sae": f"{d_in}x{d_in * expansion}",
         "batch_size": batch_size,
+        "buffer_tokens": buffer_tokens,
         "tokens": tokens,
+        "model_dtype": dtype,
         "threads": torch.get_num_threads(),
         "sae_autocast_bf16": autocast,
+        "forward_batches": len(batches),
+        "harvested_tokens": stream.stats["tokens_harvested"],
         "bare_forward_tokens_per_s": fwd["bare_tokens_per_s"],
         "harvest_tokens_per_s": fwd["harvest_tokens_per_s"],
         "harvest_ratio": fwd["ratio"],
         "padding_share": fwd["padding_share"],
         "bare_sae_step_tokens_per_s": sae_rate,
-        "sequential_limit_tokens_per_s": limit,
-        "end_to_end_tokens_per_s": e2e,
-        "end_to_end_ratio_to_limit": e2e / limit,
+        "sequential_limit_tokens_per_s": result.tokens / limit_seconds,
+        "end_to_end_tokens_per_s": e2e_rate,
+        "end_to_end_seconds": e2e_seconds,
         "end_to_end_tokens_trained": result.tokens,
-        "end_to_end_whole_run_tokens_per_s": result.tokens_per_s,  # incl. the first buffer fill
+        "end_to_end_ratio_to_limit": limit_seconds / e2e_seconds,
         "peak_memory_mib": peak,
-        "memory_estimate_mib": estimate,
-        "memory_estimate_parts_mib": est,
-        "peak_over_estimate": peak / estimate,
+        "peak_memory_covers": "the end-to-end run" if peak_window else "the whole process",
+        "memory_estimate_mib": sum(estimate.values()),
+        "memory_estimate_parts_mib": estimate,
+        "peak_over_estimate": peak / sum(estimate.values()),
         "repeats": repeats,
+    }
+
+
+def _memory_estimate(
+    model, stream_cfg, d_in: int, expansion: int, batch_size: int, runtime_mib: float
+) -> dict:
+    """What a training run must hold (MiB): runtime, model, SAE state, buffer and the largest transients."""
+    mib = 2**20
+    d_sae = d_in * expansion
+    text_cfg = model.config.get_text_config()
+    element = next(model.parameters()).element_size()
+    return {
+        "runtime_baseline": runtime_mib,  # Python, torch and transformers before the model is loaded
+        "model": sum(p.numel() * p.element_size() for p in model.parameters()) / mib,
+        "saes_params_grads_adam": 4 * (2 * d_sae * d_in + d_sae + d_in) * 4 / mib,
+        "buffer": stream_cfg.buffer_tokens * d_in * 4 * 1.5 / mib,  # store + pending refill
+        "step_activations": 4 * batch_size * d_sae * 4 / mib,  # feature acts + 3 gradients of [batch, d_sae]
+        # one harvesting forward of `token_budget` padded tokens: residual, attention and MLP transients
+        "lm_forward": stream_cfg.token_budget * (4 * d_in + 3 * text_cfg.intermediate_size) * element / mib,
     }
 
 
@@ -178,18 +162,23 @@ def run_saelens(model_dir: Path, data: list[str], layer: int, expansion: int, ba
 @click.option("--data", multiple=True, default=("../shared/data/chat",), show_default=True)
 @click.option("--layer", type=int, default=15, show_default=True)
 @click.option("--expansion", type=int, default=8, show_default=True)
-@click.option("--batch-size", type=int, default=4096, show_default=True)
-@click.option("--tokens", type=int, default=65536, show_default=True, help="Tokens per measurement.")
-@click.option("--buffer-tokens", type=int, default=16384, show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--batch-size", type=int, default=1024, show_default=True)
+@click.option("--tokens", type=int, default=16384, show_default=True, help="Tokens trained end to end.")
+@click.option("--buffer-tokens", type=int, default=8192, show_default=True)
+@click.option("--repeats", type=int, default=2, show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype for harvesting.")
 @click.option("--autocast", is_flag=True, help="bf16 autocast for the SAE step (and SAELens).")
 @click.option("--vs-saelens", is_flag=True, help="Also train with SAELens 6.54 (.venv-saelens) and compare.")
-def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_tokens, repeats, autocast,
+def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_tokens, repeats, dtype, autocast,
                 vs_saelens) -> None:  # fmt: skip
     """Harvesting and end-to-end training throughput vs. the sequential limit (JSON)."""
-    out = run_bench(
-        model_ref, list(data), layer, expansion, batch_size, tokens, buffer_tokens, repeats, autocast
-    )
+    if min(batch_size, tokens, buffer_tokens, repeats) < 1:
+        raise click.BadParameter("--batch-size, --tokens, --buffer-tokens and --repeats must be positive")
+    try:
+        out = run_bench(model_ref, list(data), layer, expansion, batch_size, tokens, buffer_tokens, repeats,
+                        autocast, dtype)  # fmt: skip
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     if vs_saelens:
         from hub import load_model
 
@@ -197,7 +186,7 @@ def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_to
         sl = run_saelens(model_dir, list(data), layer, expansion, batch_size, tokens, autocast)
         out["saelens"] = sl
         # both whole runs (start-up included), same model, layer, SAE, batch and token budget
-        out["end_to_end_over_saelens"] = out["end_to_end_whole_run_tokens_per_s"] / sl["tokens_per_s"]
+        out["end_to_end_over_saelens"] = out["end_to_end_tokens_per_s"] / sl["tokens_per_s"]
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from train.buffer import MixingBuffer
 from train.data import Corpus, content_hash
 from train.harvest import Harvester, hook_name
+from train.memory import release_free_memory
 from train.sequences import (
     METHOD_LABELS,
     Batch,
@@ -273,10 +274,10 @@ class ActivationStream:
             return
         batch = self._batches[self.batch_pos]
         self.batch_pos += 1
-        x = self.harvester(batch)
-        self.buffer.push(x)
+        self.buffer.push(self.harvester(batch))
+        release_free_memory()
         s, last = self.stats, self.harvester.last_stats
-        s["tokens_harvested"] += len(x)
+        s["tokens_harvested"] += last["kept"]
         s["real_tokens"] += last["real"]
         s["padded_tokens"] += last["padded"]
         s["excluded_first"] += last["excluded_first"]

@@ -7,7 +7,7 @@ Public API:
         .residuals(batch) -> Tensor [B, T, d] in the model's dtype
         .per_sequence(batch) -> list of float32 [len_i, d] (all real tokens, no exclusions)
         .__call__(batch) -> float32 [n_kept, d] (real tokens only, exclusions applied); .last_stats
-    harvest_throughput(model, batches, layer, repeats=3) -> dict (bare forward vs harvesting, tokens/s)
+    harvest_throughput(model, batches, layer, repeats=3, on_tokens=None) -> dict (bare forward vs harvesting)
 
 Layer L is the output of decoder block L (0-indexed), i.e. ``hidden_states[L + 1]`` in transformers.
 A forward hook on block L raises a private exception carrying the block's output, so neither the later
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -148,11 +149,18 @@ def _bare_forward(model: PreTrainedModel, layer: int, batches: list[Batch]) -> N
         setattr(base, name, full)
 
 
-def harvest_throughput(model: PreTrainedModel, batches: list[Batch], layer: int, repeats: int = 3) -> dict:
+def harvest_throughput(
+    model: PreTrainedModel,
+    batches: list[Batch],
+    layer: int,
+    repeats: int = 3,
+    on_tokens: Callable[[int], None] | None = None,
+) -> dict:
     """Tokens/s of a bare forward to `layer` vs. harvesting (real tokens out, float32) on the same batches.
 
     Repeats are interleaved (bare, harvest, bare, harvest, ...) and the medians compared. Rates count
-    real tokens; `padding_share` is the share of computed positions that were padding.
+    real tokens; `padding_share` is the share of computed positions that were padding. `on_tokens(n)` is
+    called after each pass over the batches with its real tokens (for a progress bar).
     """
     _check_layer(model, layer)
     if not batches or repeats < 1:
@@ -170,6 +178,8 @@ def harvest_throughput(model: PreTrainedModel, batches: list[Batch], layer: int,
         t2 = time.perf_counter()
         bare_s.append(t1 - t0)
         harvest_s.append(t2 - t1)
+        if on_tokens is not None:
+            on_tokens(2 * real)
     bare, harvest = statistics.median(bare_s), statistics.median(harvest_s)
     return {
         "layer": layer,

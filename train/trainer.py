@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import resource
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -31,6 +30,7 @@ from train import checkpoint as ckpt
 from train.config import SAETrainSpec, TrainConfig
 from train.distributed import DistContext
 from train.losses import LossOutput, Objective, build_objective
+from train.memory import peak_memory_mib, release_free_memory
 from train.schedules import SparsityWarmup, lr_schedule
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,6 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
         if moved <= tol * median.norm().clamp_min(1.0):
             break
     return median.float()
-
-
-def peak_memory_mib() -> float:
-    """Peak resident memory of this process so far (MiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class SAETrainer:
@@ -262,6 +257,7 @@ class SAETrainer:
             if self.step == 0:
                 self.init_from_first_batch(x)
             metrics = self.train_step(x * self.scale if self.scale != 1.0 else x)
+            release_free_memory()
             bar.update(x.shape[0] * self.dist.world_size)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
                 rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)

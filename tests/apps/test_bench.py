@@ -58,6 +58,16 @@ def test_bench_train_reports_rates_and_memory(model_dir):
         assert out[key] > 0, key
     assert 0 <= out["padding_share"] < 1
     assert out["end_to_end_tokens_trained"] >= 1500
+    assert out["harvested_tokens"] >= out["end_to_end_tokens_trained"], (
+        "the limit covers every harvested token"
+    )
     assert out["end_to_end_ratio_to_limit"] == pytest.approx(
         out["end_to_end_tokens_per_s"] / out["sequential_limit_tokens_per_s"]
     )
+    assert out["peak_over_estimate"] == pytest.approx(out["peak_memory_mib"] / out["memory_estimate_mib"])
+
+
+def test_bench_train_rejects_a_bad_budget(model_dir):
+    result = CliRunner().invoke(main, ["bench", "train", "--model", str(model_dir), "--tokens", "0"])
+    assert result.exit_code != 0
+    assert "must be positive" in result.output
