@@ -100,7 +100,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         "batch_size": batch_size,
         "buffer_tokens": buffer_tokens,
         "tokens": tokens,
-        "model_dtype": dtype,
+        "model_dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "sae_autocast_bf16": autocast,
         "forward_batches": len(batches),
@@ -166,7 +166,12 @@ def run_saelens(model_dir: Path, data: list[str], layer: int, expansion: int, ba
 @click.option("--tokens", type=int, default=16384, show_default=True, help="Tokens trained end to end.")
 @click.option("--buffer-tokens", type=int, default=8192, show_default=True)
 @click.option("--repeats", type=int, default=2, show_default=True)
-@click.option("--dtype", default="bfloat16", show_default=True, help="Model dtype for harvesting.")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32).",
+)
 @click.option("--autocast", is_flag=True, help="bf16 autocast for the SAE step (and SAELens).")
 @click.option("--vs-saelens", is_flag=True, help="Also train with SAELens 6.54 (.venv-saelens) and compare.")
 def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_tokens, repeats, dtype, autocast,

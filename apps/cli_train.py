@@ -108,7 +108,11 @@ def _dist_context():
 @click.option("--jumprelu-bandwidth", type=float, default=0.001, show_default=True)
 @click.option("--jumprelu-init-threshold", type=float, default=0.001, show_default=True)
 @click.option(
-    "--dtype", "model_dtype", default="bfloat16", show_default=True, help="Model dtype for harvesting."
+    "--dtype",
+    "model_dtype",
+    default="auto",
+    show_default=True,
+    help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32).",
 )
 @click.option("--buffer-tokens", type=int, default=65536, show_default=True, help="Mixing buffer size.")
 @click.option("--token-budget", type=int, default=8192, show_default=True, help="Padded tokens per forward.")

@@ -1,6 +1,6 @@
 """Artifacts that persist or move: models, SAE folders, the Hugging Face Hub."""
 
-from hub.model import LoadedModel, ModelResolutionError, describe_model, load_model
+from hub.model import LoadedModel, ModelResolutionError, describe_model, fast_dtype, load_model
 from hub.remote import HubUnavailableError
 from hub.sae_io import list_sae_ids, load_sae, sae_layer, sae_metadata, save_sae
 from hub.validate import SAEFormatError
@@ -11,6 +11,7 @@ __all__ = [
     "ModelResolutionError",
     "SAEFormatError",
     "describe_model",
+    "fast_dtype",
     "list_sae_ids",
     "load_model",
     "load_sae",

@@ -28,7 +28,7 @@ class DataSpec:
     pretrain_data: list[str] = field(default_factory=list)  # texts (bt-p)
     method: str = "fast"
     model: str = "default"
-    model_dtype: str = "bfloat16"
+    model_dtype: str = "auto"  # harvesting dtype: see hub.model.fast_dtype
     held_out_fraction: float = 0.05
     buffer_tokens: int = 65536
     token_budget: int = 8192

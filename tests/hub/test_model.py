@@ -58,3 +58,13 @@ def test_default_model_from_wheel_in_fresh_cache(tmp_path, monkeypatch):
     # The second load takes the cached route (no conversion).
     again = load_model("default")
     assert again.source == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
+
+
+def test_fast_dtype_follows_the_hardware():
+    from pathlib import Path
+
+    from hub import fast_dtype
+
+    assert fast_dtype("cuda:0") == "bfloat16"
+    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    assert fast_dtype("cpu") == ("bfloat16" if "amx_bf16" in flags.split() else "float32")
