@@ -105,8 +105,14 @@ def _dist_context():
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0: none).")
 @click.option("--log-every", type=int, help="Steps between JSONL log lines.")
 @click.option("--autocast/--no-autocast", default=None, help="bf16 autocast for the SAE step.")
-@click.option("--jumprelu-bandwidth", type=float, default=0.001, show_default=True)
-@click.option("--jumprelu-init-threshold", type=float, default=0.001, show_default=True)
+@click.option(
+    "--jumprelu-bandwidth", type=float, help="STE bandwidth.  [default: the preset's: 0.1, paper 0.001]"
+)
+@click.option(
+    "--jumprelu-init-threshold",
+    type=float,
+    help="Initial threshold.  [default: the preset's: 0.5, paper 0.001]",
+)
 @click.option(
     "--dtype",
     "model_dtype",

@@ -60,3 +60,27 @@ def test_config_errors_are_specific():
         TrainConfig(total_tokens=10, lr=1e-4, lr_end=1e-3)
     cfg = TrainConfig(total_tokens=10_001, batch_size=1000)
     assert (cfg.total_steps, cfg.final_tokens) == (11, 11_000)
+
+
+def test_jumprelu_names_tell_bandwidth_and_threshold_apart():
+    base = SAETrainSpec(arch="jumprelu", sparsity_coefficient=1.0)
+    wide = SAETrainSpec(
+        arch="jumprelu", sparsity_coefficient=1.0, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.1
+    )
+    assert base.name == "jumprelu-x8-l0_1"
+    assert wide.name == "jumprelu-x8-l0_1-bw_0.05-t0_0.1"
+    assert len(TrainConfig(total_tokens=10, saes=[base, wide]).resolved_specs()) == 2
+
+
+def test_presets_fill_in_jumprelu_bandwidth_and_threshold():
+    spec = SAETrainSpec(arch="jumprelu")
+    (default,) = preset_config("default", saes=[spec]).resolved_specs()
+    (paper,) = preset_config("paper", saes=[spec]).resolved_specs()
+    assert (default.jumprelu_bandwidth, default.jumprelu_init_threshold) == (0.1, 0.5)
+    assert default.name == "jumprelu-x8-l0_0.01-bw_0.1-t0_0.5"
+    assert (paper.jumprelu_bandwidth, paper.jumprelu_init_threshold) == (0.001, 0.001)
+    assert paper.name == "jumprelu-x8-l0_0.01"
+    (own,) = preset_config(
+        "default", saes=[SAETrainSpec(arch="jumprelu", jumprelu_init_threshold=0.2)]
+    ).resolved_specs()
+    assert (own.jumprelu_bandwidth, own.jumprelu_init_threshold) == (0.1, 0.2)
