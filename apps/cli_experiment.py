@@ -58,7 +58,11 @@ def experiment_group() -> None:
     "--eval-conversations", type=int, default=200, show_default=True, help="Held-out conversations."
 )
 @click.option(
-    "--dtype", "model_dtype", default="bfloat16", show_default=True, help="Model dtype (harvest, eval)."
+    "--dtype",
+    "model_dtype",
+    default="auto",
+    show_default=True,
+    help="Model dtype (harvest, eval; auto: see train).",
 )
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -128,7 +132,7 @@ def reproduce_command(model_ref, layer, tokens, out_dir, data, pretrain_data, me
               help="Conversations for the held-out split when OUT has no heldout.jsonl.  [default: ../shared/data/chat]")  # fmt: skip
 @click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with mmlu_{test,val,dev}.jsonl.  [default: ../shared/data/eval]")  # fmt: skip
-@click.option("--dtype", "model_dtype", default="bfloat16", show_default=True, help="Model dtype.")
+@click.option("--dtype", "model_dtype", default="auto", show_default=True, help="Model dtype.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mmlu_limit, max_new_tokens,
                   n_conversations, data, eval_data, model_dtype, quiet) -> None:  # fmt: skip

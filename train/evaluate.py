@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.positions import SpecialTokens, resolve_special_tokens
 from steer.sae import SAE
-from train.harvest import decoder_layers
+from train.harvest import Harvester, decoder_layers
 from train.sequences import Batch, bucket_batches, fast_sequences
 
 EVAL_FILE = "eval.json"
@@ -45,7 +45,7 @@ class EvalConfig:
     extra_special_tokens: tuple[str | int, ...] = ()  # added to the template's special tokens for MSE_st
     lm_loss: bool = True
     # Leave position 0 out of the headline metrics and the LM-loss splice (it is still reported under
-    # "first token"). None follows the SAE's training (`metadata.activations.exclude_first_token`).
+    # "first token"). None follows the SAE's training (`metadata.exclude_first_token`).
     exclude_first_token: bool | None = None
 
 
@@ -179,7 +179,7 @@ def evaluate_sae(
     special = special or resolve_special_tokens(tokenizer, extra=cfg.extra_special_tokens)
     skip_first = cfg.exclude_first_token
     if skip_first is None:
-        skip_first = bool(sae.metadata.get("activations", {}).get("exclude_first_token", False))
+        skip_first = bool(sae.metadata.get("exclude_first_token", False))
     names = dict(special.names)
     seqs = fast_sequences(list(conversations)[: cfg.max_conversations], tokenizer, max_len=cfg.max_len)
     batches = bucket_batches(seqs, cfg.token_budget, tokenizer.pad_token_id, seed=None)
@@ -200,15 +200,17 @@ def evaluate_sae(
     bar = tqdm(
         total=sum(b.n_tokens for b in batches), unit="tok", unit_scale=True, desc="eval", disable=not progress
     )
+    harvester = Harvester(model, layer)
     for batch in batches:
         ids, att = batch.input_ids.to(device), batch.attention_mask.to(device)
-        handle = layers[layer].register_forward_hook(capture)
-        try:
-            logits = model(input_ids=ids, attention_mask=att).logits if cfg.lm_loss else None
-            if not cfg.lm_loss:
-                _run_to_layer(model, layers, layer, ids, att, state)
-        finally:
-            handle.remove()
+        if cfg.lm_loss:  # the clean logits are needed too: a whole forward, capturing layer L on the way
+            handle = layers[layer].register_forward_hook(capture)
+            try:
+                logits = model(input_ids=ids, attention_mask=att).logits
+            finally:
+                handle.remove()
+        else:  # right-padded: the forward that stops after layer L sees the same real tokens
+            logits, state["clean"] = None, harvester.residuals(batch)
         x_all = state["clean"].float().to(sae_device)
         feats_all = sae.encode(x_all)
         recon_all = sae.decode(feats_all).float()
@@ -256,25 +258,6 @@ def evaluate_sae(
         layer=layer,
         config={**asdict(cfg), "exclude_first_token": skip_first},
     )
-
-
-class _Stop(Exception):
-    pass
-
-
-def _run_to_layer(model, layers, layer, ids, att, state) -> None:
-    """A forward that stops right after block `layer` (its output is captured by the hook already set)."""
-
-    def stop(_module, _args, output):
-        raise _Stop
-
-    handle = layers[layer].register_forward_hook(stop)
-    try:
-        model(input_ids=ids, attention_mask=att)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
 
 
 def write_eval(result: EvalResult, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

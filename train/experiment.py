@@ -25,6 +25,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hub import fast_dtype
 from train.config import SAETrainSpec, TrainConfig, preset_config
 from train.results_table import ResultRow, check_metrics, write_results
 
@@ -61,7 +62,7 @@ class ReproduceConfig:
     l0_coefficient: float | None = None  # jumprelu SAEs; None = the preset's
     buffer_tokens: int = 65536  # mixing buffer (at least 2 x batch size)
     max_len: int = 8192  # FAST truncation of a conversation
-    model_dtype: str = "bfloat16"  # harvesting dtype (the SAEs train in float32)
+    model_dtype: str = "auto"  # harvesting dtype (hub.fast_dtype; the SAEs train in float32)
     eval_conversations: int = 200
     held_out_fraction: float = 0.05
     seed: int = 42
@@ -315,7 +316,7 @@ def reproduce(
         "preset": cfg.preset,
         "batch size": cfg.train_config().batch_size,
         "expansion": cfg.expansion,
-        "harvest dtype": cfg.model_dtype,
+        "harvest dtype": fast_dtype() if cfg.model_dtype == "auto" else cfg.model_dtype,
         "held-out conversations": len(held_out_conversations(cfg)),
         "chat data": cfg.chat_data,
         "pretraining data": cfg.pretrain_data,

@@ -26,7 +26,7 @@ from hub.cache import cache_dir, hub_reachable
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_CHAT = REPO_ROOT.parent / "shared" / "data" / "chat"
 HUB_CHAT_DATASET = "HuggingFaceTB/everyday-conversations-llama3.1-2k:train_sft"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # The settings that change the trained SAE, hashed into its cache folder's name.
 TRAINING_KEYS = ("model", "layer", "tokens", "arch", "expansion", "batch_size", "seed", "exclude_first_token")
 
@@ -123,7 +123,7 @@ def spread(items: list, n: int) -> list:
 def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, DemoSAE, list]:
     """Train or reuse the SAE, print its evaluation and top features; returns the result, the SAE for
     the demo (on the float32 model's device) and the held-out sample conversations."""
-    from hub import load_model, load_sae
+    from hub import fast_dtype, load_model, load_sae
     from hub.sae_io import sae_metadata
     from train.activations import ActivationStream, StreamConfig
     from train.config import SAETrainSpec, preset_config
@@ -134,8 +134,9 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
 
     start = time.perf_counter()
     data = resolve_data(cfg.data)
-    echo(f"[1/5] model {cfg.model!r} (bfloat16 for harvesting) and data {data}")
-    model, tok = load_model(cfg.model, dtype="bfloat16")
+    harvest_dtype = fast_dtype()
+    echo(f"[1/5] model {cfg.model!r} ({harvest_dtype} for harvesting) and data {data}")
+    model, tok = load_model(cfg.model, dtype=harvest_dtype)
     n_layers = model.config.get_text_config().num_hidden_layers
     if cfg.layer >= n_layers:
         raise click.ClickException(
@@ -173,18 +174,15 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
                 seed=cfg.seed,
             ),
         )
-        described = stream.describe()
+        described = stream.describe()  # the same flat provenance keys as `fast-steer train` writes
         trainer.metadata = sae_metadata(
             cfg.model,
             cfg.layer,
             dataset_path=data,
-            method=described["method"],
             training_tokens=train_cfg.final_tokens,
-            chat_template_sha256=described["chat_template_sha256"],
-            special_token_ids=described["special_token_ids"],
             expansion_factor=cfg.expansion,
-            activations=described,
             created_by="fast-steer run",
+            **{k: v for k, v in described.items() if k not in ("hook_name", "layer")},
         )
         trainer.fit(stream, resume=(out / CKPT_DIR).is_dir())
     sae = load_sae(out)

@@ -41,7 +41,7 @@ def test_main_job_trains_then_reuses_the_cached_sae(tmp_path):
         assert (folder / name).is_file(), f"{name} missing from {folder}"
     meta = json.loads((folder / "cfg.json").read_text())["metadata"]
     assert meta["hook_name"] == "blocks.15.hook_resid_post"
-    assert meta["activations"]["exclude_first_token"] is True
+    assert meta["exclude_first_token"] is True and meta["method"] == "FAST"
     stamp = (folder / "sae_weights.safetensors").stat().st_mtime_ns
 
     # Second run, same settings, from Python: nothing is retrained or recomputed.

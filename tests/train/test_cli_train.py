@@ -145,3 +145,20 @@ def test_smollm2_fast_training_beats_zero_feature_baseline(tmp_path):
     m = res.metrics
     assert m["explained_variance"] > m["explained_variance_bdec_only"] + 0.1, m
     assert 0 < m["l0"] < sae.d_sae
+
+
+def test_eval_follows_the_first_token_exclusion_of_training(tiny_setup, tmp_path, one_thread):
+    model, data = tiny_setup
+    out = tmp_path / "skip"
+    res = CliRunner().invoke(
+        main, _train_args(model, data, out, tokens="1k", extra=["--exclude-first-token"])
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["exclude_first_token"] is True
+    res = CliRunner().invoke(main, ["eval", str(out), "--data", str(data), "--quiet"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["config"]["exclude_first_token"] is True, (
+        "the headline metrics leave position 0 out, as training did"
+    )
+    assert "left out (as in training)" in res.output

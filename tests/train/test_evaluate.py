@@ -119,7 +119,7 @@ def test_first_token_exclusion_follows_training_metadata(setup):
     sae = build_sae(SAEConfig(architecture="standard", d_in=64, d_sae=128))
     cfg = EvalConfig(max_len=120, token_budget=300)
     kept = evaluate_sae(sae, model, tok, convs, LAYER, cfg, progress=False)
-    sae.cfg.metadata["activations"] = {"exclude_first_token": True}
+    sae.cfg.metadata["exclude_first_token"] = True
     skipped = evaluate_sae(sae, model, tok, convs, LAYER, cfg, progress=False)
     assert not kept.config["exclude_first_token"] and skipped.config["exclude_first_token"]
     assert skipped.n_tokens == kept.n_tokens - len(convs)
