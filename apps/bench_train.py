@@ -30,11 +30,6 @@ SAELENS_PYTHON = Path(".venv-saelens/bin/python")
 SAELENS_SCRIPT = Path(__file__).with_name("saelens_train_bench.py")
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _sae_step_rate(trainer, xs, repeats: int, bar) -> list[float]:
     rates = []
     for _ in range(repeats):
@@ -53,18 +48,18 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     from tqdm.auto import tqdm
 
     from hub import load_model
-    from train.activations import ActivationStream, StreamConfig, context_length
+    from train.activations import ActivationStream, StreamConfig, default_max_len
     from train.config import SAETrainSpec, TrainConfig
     from train.data import load_conversations
     from train.harvest import Harvester, harvest_throughput
-    from train.memory import peak_memory_mib, reset_peak_memory
+    from train.memory import peak_memory_mib, reset_peak_memory, resident_memory_mib
     from train.trainer import SAETrainer
 
-    base_rss = _rss_mib()
+    base_rss = resident_memory_mib() or 0.0
     model, tok = load_model(model_ref, dtype=dtype)
     corpus = load_conversations(data, split="train")
     stream_cfg = StreamConfig(layer=layer, batch_size=batch_size, buffer_tokens=buffer_tokens,
-                              max_len=min(8192, context_length(model) or 8192))  # fmt: skip
+                              max_len=default_max_len(model))  # fmt: skip
     cfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, saes=[SAETrainSpec(expansion=expansion)],
                       checkpoint_every=0, log_every=10**9, autocast=autocast)  # fmt: skip
     d_in = model.config.get_text_config().hidden_size

@@ -155,7 +155,6 @@ class CallPositions:
     start: int  # absolute column of the first position (the cache length)
     prompt_len: int
     special_marks: list[list[bool]] | None  # from the special-token stream, None if not tracked
-    special_any: bool = False
     _masks: dict = field(default_factory=dict)
     _empty: dict = field(default_factory=dict)
 
@@ -176,10 +175,10 @@ class CallPositions:
     def selects_nothing(self, positions: Positions) -> bool:
         """Whether `positions` selects no position of this call (the hook then has nothing to do)."""
         if positions not in self._empty:
-            mask = self.mask(positions)
-            if positions == "special":
-                self._empty[positions] = not self.special_any
+            if positions == "special" and self.special_marks is not None:  # no tensor needed to tell
+                self._empty[positions] = not any(map(any, self.special_marks))
             else:
+                mask = self.mask(positions)
                 self._empty[positions] = mask is not None and not bool(mask.any())
         return self._empty[positions]
 
@@ -282,7 +281,6 @@ class HookManager:
             start,
             self._prompt_len,
             special_marks,
-            special_any=self.needs_special and self._stream.any_marked,
         )
 
     def _layer_hook(self, item: CompiledIntervention):

@@ -117,7 +117,6 @@ class SpecialTokenStream:
         self.tokens = tokens
         self.device = device
         self.state = [_OUTSIDE] * batch_size
-        self.any_marked = False  # whether the last `update` marked any position
 
     @property
     def batch_size(self) -> int:
@@ -131,7 +130,7 @@ class SpecialTokenStream:
     def advance(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> list[list[bool]]:
-        """Advance over `input_ids [B, T]`; the marks as nested lists (`any_marked` says if any is set)."""
+        """Advance over `input_ids [B, T]`; the marks as nested lists `[B][T]`."""
         if input_ids.ndim != 2 or input_ids.shape[0] != self.batch_size:
             raise ValueError(
                 f"expected input_ids of shape [{self.batch_size}, T], got {tuple(input_ids.shape)}; "
@@ -152,7 +151,6 @@ class SpecialTokenStream:
                     marks.append(False)
             self.state[row] = state
             out.append(marks)
-        self.any_marked = any(map(any, out))
         return out
 
 

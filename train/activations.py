@@ -115,6 +115,11 @@ def context_length(model: torch.nn.Module) -> int | None:
     return getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)
 
 
+def default_max_len(model: torch.nn.Module) -> int:
+    """FAST truncation when none is given: 8,192 tokens, or the model's context if shorter."""
+    return min(StreamConfig.max_len, context_length(model) or StreamConfig.max_len)
+
+
 class ActivationStream:
     """Yields float32 [batch_size, d_in] residual batches; resumable through `state_dict()`."""
 

@@ -40,7 +40,8 @@ def _malloc_trim():
     return getattr(libc, "malloc_trim", None)
 
 
-def _resident_mib() -> float | None:
+def resident_memory_mib() -> float | None:
+    """Resident memory of this process now (MiB); None where /proc is missing."""
     try:
         with open("/proc/self/statm", encoding="ascii") as fh:
             return int(fh.read().split()[1]) * _PAGE_MIB
@@ -56,8 +57,8 @@ _after_last_trim: list[float] = [0.0]
 def release_free_memory() -> None:
     """Give the C heap's free pages back to the system (glibc `malloc_trim`; a no-op elsewhere) once
     resident memory has grown by more than 64 MiB since the last time, so frequent calls stay cheap."""
-    trim, rss = _malloc_trim(), _resident_mib()
+    trim, rss = _malloc_trim(), resident_memory_mib()
     if trim is None or rss is None or rss - _after_last_trim[0] < _SLACK_MIB:
         return
     trim(0)
-    _after_last_trim[0] = _resident_mib() or 0.0
+    _after_last_trim[0] = resident_memory_mib() or 0.0

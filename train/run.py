@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hub import LoadedModel, load_model, load_sae, sae_layer, sae_metadata
-from train.activations import ActivationStream, StreamConfig, context_length
+from train.activations import ActivationStream, StreamConfig, default_max_len
 from train.config import TrainConfig
 from train.data import load_conversations, load_texts
 from train.distributed import DistContext
@@ -69,7 +69,7 @@ def train_run(
         corpus = load_conversations(data.data, split="train", held_out_fraction=data.held_out_fraction)
     if len(corpus) == 0:
         raise ValueError(f"no training records found in {corpus.sources}")
-    max_len = data.max_len or min(8192, context_length(model) or 8192)
+    max_len = data.max_len or default_max_len(model)
     stream = ActivationStream(
         model,
         tok,

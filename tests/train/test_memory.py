@@ -27,11 +27,11 @@ def test_release_gives_back_pages_held_by_a_pinned_heap(monkeypatch):
     chunks = [torch.ones(16 * 1024) for _ in range(8000)]  # 64 KiB each: heap, not mmap; ~500 MiB
     pin = torch.ones(16 * 1024)  # allocated last: keeps the heap top in use, so free() cannot shrink it
     del chunks
-    held = memory._resident_mib()
+    held = memory.resident_memory_mib()
     monkeypatch.setattr(memory, "_after_last_trim", [0.0])
     memory.release_free_memory()
-    assert memory._resident_mib() < held - 256
-    assert memory._after_last_trim[0] == pytest.approx(memory._resident_mib(), abs=16)
+    assert memory.resident_memory_mib() < held - 256
+    assert memory._after_last_trim[0] == pytest.approx(memory.resident_memory_mib(), abs=16)
     del pin
 
 
