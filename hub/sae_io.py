@@ -25,7 +25,7 @@ from hub.validate import (
     check_tensor_names,
     check_tensor_shape,
 )
-from steer.sae import SAE, build_sae, dtype_from_name, dtype_name
+from steer.sae import SAE, build_sae, dtype_from_name, dtype_name, sae_layer  # noqa: F401 (re-exported)
 
 _REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
 
@@ -108,7 +108,12 @@ def load_sae(
     `hub.remote.HubUnavailableError` when they must be downloaded but cannot.
     """
     folder = resolve_sae_folder(source, sae_id, revision=revision)
-    return read_sae_folder(folder, dtype=dtype, device=device, expected_d_in=expected_d_in)
+    sae = read_sae_folder(folder, dtype=dtype, device=device, expected_d_in=expected_d_in)
+    if not Path(source).expanduser().exists():  # a Hub repo: keep the reference, not the download cache
+        sae.source = {"repo": str(source), **({"sae_id": sae_id} if sae_id else {})}
+        if revision:
+            sae.source["revision"] = revision
+    return sae
 
 
 def resolve_sae_folder(source: str | Path, sae_id: str | None = None, *, revision: str | None = None) -> Path:
@@ -195,6 +200,7 @@ def read_sae_folder(
         layout.fold(loaded)
     sae.load_state_dict(loaded, strict=True, assign=True)
     sae.cfg.device = str(device)
+    sae.source = str(folder.resolve())
     if layout.format != "saelens-v6":
         sae.cfg.metadata.setdefault("converted_from", layout.format)
     return sae
@@ -243,30 +249,3 @@ def sae_metadata(
     except TypeError as exc:
         raise ValueError(f"SAE metadata must be JSON-serialisable: {exc}") from None
     return meta
-
-
-_RESID = re.compile(r"blocks\.(\d+)\.hook_resid_(post|pre)")
-_HF_LAYER = re.compile(r"(?:model\.)?layers[._](\d+)")
-
-
-def sae_layer(sae: SAE | dict[str, Any]) -> int | None:
-    """The layer an SAE reads (output of decoder block L), from its metadata in any supported format.
-
-    `blocks.L.hook_resid_post` -> L, `blocks.L.hook_resid_pre` -> L-1, sparsify's `layers.L` -> L.
-    None when the metadata names no residual-stream hook (e.g. an MLP-output SAE, or no hook at all).
-    """
-    meta = sae.metadata if isinstance(sae, SAE) else sae
-    hook = meta.get("hook_name")
-    if hook:
-        match = _RESID.fullmatch(str(hook))
-        if match is None:
-            return None
-        layer = int(match.group(1))
-        if match.group(2) == "post":
-            return layer
-        return layer - 1 if layer > 0 else None
-    hf_hook = meta.get("hf_hook_name")
-    if hf_hook and (match := _HF_LAYER.fullmatch(str(hf_hook))):
-        return int(match.group(1))
-    layer = meta.get("hook_layer")
-    return layer if isinstance(layer, int) and not isinstance(layer, bool) else None

@@ -1,9 +1,14 @@
-"""The hook manager: apply compiled interventions to decoder-layer outputs, at tracked positions.
+"""The steering hooks: apply compiled interventions to decoder-layer outputs, at placed positions.
 
-A forward pre-hook on the model's base module reads each call's `input_ids`, attention mask and
-cache length, and works out which positions every spec targets (special tokens via a streaming
-automaton whose state carries across KV-cache steps). Forward hooks on the decoder layers then
-edit the residual at exactly those positions:
+Hooks are installed once per model (while any `steer()` block on it is open) and hold no edits
+themselves: the active edits belong to a context (`activate`, a context variable), so two threads,
+each inside its own `steer()` on one shared model, never see each other's edits, and a thread with no
+open block runs the plain model. A forward pre-hook on the base module places every call for each
+active context (`steer.placement`); forward hooks on the decoder layers then edit the residual at
+exactly the positions each spec targets. Both run before any other hook on their module
+(`prepend=True`), so transformers' hidden-state recording and user hooks see the edited residual.
+
+The edits:
 
 - `add`: `x + sum_k strength_k * W_dec[k] / ||W_dec[k]||` (no encoder);
 - `scale/set/ablate`: `x + decode(f') - decode(f)`, i.e. `x + sum_k (f'_k - f_k) W_dec[k]` (the SAE's
@@ -15,14 +20,20 @@ Only targeted positions are gathered and sent through the SAE; other positions a
 
 from __future__ import annotations
 
-import inspect
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 from torch import nn
 
-from steer.positions import SpecialTokens, SpecialTokenStream
+from steer.placement import ForwardCall, Placement, SequenceTracker
+from steer.positions import SpecialTokens
 from steer.sae import SAE
 from steer.spec import LATENT_OPS, Intervention, SpecError
 
@@ -143,28 +154,32 @@ class CompiledIntervention:
         return hidden.masked_scatter(mask.unsqueeze(-1), edited)
 
 
-# -- per-call position bookkeeping -----------------------------------------------------------------
+# -- per-call positions -----------------------------------------------------------------------------
 @dataclass
 class CallPositions:
-    """Which positions of the current forward call each kind of `positions` selects (lazy, cached)."""
+    """Which positions of one placed forward call each kind of `positions` selects (lazy, cached)."""
 
-    input_ids: torch.Tensor | None
-    shape: tuple[int, int]  # (B, T) of this call
-    device: torch.device
-    attention_mask: torch.Tensor | None  # [B, T] of this call's positions, 0 = padding
-    start: int  # absolute column of the first position (the cache length)
-    prompt_len: int
-    special_marks: list[list[bool]] | None  # from the special-token stream, None if not tracked
+    placement: Placement
     _masks: dict = field(default_factory=dict)
-    _empty: dict = field(default_factory=dict)
 
     @cached_property
     def real(self) -> torch.Tensor | None:
         """Bool `[B, T]` of real (non-padding) positions; None when every position is real."""
-        if self.attention_mask is None:
+        if self.placement.real is None:
             return None
-        real = self.attention_mask.to(self.device).bool()
-        return None if bool(real.all()) else real
+        return self.placement.call.call_mask().to(self.placement.call.device).bool()
+
+    def selects_nothing(self, positions: Positions) -> bool:
+        """Whether `positions` selects no position of this call (the hook then has nothing to do)."""
+        placed = self.placement
+        if positions == "special":
+            return not any(map(any, placed.special))
+        if positions == "generated":
+            return not any(placed.generated)
+        if positions == "prompt":
+            return all(placed.generated)
+        mask = self.mask(positions)
+        return mask is not None and not bool(mask.any())
 
     def mask(self, positions: Positions) -> torch.Tensor | None:
         """Bool mask `[B, T]`, or None meaning "every position"."""
@@ -172,134 +187,148 @@ class CallPositions:
             self._masks[positions] = self._compute(positions)
         return self._masks[positions]
 
-    def selects_nothing(self, positions: Positions) -> bool:
-        """Whether `positions` selects no position of this call (the hook then has nothing to do)."""
-        if positions not in self._empty:
-            if positions == "special" and self.special_marks is not None:  # no tensor needed to tell
-                self._empty[positions] = not any(map(any, self.special_marks))
-            else:
-                mask = self.mask(positions)
-                self._empty[positions] = mask is not None and not bool(mask.any())
-        return self._empty[positions]
-
     def _compute(self, positions: Positions) -> torch.Tensor | None:
+        call = self.placement.call
         if positions == "all":
             return self.real
         if positions in ("prompt", "generated"):
-            batch, length = self.shape
-            cols = torch.arange(self.start, self.start + length, device=self.device)
-            inside = cols < self.prompt_len if positions == "prompt" else cols >= self.prompt_len
-            out = inside.unsqueeze(0).expand(batch, -1)
+            generated = torch.tensor(self.placement.generated, dtype=torch.bool, device=call.device)
+            inside = ~generated if positions == "prompt" else generated
+            out = inside.unsqueeze(0).expand(call.batch, -1)
             return out if self.real is None else out & self.real
-        if self.input_ids is None:
-            raise SpecError(
-                f"positions={positions!r} needs input_ids, but the model was called with inputs_embeds"
-            )
         if positions == "special":
-            return torch.tensor(self.special_marks, dtype=torch.bool, device=self.device)
-        out = torch.isin(self.input_ids, torch.tensor(positions, device=self.input_ids.device))
+            return torch.tensor(self.placement.special, dtype=torch.bool, device=call.device)
+        if call.input_ids is None:
+            raise SpecError(
+                f"positions={list(positions)} needs input_ids, but the model was called with inputs_embeds"
+            )
+        out = torch.isin(call.input_ids, torch.tensor(positions, device=call.input_ids.device))
         return out if self.real is None else out & self.real
 
 
-class HookManager:
-    """Installs the position pre-hook and one layer hook per intervention; removes them all on `remove`."""
+# -- contexts and the shared hooks ------------------------------------------------------------------
+class SteeringContext:
+    """One open `steer()` block: its compiled edits by layer, and the sequence its calls have followed."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        compiled: list[CompiledIntervention],
-        special_tokens: SpecialTokens | None,
+        self, base: nn.Module, compiled: list[CompiledIntervention], special_tokens: SpecialTokens | None
     ) -> None:
-        self.model = model
-        self.compiled = compiled
-        self.special_tokens = special_tokens
-        self.needs_special = any(c.positions == "special" for c in compiled)
-        if self.needs_special and special_tokens is None:
+        self.base = base
+        self.by_layer: dict[int, list[CompiledIntervention]] = {}
+        for item in compiled:
+            self.by_layer.setdefault(item.layer, []).append(item)
+        needs_special = any(item.positions == "special" for item in compiled)
+        if needs_special and special_tokens is None:
             raise SpecError("positions='special' needs the tokenizer's special tokens (a chat template)")
-        self.declared_prompt_len: int | None = None
-        self._stream: SpecialTokenStream | None = None
-        self._prompt_len = 0
-        self._current: CallPositions | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.tracker = SequenceTracker(special_tokens if needs_special else None)
+        self.current: CallPositions | None = None
 
-    # -- lifecycle -----------------------------------------------------------------------------
-    def attach(self) -> HookManager:
-        layers = decoder_layers(self.model)
-        base = getattr(self.model, "base_model", self.model)
-        try:
-            self._handles.append(base.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-            for item in self.compiled:
-                self._handles.append(layers[item.layer].register_forward_hook(self._layer_hook(item)))
-        except Exception:
-            self.remove()
-            raise
-        return self
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._current = None
-        self._stream = None
+_ACTIVE: ContextVar[tuple[SteeringContext, ...]] = ContextVar("fast_steer_active", default=())
 
-    # -- hooks ---------------------------------------------------------------------------------
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if len(args) > 1:
-            kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
-            args = ()
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        shape_source = input_ids if input_ids is not None else embeds
-        if shape_source is None:
-            raise SpecError("a steered forward needs input_ids or inputs_embeds")
-        batch, length = shape_source.shape[:2]
-        start = _cache_length(kwargs.get("past_key_values"))
-        attention_mask = kwargs.get("attention_mask")
-        call_mask = None
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-            call_mask = attention_mask[:, -length:]
-        if start == 0:
-            self._prompt_len = self.declared_prompt_len or length
-            if self.needs_special:
-                if input_ids is None:
-                    raise SpecError(
-                        "positions='special' needs input_ids, but the model was called with inputs_embeds"
+
+def base_module(model: nn.Module) -> nn.Module:
+    """The module whose forward takes the token ids and the cache (`model.model`, GPT-2 `transformer`)."""
+    return getattr(model, "base_model", model)
+
+
+class ModelHooks:
+    """The steering hooks of one model: installed while any context needs them, counted per layer."""
+
+    _lock = threading.Lock()
+    _by_model: weakref.WeakKeyDictionary[nn.Module, ModelHooks] = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.base = base_module(model)
+        self.layers = decoder_layers(model)
+        self._pre_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._layer_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._users: Counter[int] = Counter()
+        self._contexts = 0
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelHooks:
+        """The hooks of `model` (one set per base module, however many wrappers share it)."""
+        base = base_module(model)
+        with cls._lock:
+            if base not in cls._by_model:
+                cls._by_model[base] = cls(model)
+            return cls._by_model[base]
+
+    def acquire(self, layers: list[int]) -> None:
+        with self._lock:
+            if self._contexts == 0:
+                self._pre_handle = self.base.register_forward_pre_hook(
+                    self._place, with_kwargs=True, prepend=True
+                )
+            self._contexts += 1
+            for layer in layers:
+                if self._users[layer] == 0:
+                    self._layer_handles[layer] = self.layers[layer].register_forward_hook(
+                        self._layer_hook(layer), prepend=True
                     )
-                self._stream = self.special_tokens.stream(batch, input_ids.device)
-        elif self.needs_special and (self._stream is None or self._stream.batch_size != batch):
-            raise SpecError(
-                "a cached forward step does not continue the previous call (batch size changed or no prompt "
-                "was seen); special positions are tracked per row, so beam search and cache reordering are "
-                "not supported"
-            )
-        special_marks = self._stream.advance(input_ids, call_mask) if self.needs_special else None
-        self._current = CallPositions(
-            input_ids,
-            (batch, length),
-            shape_source.device,
-            call_mask,
-            start,
-            self._prompt_len,
-            special_marks,
-        )
+                self._users[layer] += 1
 
-    def _layer_hook(self, item: CompiledIntervention):
+    def release(self, layers: list[int]) -> None:
+        with self._lock:
+            for layer in layers:
+                self._users[layer] -= 1
+                if self._users[layer] == 0:
+                    self._layer_handles.pop(layer).remove()
+                    del self._users[layer]
+            self._contexts -= 1
+            if self._contexts == 0 and self._pre_handle is not None:
+                self._pre_handle.remove()
+                self._pre_handle = None
+
+    def _place(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        contexts = [ctx for ctx in _ACTIVE.get() if ctx.base is module]
+        if not contexts:
+            return
+        call = ForwardCall.read(module, args, kwargs)
+        for ctx in contexts:
+            ctx.current = CallPositions(ctx.tracker.place(call))
+
+    def _layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output):
-            if self._current is None:
-                raise SpecError(f"steered layer {item.layer} ran outside a forward of the steered model")
-            if self._current.selects_nothing(item.positions):
+            hidden = None
+            for ctx in _ACTIVE.get():
+                items = ctx.by_layer.get(layer) if ctx.base is self.base else None
+                if not items:
+                    continue
+                if ctx.current is None:
+                    raise SpecError(f"steered layer {layer} ran outside a forward of the steered model")
+                for item in items:
+                    if ctx.current.selects_nothing(item.positions):
+                        continue
+                    if hidden is None:
+                        hidden = output[0] if isinstance(output, tuple) else output
+                    hidden = item.apply(hidden, ctx.current.mask(item.positions))
+            if hidden is None:
                 return output
-            hidden = output[0] if isinstance(output, tuple) else output
-            edited = item.apply(hidden, self._current.mask(item.positions))
-            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 
 
-def _cache_length(past_key_values) -> int:
-    """Tokens already in the KV cache (0 without a cache or at the first step)."""
-    if past_key_values is None:
-        return 0
-    if hasattr(past_key_values, "get_seq_length"):
-        return int(past_key_values.get_seq_length())
-    return int(past_key_values[0][0].shape[-2]) if len(past_key_values) else 0
+def is_steering(model: nn.Module) -> bool:
+    """Whether the current context (thread, task) has a `steer()` block open on `model`."""
+    base = base_module(model)
+    return any(ctx.base is base for ctx in _ACTIVE.get())
+
+
+@contextmanager
+def activate(
+    model: nn.Module, compiled: list[CompiledIntervention], special_tokens: SpecialTokens | None
+) -> Iterator[SteeringContext]:
+    """Apply `compiled` to every forward of `model` run in the current context (thread, task) inside."""
+    ctx = SteeringContext(base_module(model), compiled, special_tokens)
+    hooks = ModelHooks.of(model)
+    layers = sorted(ctx.by_layer)
+    hooks.acquire(layers)
+    token = _ACTIVE.set((*_ACTIVE.get(), ctx))
+    try:
+        yield ctx
+    finally:
+        _ACTIVE.reset(token)
+        hooks.release(layers)

@@ -24,7 +24,7 @@ _PLACEHOLDER = "Hello there"
 _MAX_ROLE_TOKENS = 8
 
 # Trie node ids of the position automaton.
-_OUTSIDE = 0  # not in a special run
+OUTSIDE = 0  # not in a special run
 _ROOT = 1  # just read a special token
 
 
@@ -60,10 +60,10 @@ class SpecialTokens:
         return frozenset(self.special_ids)
 
     def step(self, state: int, token: int) -> int:
-        """The automaton's next state after reading `token` (`_OUTSIDE` = not marked)."""
+        """The automaton's next state after reading `token` (`OUTSIDE` = not marked)."""
         if token in self._special_set:
             return _ROOT
-        return self.transitions.get((state, token), _OUTSIDE)
+        return self.transitions.get((state, token), OUTSIDE)
 
     def stream(self, batch_size: int, device: torch.device | str = "cpu") -> SpecialTokenStream:
         """A fresh streaming marker for `batch_size` rows (state carried across `update` calls)."""
@@ -116,7 +116,7 @@ class SpecialTokenStream:
     def __init__(self, tokens: SpecialTokens, batch_size: int, device: torch.device) -> None:
         self.tokens = tokens
         self.device = device
-        self.state = [_OUTSIDE] * batch_size
+        self.state = [OUTSIDE] * batch_size
 
     @property
     def batch_size(self) -> int:
@@ -146,7 +146,7 @@ class SpecialTokenStream:
             for t, token in enumerate(ids):
                 if real is None or real[row][t]:
                     state = step(state, token)
-                    marks.append(state != _OUTSIDE)
+                    marks.append(state != OUTSIDE)
                 else:
                     marks.append(False)
             self.state[row] = state

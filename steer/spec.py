@@ -2,7 +2,8 @@
 
 One serialisable object (dict / JSON / YAML) consumed by the hook manager, the CLI, lm-eval and the
 demo. Parsing never loads an SAE: a reference (a local folder, or `{"repo": ..., "sae_id": ...}`) is
-resolved by `Intervention.load_sae`, the only place where `steer` imports `hub`.
+resolved by `load_sae_reference`, the only place where `steer` imports `hub`. `parse_sae_ref` is the one
+parser of the textual references that users type (`DIR`, `owner/name`, `owner/name:sub/folder`).
 """
 
 from __future__ import annotations
@@ -74,17 +75,19 @@ class Edit:
 class Intervention:
     """Edits of SAE features at the output of decoder block `layer`, at `positions`.
 
-    `sae`: a loaded `SAE`, a local folder, or `{"repo": "owner/name", "sae_id": "sub/folder"}`.
-    `sae_ref`: the reference written by `to_dict` when `sae` is a loaded object.
+    `sae`: a loaded `SAE` (serialised through the reference it was loaded from, `SAE.source`), a local
+    folder, or `{"repo": "owner/name", "sae_id": "sub/folder"}`.
     `positions`: "special" (chat-template special tokens and the role names after them), "all",
-    "prompt", "generated", or a list of token strings / ids.
+    "prompt" (tokens fed as input), "generated" (tokens the model produced and fed back one at a
+    time), or a list of token strings / ids.
+    `allow_layer_mismatch`: apply the SAE at a `layer` other than the one it was trained on.
     """
 
     layer: int
     sae: SAE | SAERef
     edits: list[Edit] = field(default_factory=list)
     positions: str | list[str | int] = "special"
-    sae_ref: SAERef | None = None
+    allow_layer_mismatch: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -100,25 +103,32 @@ class Intervention:
                 f"features {duplicates} have several scale/set/ablate edits; give one per feature"
             )
         self.positions = _check_positions(self.positions)
-        if not isinstance(self.sae, SAE):
-            _check_ref(self.sae)
-        if self.sae_ref is not None:
-            _check_ref(self.sae_ref)
+        if not isinstance(self.allow_layer_mismatch, bool):
+            raise SpecError(f"allow_layer_mismatch must be true or false, got {self.allow_layer_mismatch!r}")
         if isinstance(self.sae, SAE):
             self.check_sae(self.sae)
+        else:
+            _check_ref(self.sae)
 
     # -- validation against an SAE and a model -----------------------------------------------
     @property
     def reference(self) -> SAERef | None:
-        """The SAE reference (folder or repo) if known, else None."""
-        return self.sae_ref if isinstance(self.sae, SAE) else self.sae
+        """The SAE reference (folder or repo): the spec's own, or where its loaded SAE came from."""
+        return self.sae.source if isinstance(self.sae, SAE) else self.sae
 
     def check_sae(self, sae: SAE) -> None:
-        """Raise `SpecError` if a feature id is out of range for `sae`."""
+        """Raise `SpecError` if a feature id is out of range for `sae`, or `layer` is not the SAE's layer."""
         bad = sorted({e.feature for e in self.edits if e.feature >= sae.d_sae})
         if bad:
             raise SpecError(
                 f"features {bad} are out of range for an SAE with d_sae={sae.d_sae} (layer {self.layer})"
+            )
+        trained = sae.layer
+        if trained is not None and trained != self.layer and not self.allow_layer_mismatch:
+            hook = sae.metadata.get("hook_name") or sae.metadata.get("hf_hook_name") or "its metadata"
+            raise SpecError(
+                f"the spec edits layer {self.layer}, but its SAE was trained on layer {trained} ({hook}); "
+                f"set layer to {trained}, or allow_layer_mismatch: true to apply it at layer {self.layer}"
             )
 
     def check_model(self, n_layers: int, d_model: int, sae: SAE) -> None:
@@ -134,9 +144,8 @@ class Intervention:
         self.check_sae(sae)
 
     def with_sae(self, sae: SAE | SAERef) -> Intervention:
-        """A copy using `sae`, keeping the current reference for serialisation."""
-        ref = self.reference if isinstance(sae, SAE) else None
-        return replace(self, sae=sae, sae_ref=ref)
+        """A copy of this spec that uses `sae` (a loaded SAE or a reference)."""
+        return replace(self, sae=sae)
 
     def load_sae(
         self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
@@ -155,34 +164,38 @@ class Intervention:
         ref = self.reference
         if ref is None:
             raise SpecError(
-                "this intervention holds a loaded SAE without a reference; pass sae_ref='folder' or "
-                "sae_ref={'repo': ..., 'sae_id': ...} to serialise it"
+                "this intervention holds an SAE that was not loaded from a folder or the Hub, so it has no "
+                "reference to write; save it (hub.save_sae) and load it back, or give the spec a reference"
             )
-        return {
+        out = {
             "layer": self.layer,
             "sae": ref,
             "edits": [e.to_dict() for e in self.edits],
             "positions": self.positions,
         }
+        if self.allow_layer_mismatch:
+            out["allow_layer_mismatch"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], sae: SAE | None = None) -> Intervention:
-        """Parse a spec mapping; with `sae`, use that loaded SAE and keep the mapping's as reference."""
+        """Parse a spec mapping; with `sae`, use that loaded SAE instead of the mapping's reference."""
         if not isinstance(data, dict):
             raise SpecError(f"an intervention must be a mapping, got {type(data).__name__}")
-        _check_keys(data, {"layer", "sae", "edits", "positions"}, "intervention")
+        _check_keys(data, {"layer", "sae", "edits", "positions", "allow_layer_mismatch"}, "intervention")
         missing = [k for k in ("layer", "sae") if k not in data and not (k == "sae" and sae is not None)]
         if missing:
             raise SpecError(f"intervention is missing {', '.join(missing)}; got keys {sorted(data)}")
         edits = data.get("edits", [])
         if not isinstance(edits, list):
             raise SpecError(f"'edits' must be a list of {{feature, op, strength}} mappings, got {edits!r}")
-        fields: dict[str, Any] = dict(
-            layer=data["layer"], edits=edits, positions=data.get("positions", "special")
+        return cls(
+            layer=data["layer"],
+            sae=data["sae"] if sae is None else sae,
+            edits=edits,
+            positions=data.get("positions", "special"),
+            allow_layer_mismatch=data.get("allow_layer_mismatch", False),
         )
-        if sae is None:
-            return cls(sae=data["sae"], **fields)
-        return cls(sae=sae, sae_ref=data.get("sae"), **fields)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -250,9 +263,7 @@ def load_sae_reference(
     import hub
 
     _check_ref(ref)
-    source, sae_id = (
-        (ref, None) if isinstance(ref, str) else (ref.get("path") or ref["repo"], ref.get("sae_id"))
-    )
+    source, sae_id = split_sae_ref(ref)
     kwargs: dict[str, Any] = {"sae_id": sae_id, "expected_d_in": expected_d_in}
     if device is not None:
         kwargs["device"] = device
@@ -264,6 +275,45 @@ def load_sae_reference(
         return hub.load_sae(source, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise SpecError(f"could not load SAE {ref!r}: {exc}") from exc
+
+
+def split_sae_ref(ref: SAERef) -> tuple[str, str | None]:
+    """`(source, sae_id)` of a reference: a folder or Hub repo, and the sub-folder if any."""
+    if isinstance(ref, str):
+        return ref, None
+    return ref.get("path") or ref["repo"], ref.get("sae_id")
+
+
+def parse_sae_ref(text: str | Path, sae_id: str | None = None) -> SAERef:
+    """The reference a user typed: an existing folder, `owner/name`, or `owner/name:sub/folder`.
+
+    `sae_id` (a sub-folder) may also be given apart. Folders become absolute paths.
+    """
+    text = str(text).strip()
+    if not text:
+        raise SpecError("the SAE reference is empty; give a folder, owner/name or owner/name:sub/folder")
+    path = Path(text).expanduser()
+    if path.exists():
+        folder = str(path.resolve())
+        return {"path": folder, "sae_id": sae_id} if sae_id else folder
+    repo, _, inline_id = text.partition(":")
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")) or not all(repo.split("/")):
+        raise SpecError(
+            f"SAE {text!r} is neither an existing folder nor a Hub reference 'owner/name' or "
+            "'owner/name:sub/folder'"
+        )
+    if inline_id and sae_id and inline_id != sae_id:
+        raise SpecError(f"SAE {text!r} names sub-folder {inline_id!r} but sae_id {sae_id!r} was also given")
+    sae_id = sae_id or inline_id
+    return {"repo": repo, "sae_id": sae_id} if sae_id else {"repo": repo}
+
+
+def sae_ref_name(ref: SAERef) -> str:
+    """A short display name: the folder name, or the Hub repo and sub-folder."""
+    source, sae_id = split_sae_ref(ref)
+    if isinstance(ref, dict) and ref.get("repo"):
+        return f"{source}:{sae_id}" if sae_id else source
+    return f"{Path(source).name}/{sae_id}" if sae_id else Path(source).name
 
 
 # -- helpers ---------------------------------------------------------------------------------

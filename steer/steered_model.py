@@ -9,20 +9,23 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.hooks import CompiledIntervention, HookManager, decoder_layers
+from steer.hooks import CompiledIntervention, activate, decoder_layers, is_steering
 from steer.positions import SpecialTokens, resolve_special_tokens, token_ids
 from steer.sae import SAE
 from steer.spec import Intervention, SpecError
 
-Specs = Intervention | Sequence[Intervention] | None
+Spec = Intervention | CompiledIntervention
+Specs = Spec | Sequence[Spec] | None
 
 
 class SteeredModel:
     """Wraps `model` and `tokenizer`; `with sm.steer(spec): ...` edits SAE features in anything run inside.
 
     Without an active spec, `generate` and `__call__` are exactly the model's own. Inside `steer`,
-    positions are tracked by token identity over the prompt and every generated token, with left or
-    right padding (attention mask) and with the KV cache (one position per step).
+    every forward of the model run in the same thread (or task) is placed from what the runtime has
+    seen since the prompt: prompt, generated and special positions hold with left or right padding,
+    with or without the KV cache, under plain `model.generate` (lm-eval calls it directly), beam search
+    and `num_return_sequences`. Other threads are not affected by the block.
     """
 
     def __init__(
@@ -34,7 +37,6 @@ class SteeredModel:
         self.model = model
         self.tokenizer = tokenizer
         self._special_tokens = special_tokens
-        self._managers: list[HookManager] = []
         self._saes: dict[str, SAE] = {}
 
     # -- model facts ---------------------------------------------------------------------------
@@ -63,8 +65,8 @@ class SteeredModel:
 
     @property
     def active(self) -> bool:
-        """Whether any `steer` block is currently open."""
-        return bool(self._managers)
+        """Whether this thread (or task) has a `steer` block open on the model."""
+        return is_steering(self.model)
 
     # -- running ---------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -72,46 +74,28 @@ class SteeredModel:
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        """HF `generate`, arguments passed through (steered inside a `steer` block).
-
-        Declares the prompt length to the active hooks so that `positions="prompt"/"generated"`
-        also hold with `use_cache=False`, where every step re-reads the whole sequence.
-        """
-        inputs = kwargs.get(
-            "input_ids", kwargs.get("inputs", args[0] if args else kwargs.get("inputs_embeds"))
-        )
-        prompt_len = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else None
-        for manager in self._managers:
-            manager.declared_prompt_len = prompt_len
-        try:
-            return self.model.generate(*args, **kwargs)
-        finally:
-            for manager in self._managers:
-                manager.declared_prompt_len = None
+        """HF `generate`, arguments passed through (steered inside a `steer` block)."""
+        return self.model.generate(*args, **kwargs)
 
     @contextmanager
     def steer(self, *specs: Specs) -> Iterator[SteeredModel]:
-        """Apply interventions (one, several, or lists of them) to everything run inside the block.
+        """Apply interventions (one, several, or lists of them) to everything this thread runs inside.
 
-        SAE references are loaded (once, then cached) and every spec is checked against its SAE and the
-        model before any hook is installed; a bad spec raises `SpecError` and installs nothing.
-        Blocks nest; all their edits compose (applied in order at each layer). Hooks are removed on
-        exit, also when the block raises.
+        Specs may be `Intervention`s (compiled here: SAE references are loaded once, then cached, and
+        every spec is checked against its SAE and the model before any hook is installed; a bad spec
+        raises `SpecError` and installs nothing) or the `CompiledIntervention`s that `compile` returned
+        (reused as they are). Blocks nest; all their edits compose (applied in order at each layer).
+        The edits are removed on exit, also when the block raises.
         """
-        flat = _flatten(specs)
-        compiled = [self.compile(spec) for spec in flat]
+        compiled = [
+            item if isinstance(item, CompiledIntervention) else self.compile(item) for item in _flatten(specs)
+        ]
         if not compiled:
             yield self
             return
         needs_special = any(c.positions == "special" for c in compiled)
-        manager = HookManager(self.model, compiled, self.special_tokens if needs_special else None)
-        manager.attach()
-        self._managers.append(manager)
-        try:
+        with activate(self.model, compiled, self.special_tokens if needs_special else None):
             yield self
-        finally:
-            manager.remove()
-            self._managers.remove(manager)
 
     def chat(
         self,
@@ -155,7 +139,7 @@ class SteeredModel:
         return sae
 
     def compile(self, spec: Intervention) -> CompiledIntervention:
-        """Check `spec` against this model and its SAE and precompute what its hooks need."""
+        """Check `spec` against this model and its SAE and precompute what its hooks need (reusable)."""
         if not isinstance(spec, Intervention):
             raise SpecError(f"steer() takes Intervention objects, got {type(spec).__name__}")
         sae = self.load_sae(spec)
@@ -169,15 +153,17 @@ class SteeredModel:
         return CompiledIntervention.build(spec, sae, tokens, self.dtype)
 
 
-def _flatten(specs: tuple) -> list[Intervention]:
-    out: list[Intervention] = []
+def _flatten(specs: tuple) -> list[Spec]:
+    out: list[Spec] = []
     for item in specs:
         if item is None:
             continue
-        if isinstance(item, Intervention):
+        if isinstance(item, Intervention | CompiledIntervention):
             out.append(item)
         elif isinstance(item, Sequence) and not isinstance(item, str):
             out.extend(_flatten(tuple(item)))
         else:
-            raise SpecError(f"steer() takes Intervention objects or lists of them, got {type(item).__name__}")
+            raise SpecError(
+                f"steer() takes Intervention (or compiled) objects or lists of them, got {type(item).__name__}"
+            )
     return out

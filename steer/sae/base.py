@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -75,6 +76,7 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
         self._norm_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.source: str | dict[str, str] | None = None  # where it was loaded from: a spec's SAE reference
         self.reset_parameters()
 
     # -- attributes -------------------------------------------------------------------------
@@ -89,6 +91,11 @@ class SAE(nn.Module):
     @property
     def metadata(self) -> dict[str, Any]:
         return self.cfg.metadata
+
+    @property
+    def layer(self) -> int | None:
+        """The decoder block whose output this SAE was trained on (from its metadata), if known."""
+        return sae_layer(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,6 +174,33 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+
+_RESID = re.compile(r"blocks\.(\d+)\.hook_resid_(post|pre)")
+_HF_LAYER = re.compile(r"(?:model\.)?layers[._](\d+)")
+
+
+def sae_layer(sae: SAE | dict[str, Any]) -> int | None:
+    """The layer an SAE reads (output of decoder block L), from its metadata in any supported format.
+
+    `blocks.L.hook_resid_post` -> L, `blocks.L.hook_resid_pre` -> L-1, sparsify's `layers.L` -> L.
+    None when the metadata names no residual-stream hook (e.g. an MLP-output SAE, or no hook at all).
+    """
+    meta = sae.metadata if isinstance(sae, SAE) else sae
+    hook = meta.get("hook_name")
+    if hook:
+        match = _RESID.fullmatch(str(hook))
+        if match is None:
+            return None
+        layer = int(match.group(1))
+        if match.group(2) == "post":
+            return layer
+        return layer - 1 if layer > 0 else None
+    hf_hook = meta.get("hf_hook_name")
+    if hf_hook and (match := _HF_LAYER.fullmatch(str(hf_hook))):
+        return int(match.group(1))
+    layer = meta.get("hook_layer")
+    return layer if isinstance(layer, int) and not isinstance(layer, bool) else None
 
 
 _REGISTRY: dict[str, type[SAE]] = {}

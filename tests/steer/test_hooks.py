@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from steer import Edit, Intervention
-from steer.hooks import CompiledIntervention, HookManager, LatentEdit, decoder_layers
+from steer.hooks import CompiledIntervention, LatentEdit, activate, decoder_layers
 from tests.conftest import TINY_ARCHS, build_tiny_model
 from tests.steer.helpers import random_sae
 
@@ -106,11 +106,8 @@ def test_tuple_outputs_and_composition_on_one_layer():
     compiled = [CompiledIntervention.build(s, sae, (4, 6), torch.float32) for s in (first, second)]
     with torch.no_grad():
         plain, _ = model(ids)
-        manager = HookManager(model, compiled, special_tokens=None).attach()
-        try:
+        with activate(model, compiled, special_tokens=None):
             steered, extras = model(ids)
-        finally:
-            manager.remove()
         assert extras == ["extra", "extra"], "tuple outputs keep their other elements"
         # reference: apply the two edits one after the other by hand
         h0, _ = model.layers[0](model.embed(ids))

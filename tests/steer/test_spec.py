@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from steer import Edit, Intervention, SpecError, SteeredModel, load_interventions
 from steer.spec import dump_interventions
@@ -94,20 +95,64 @@ def test_model_checks_at_steer_entry(chatml_tokenizer):
         sm.steer(Intervention(layer=1, sae=random_sae(64), edits=[Edit(0)], positions=["two words"])),
     ):
         pass
-    with pytest.raises(SpecError, match="Intervention objects"), sm.steer({"layer": 1}):
+    with pytest.raises(SpecError, match="takes Intervention"), sm.steer({"layer": 1}):
         pass
 
 
-def test_loaded_sae_needs_a_reference_to_serialise():
+def test_loaded_sae_serialises_through_where_it_was_loaded_from(tmp_path):
+    from hub import load_sae, save_sae
+
     sae = random_sae(64)
     spec = Intervention(layer=1, sae=sae, edits=[Edit(0, "set", 2.0)])
-    with pytest.raises(SpecError, match="without a reference"):
+    with pytest.raises(SpecError, match="has no reference to write"):
         spec.to_json()
-    named = Intervention.from_dict(_spec_dict(sae="my/sae_folder"), sae=sae)
-    assert named.sae is sae and named.sae_ref == "my/sae_folder"
-    assert json.loads(named.to_json())["sae"] == "my/sae_folder"
-    swapped = Intervention.from_dict(_spec_dict()).with_sae(sae)
-    assert swapped.sae is sae and swapped.to_dict()["sae"] == _spec_dict()["sae"]
+    save_sae(sae, tmp_path / "my_sae")
+    loaded = load_sae(tmp_path / "my_sae")
+    assert loaded.source == str((tmp_path / "my_sae").resolve())
+    named = Intervention.from_dict(_spec_dict(sae="elsewhere/unused"), sae=loaded)
+    assert named.sae is loaded and json.loads(named.to_json())["sae"] == loaded.source
+    swapped = Intervention.from_dict(_spec_dict()).with_sae(loaded)
+    assert swapped.sae is loaded and swapped.to_dict()["sae"] == loaded.source
+    reloaded = Intervention.from_json(named.to_json()).load_sae()
+    assert torch.equal(reloaded.W_dec, sae.W_dec)
+
+
+def test_parse_sae_ref_is_the_one_parser(tmp_path):
+    from steer.spec import parse_sae_ref, sae_ref_name
+
+    (tmp_path / "runs" / "fast").mkdir(parents=True)
+    folder = str((tmp_path / "runs" / "fast").resolve())
+    assert parse_sae_ref(tmp_path / "runs" / "fast") == folder
+    assert parse_sae_ref(str(tmp_path / "runs"), "fast") == {
+        "path": str((tmp_path / "runs").resolve()),
+        "sae_id": "fast",
+    }
+    assert parse_sae_ref("owner/name") == {"repo": "owner/name"}
+    assert parse_sae_ref("owner/name:layer_15/fast") == {"repo": "owner/name", "sae_id": "layer_15/fast"}
+    assert parse_sae_ref("owner/name", "x") == {"repo": "owner/name", "sae_id": "x"}
+    assert sae_ref_name({"repo": "owner/name", "sae_id": "x"}) == "owner/name:x"
+    assert sae_ref_name(folder) == "fast"
+    for bad, why in [("", "empty"), ("no_such_folder", "neither an existing folder"), ("a/b/c", "neither")]:
+        with pytest.raises(SpecError, match=why):
+            parse_sae_ref(bad)
+    with pytest.raises(SpecError, match="but sae_id 'y' was also given"):
+        parse_sae_ref("owner/name:x", "y")
+
+
+def test_spec_layer_must_match_the_sae_layer_unless_allowed():
+    sae = random_sae(64)
+    sae.cfg.metadata["hook_name"] = "blocks.15.hook_resid_post"
+    with pytest.raises(SpecError, match=r"edits layer 10, but its SAE was trained on layer 15 \(blocks.15"):
+        Intervention(layer=10, sae=sae, edits=[Edit(0)])
+    allowed = Intervention(layer=10, sae=sae, edits=[Edit(0)], allow_layer_mismatch=True)
+    assert allowed.layer == 10
+    assert Intervention(layer=15, sae=sae, edits=[Edit(0)]).layer == 15
+    data = _spec_dict(layer=10)
+    with pytest.raises(SpecError, match="trained on layer 15"):
+        Intervention.from_dict(data, sae=sae)
+    assert Intervention.from_dict({**data, "allow_layer_mismatch": True}, sae=sae).allow_layer_mismatch
+    with pytest.raises(SpecError, match="allow_layer_mismatch must be true or false"):
+        Intervention.from_dict({**data, "allow_layer_mismatch": "yes"})
 
 
 def test_spec_files_and_sae_loading_through_hub(tmp_path):
