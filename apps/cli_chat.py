@@ -7,7 +7,6 @@ import shutil
 import sys
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 
@@ -97,15 +96,14 @@ def chat_command(
     sm = SteeredModel(model, tokenizer)
     try:
         specs = _build_specs(sm, spec_path, sae_source, sae_id, feature, strength, op, positions, layer)
-        for spec in specs:
-            sm.compile(spec)  # validate against the model before the first turn
+        compiled = [sm.compile(spec) for spec in specs]  # checked once, before the first turn
     except (SpecError, ValueError, OSError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     options = ChatOptions(max_new_tokens, sample, temperature, seed)
     label = "steered (" + "; ".join(_describe(s) for s in specs) + ")"
     start = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
-        _turn(sm, specs, start, start, prompt, options, label, as_json)
+        _turn(sm, compiled, start, start, prompt, options, label, as_json)
         return
     plain_history, steered_history = list(start), list(start)
     stdin = sys.stdin
@@ -120,22 +118,23 @@ def chat_command(
             plain_history, steered_history = list(start), list(start)
             click.echo("(history cleared)")
         elif text:
-            plain, steered = _turn(sm, specs, plain_history, steered_history, text, options, label, as_json)
+            plain, steered = _turn(
+                sm, compiled, plain_history, steered_history, text, options, label, as_json
+            )
             plain_history += [{"role": "user", "content": text}, {"role": "assistant", "content": plain}]
             steered_history += [{"role": "user", "content": text}, {"role": "assistant", "content": steered}]
 
 
 def _build_specs(sm, spec_path, sae_source, sae_id, feature, strength, op, positions, layer) -> list:
     """The interventions asked for on the command line (a spec file, or one feature edit)."""
-    from hub import load_sae, sae_layer
     from steer import Edit, Intervention, SpecError, load_interventions
+    from steer.spec import load_sae_reference, parse_sae_ref
 
     sae = None
-    ref = None
     if sae_source is not None:
-        kind = "path" if Path(sae_source).expanduser().exists() else "repo"
-        ref = {kind: sae_source, "sae_id": sae_id} if sae_id else sae_source
-        sae = load_sae(sae_source, sae_id, device=sm.device, expected_d_in=sm.d_model)
+        sae = load_sae_reference(
+            parse_sae_ref(sae_source, sae_id), device=sm.device, expected_d_in=sm.d_model
+        )
     if spec_path is not None:
         specs = load_interventions(spec_path)
         return [s.with_sae(sae) if sae is not None else s for s in specs]
@@ -144,14 +143,13 @@ def _build_specs(sm, spec_path, sae_source, sae_id, feature, strength, op, posit
     if strength is None and op != "ablate":
         raise SpecError(f"--op {op} needs --strength")
     if layer is None:
-        layer = sae_layer(sae)
+        layer = sae.layer
         if layer is None:
             raise SpecError("the SAE's metadata names no layer; pass --layer L")
     return [
         Intervention(
             layer=layer,
             sae=sae,
-            sae_ref=ref,
             edits=[Edit(feature, op, 0.0 if strength is None else strength)],
             positions=_parse_positions(positions),
         )
@@ -173,12 +171,12 @@ def _describe(spec) -> str:
     return f"L{spec.layer} {edits} @{where}"
 
 
-def _turn(sm, specs, plain_history, steered_history, text, options, label, as_json) -> tuple[str, str]:
+def _turn(sm, compiled, plain_history, steered_history, text, options, label, as_json) -> tuple[str, str]:
     """Generate both replies to `text`, print them, and return them."""
     user = [{"role": "user", "content": text}]
     kwargs = options.generate_kwargs()
     plain = sm.chat(plain_history + user, **kwargs)
-    steered = sm.chat(steered_history + user, spec=specs, **kwargs)
+    steered = sm.chat(steered_history + user, spec=compiled, **kwargs)
     if as_json:
         click.echo(json.dumps({"prompt": text, "unsteered": plain, "steered": steered, "steering": label}))
     else:

@@ -97,13 +97,14 @@ def demo_command(
 ) -> None:
     """Chat with a model plain and steered through SAE features, side by side, in the browser."""
     from apps.demo import DemoBackend, EditRow
-    from apps.demo.loading import discover, load_demo_sae, parse_sae_arg
+    from apps.demo.loading import discover, load_demo_sae
     from apps.demo.main_job import resolve_data, spread
     from hub import ModelResolutionError, load_model
+    from steer.spec import parse_sae_ref
     from train.data import load_conversations
 
     try:
-        refs = [parse_sae_arg(arg) for arg in sae_args]
+        refs = [parse_sae_ref(arg) for arg in sae_args]
         model, tok = load_model(model_ref)
         saes = [load_demo_sae(ref, model) for ref in refs]
         source = resolve_data(data)

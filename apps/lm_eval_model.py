@@ -69,10 +69,8 @@ class FastSteerLM(HFLM):
 
     def use_specs(self, spec: Any, sae: Any = None, sae_id: str | None = None) -> None:
         """Replace the active spec(s) (arguments as in `load_specs`); SAEs are loaded and checked now."""
-        specs = load_specs(spec, sae, sae_id)
-        for item in specs:
-            self.steered.compile(item)
-        self.specs = specs
+        self.specs = load_specs(spec, sae, sae_id)
+        self.compiled = [self.steered.compile(item) for item in self.specs]
 
     @property
     def steering_active(self) -> bool:
@@ -93,7 +91,7 @@ class FastSteerLM(HFLM):
         if not self.steering_active:
             yield
             return
-        with self.steered.steer(self.specs):
+        with self.steered.steer(self.compiled):
             yield
 
     # Every model call lm-eval makes happens inside one of these three request methods.
@@ -116,6 +114,7 @@ def load_specs(spec: Any, sae: Any = None, sae_id: str | None = None) -> list:
     With `sae` (a folder, a Hub repo with optional `sae_id`, or a loaded SAE), every spec uses that SAE.
     """
     from steer import Intervention, load_interventions
+    from steer.spec import parse_sae_ref
 
     if spec in (None, ""):
         if sae not in (None, ""):
@@ -129,9 +128,7 @@ def load_specs(spec: Any, sae: Any = None, sae_id: str | None = None) -> list:
         else:
             specs.extend(load_interventions(Path(str(item)).expanduser()))
     if sae not in (None, ""):
-        ref = sae
-        if sae_id and isinstance(sae, str | Path):
-            ref = {"path" if Path(sae).expanduser().exists() else "repo": str(sae), "sae_id": str(sae_id)}
+        ref = parse_sae_ref(sae, sae_id) if isinstance(sae, str | Path) else sae
         specs = [s.with_sae(ref) for s in specs]
     return specs
 

@@ -117,12 +117,15 @@ class Intervention:
         return self.sae.source if isinstance(self.sae, SAE) else self.sae
 
     def check_sae(self, sae: SAE) -> None:
-        """Raise `SpecError` if a feature id is out of range for `sae`, or `layer` is not the SAE's layer."""
+        """Raise `SpecError` if a feature id is out of range for `sae`."""
         bad = sorted({e.feature for e in self.edits if e.feature >= sae.d_sae})
         if bad:
             raise SpecError(
                 f"features {bad} are out of range for an SAE with d_sae={sae.d_sae} (layer {self.layer})"
             )
+
+    def check_sae_layer(self, sae: SAE) -> None:
+        """Raise `SpecError` if `layer` is not the layer `sae` was trained on (unless allowed)."""
         trained = sae.layer
         if trained is not None and trained != self.layer and not self.allow_layer_mismatch:
             hook = sae.metadata.get("hook_name") or sae.metadata.get("hf_hook_name") or "its metadata"
@@ -131,12 +134,17 @@ class Intervention:
                 f"set layer to {trained}, or allow_layer_mismatch: true to apply it at layer {self.layer}"
             )
 
-    def check_model(self, n_layers: int, d_model: int, sae: SAE) -> None:
-        """Raise `SpecError` if the layer or the SAE width does not fit a model."""
+    def check_layer(self, n_layers: int) -> None:
+        """Raise `SpecError` if `layer` is not one of a model's `n_layers` decoder blocks."""
         if self.layer >= n_layers:
             raise SpecError(
                 f"layer {self.layer} is out of range for a model with {n_layers} layers (0..{n_layers - 1})"
             )
+
+    def check_model(self, n_layers: int, d_model: int, sae: SAE) -> None:
+        """Raise `SpecError` if the layer or the SAE width does not fit a model."""
+        self.check_layer(n_layers)
+        self.check_sae_layer(sae)
         if sae.d_in != d_model:
             raise SpecError(
                 f"the SAE reads d_in={sae.d_in} but the model's hidden size is {d_model} (layer {self.layer})"

@@ -142,6 +142,7 @@ class SteeredModel:
         """Check `spec` against this model and its SAE and precompute what its hooks need (reusable)."""
         if not isinstance(spec, Intervention):
             raise SpecError(f"steer() takes Intervention objects, got {type(spec).__name__}")
+        spec.check_layer(self.n_layers)
         sae = self.load_sae(spec)
         spec.check_model(self.n_layers, self.d_model, sae)
         tokens: tuple[int, ...] = ()

@@ -43,14 +43,22 @@ class TopFeature:
 
 @dataclass
 class DemoSAE:
-    """An SAE the server was started with: the weights, where it came from, and what we know about it."""
+    """An SAE the server was started with: the weights, and what we know about it."""
 
     name: str
-    ref: SAERef
     sae: SAE
-    layer: int
     top_features: list[TopFeature] = field(default_factory=list)
     sample: ResidualSample | None = None
+
+    @property
+    def ref(self) -> SAERef | None:
+        """Where the SAE was loaded from (the reference that exported specs name)."""
+        return self.sae.source
+
+    @property
+    def layer(self) -> int:
+        """The layer the SAE was trained on (`load_demo_sae` checks that its metadata names one)."""
+        return self.sae.layer
 
     @property
     def residual_norm(self) -> float:

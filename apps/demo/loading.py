@@ -6,49 +6,24 @@ import json
 from pathlib import Path
 
 from apps.demo.backend import DemoSAE, TopFeature, check_fits
-from steer.spec import SAERef
+from steer.spec import SAERef, load_sae_reference, sae_ref_name
 from train.features import FeatureReport, discover_features
 
 FEATURES_FILE = "features.json"
 
 
-def parse_sae_arg(arg: str) -> SAERef:
-    """`DIR` (an existing folder) -> its absolute path; `REPO:ID` or `REPO` -> a Hub reference."""
-    path = Path(arg).expanduser()
-    if path.exists():
-        return str(path.resolve())
-    repo, _, sae_id = arg.partition(":")
-    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
-        raise ValueError(
-            f"--sae {arg!r} is neither an existing folder nor a Hub reference 'owner/name' or 'owner/name:sub/folder'"
-        )
-    return {"repo": repo, "sae_id": sae_id} if sae_id else {"repo": repo}
-
-
-def sae_name(ref: SAERef) -> str:
-    """A short display name: the folder name, or the Hub repo and sub-folder."""
-    if isinstance(ref, str):
-        return Path(ref).name
-    return f"{ref['repo']}:{ref['sae_id']}" if ref.get("sae_id") else ref["repo"]
-
-
 def load_demo_sae(ref: SAERef, model, name: str | None = None) -> DemoSAE:
     """Load the SAE at `ref` on the model's device and check that it fits the model."""
-    from hub import load_sae, sae_layer
-
-    source, sae_id = (
-        (ref, None) if isinstance(ref, str) else (ref.get("path") or ref["repo"], ref.get("sae_id"))
-    )
-    sae = load_sae(source, sae_id, device=model.device).eval()
-    layer = sae_layer(sae)
-    name = name or sae_name(ref)
+    sae = load_sae_reference(ref, device=model.device).eval()
+    layer = sae.layer
+    name = name or sae_ref_name(ref)
     if layer is None:
         raise ValueError(
             f"SAE {name!r} does not say which layer it reads (no residual-stream hook_name in its cfg.json "
             "metadata); the demo needs an SAE on the residual stream after a decoder block"
         )
     check_fits(sae, layer, model, name)
-    return DemoSAE(name=name, ref=ref, sae=sae, layer=layer)
+    return DemoSAE(name=name, sae=sae)
 
 
 def top_features(report: FeatureReport, per_token: int = 5) -> list[TopFeature]:

@@ -220,7 +220,7 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
         save_top_features(features, features_path)
     echo(format_features(features))
     del model
-    demo_sae = DemoSAE(name=out.name, ref=str(out), sae=sae, layer=cfg.layer, top_features=features)
+    demo_sae = DemoSAE(name=out.name, sae=sae, top_features=features)
     job = MainJobResult(
         sae_dir=out,
         metrics=result.metrics,

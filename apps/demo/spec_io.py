@@ -36,7 +36,7 @@ def build_interventions(sae: DemoSAE, rows: list[EditRow]) -> list[Intervention]
     for row in rows:
         groups.setdefault(row.positions, []).append(Edit(row.feature, row.op, row.strength))
     return [
-        Intervention(layer=sae.layer, sae=sae.sae, edits=edits, positions=positions, sae_ref=sae.ref)
+        Intervention(layer=sae.layer, sae=sae.sae, edits=edits, positions=positions)
         for positions, edits in groups.items()
     ]
 

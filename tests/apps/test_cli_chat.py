@@ -56,17 +56,21 @@ def test_one_shot_side_by_side_json(saved):
 
 def test_spec_file_and_sae_override(saved, tmp_path):
     model_dir, sae_dir = saved
-    spec = Intervention(layer=2, sae=str(sae_dir), edits=[Edit(5, "set", 9.0)], positions="all")
+    spec = Intervention(layer=1, sae=str(sae_dir), edits=[Edit(5, "set", 9.0)], positions="all")
+    elsewhere = Intervention(layer=0, sae=str(sae_dir), edits=[Edit(1, "add", 4.0)])
     path = tmp_path / "spec.json"
-    path.write_text(
-        dump_interventions([spec, Intervention(layer=0, sae=str(sae_dir), edits=[Edit(1, "add", 4.0)])])
-    )
+    path.write_text(dump_interventions([spec, elsewhere]))
+    wrong_layer = _run(["--model", str(model_dir), "--spec", str(path), "--max-new-tokens", "4", "Hello"])
+    assert wrong_layer.exit_code != 0
+    assert "edits layer 0, but its SAE was trained on layer 1" in wrong_layer.output
+    elsewhere.allow_layer_mismatch = True
+    path.write_text(dump_interventions([spec, elsewhere]))
     result = _run(
         ["--model", str(model_dir), "--spec", str(path), "--max-new-tokens", "4", "--json", "Hello"]
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[-1])["steering"] == (
-        "steered (L2 #5 set 9 @all; L0 #1 add 4 @special)"
+        "steered (L1 #5 set 9 @all; L0 #1 add 4 @special)"
     )
     override = _run(
         [

@@ -141,16 +141,22 @@ def test_parse_sae_ref_is_the_one_parser(tmp_path):
 
 def test_spec_layer_must_match_the_sae_layer_unless_allowed():
     sae = random_sae(64)
-    sae.cfg.metadata["hook_name"] = "blocks.15.hook_resid_post"
-    with pytest.raises(SpecError, match=r"edits layer 10, but its SAE was trained on layer 15 \(blocks.15"):
-        Intervention(layer=10, sae=sae, edits=[Edit(0)])
-    allowed = Intervention(layer=10, sae=sae, edits=[Edit(0)], allow_layer_mismatch=True)
-    assert allowed.layer == 10
-    assert Intervention(layer=15, sae=sae, edits=[Edit(0)]).layer == 15
-    data = _spec_dict(layer=10)
-    with pytest.raises(SpecError, match="trained on layer 15"):
-        Intervention.from_dict(data, sae=sae)
-    assert Intervention.from_dict({**data, "allow_layer_mismatch": True}, sae=sae).allow_layer_mismatch
+    sae.cfg.metadata["hook_name"] = "blocks.2.hook_resid_post"
+    sm = SteeredModel(build_tiny_model("llama", 100, n_layers=4), None)
+    with (
+        pytest.raises(SpecError, match=r"edits layer 1, but its SAE was trained on layer 2 \(blocks.2"),
+        sm.steer(Intervention(layer=1, sae=sae, edits=[Edit(0)], positions="all")),
+    ):
+        pass
+    assert sm.compile(
+        Intervention(layer=1, sae=sae, edits=[Edit(0)], positions="all", allow_layer_mismatch=True)
+    )
+    assert sm.compile(Intervention(layer=2, sae=sae, edits=[Edit(0)], positions="all"))
+    data = {"layer": 1, "sae": "unused", "edits": [{"feature": 0}], "positions": "all"}
+    with pytest.raises(SpecError, match="trained on layer 2"):
+        sm.compile(Intervention.from_dict(data, sae=sae))
+    allowed = Intervention.from_dict({**data, "allow_layer_mismatch": True}, sae=sae)
+    assert sm.compile(allowed) and allowed.allow_layer_mismatch
     with pytest.raises(SpecError, match="allow_layer_mismatch must be true or false"):
         Intervention.from_dict({**data, "allow_layer_mismatch": "yes"})
 
