@@ -46,6 +46,10 @@ def _legacy_cache_length(value) -> int | None:
     return None
 
 
+def _describe(signals: dict[str, int]) -> str:
+    return ", ".join(f"{name} = {value}" for name, value in signals.items()) or "no cache, mask or positions"
+
+
 @dataclass
 class ForwardCall:
     """What one forward call of a base model carries that tells where it sits."""
@@ -116,10 +120,9 @@ class ForwardCall:
         """The absolute column of the call's first token; 0 when the call carries no such signal."""
         values = set(self.signals.values())
         if len(values) > 1:
-            seen = ", ".join(f"{name} = {value}" for name, value in self.signals.items())
             raise SpecError(
                 f"cannot place a forward call of {self.length} new tokens: its signals disagree on where "
-                f"it starts ({seen})"
+                f"it starts ({_describe(self.signals)})"
             )
         return values.pop() if values else 0
 
@@ -169,21 +172,17 @@ class SequenceTracker:
             else:
                 self._take_rows(rows)
                 new_from, one_token_step = seen, True
-        elif call.batch != len(self.ids):
+        elif start > seen or call.batch != len(self.ids):
             raise SpecError(
-                f"cannot place a forward call of {call.batch} rows starting at column {start}: this "
-                f"steering context has followed {len(self.ids)} rows; enter steer() before the prompt is fed"
+                f"cannot place a forward call of {call.batch} rows x {call.length} tokens starting at column "
+                f"{start} ({_describe(call.signals)}): this steering context has seen {len(self.ids)} rows x "
+                f"{seen} columns; enter steer() before the prompt is fed, so that every position it edits "
+                "has been seen"
             )
-        elif start <= seen:
+        else:
             if start < seen:
                 self._crop(start)
             new_from, one_token_step = 0, call.length == 1
-        else:
-            raise SpecError(
-                f"cannot place a forward call starting at column {start} ({call.signals}): this steering "
-                f"context has seen {seen} columns; enter steer() before the prompt is fed, so that every "
-                "position it edits has been seen"
-            )
         self._follow(call.cache)
         self._append(ids, real, call, new_from, one_token_step)
         begin = self.length - call.length

@@ -77,3 +77,35 @@ def greedy(generate, ids: torch.Tensor, mask: torch.Tensor, n: int, pad_id: int,
         **kw,
     )
     return out[:, ids.shape[1] :]
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """`cache` under the keyword this transformers version's forward takes (`cache` from 5.24 on)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+@contextmanager
+def capture_edits(model: torch.nn.Module, layer: int):
+    """Inside a `steer()` block: per forward call, the edit the steering hooks made at `layer` `[B, T, d]`.
+
+    One hook runs before the steering hook (registered with `prepend=True` after it), one after.
+    """
+    before: list[torch.Tensor] = []
+    deltas: list[torch.Tensor] = []
+
+    def first(module, args, output):
+        before.append((output[0] if isinstance(output, tuple) else output).detach().clone())
+
+    def last(module, args, output):
+        deltas.append((output[0] if isinstance(output, tuple) else output).detach() - before[-1])
+
+    block = decoder_layers(model)[layer]
+    handles = [block.register_forward_hook(first, prepend=True), block.register_forward_hook(last)]
+    try:
+        yield deltas
+    finally:
+        for handle in handles:
+            handle.remove()
