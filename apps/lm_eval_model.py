@@ -5,7 +5,8 @@
 file (`steer.Intervention`, one or several), `sae` (optional, with `sae_id` for a sub-folder or
 Hub repo path) replaces the SAE reference written in the spec.
 Without `spec` the adapter is the plain model. The spec is active during every model forward
-lm-eval makes (loglikelihood, rolling loglikelihood) and during generation.
+lm-eval makes (loglikelihood, rolling loglikelihood) and during generation. `use_cache=False` generates
+without the KV cache (HFLM always turns it on); prompt / generated positions are placed alike either way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class FastSteerLM(HFLM):
         tokenizer: Any = None,
         dtype: str | torch.dtype = "float32",
         device: str | None = None,
+        use_cache: bool | str = True,
         **kwargs: Any,
     ) -> None:
         """`pretrained`: a model reference for `hub.load_model` or a loaded model (then pass `tokenizer`).
@@ -64,6 +66,7 @@ class FastSteerLM(HFLM):
         kwargs.pop("backend", None)
         super().__init__(pretrained=model, tokenizer=tok, backend="causal", **kwargs)
         self.steered = SteeredModel(model, tok)
+        self.use_cache = _flag(use_cache, "use_cache")
         self._steering_enabled = True
         self.use_specs(spec, sae, sae_id)
 
@@ -106,6 +109,42 @@ class FastSteerLM(HFLM):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
         with self._steering():
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        """HFLM's generation, with the KV cache as `use_cache` says."""
+        if self.use_cache:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        model, self._model = self._model, _WithoutCache(self._model)
+        try:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        finally:
+            self._model = model
+
+
+class _WithoutCache:
+    """The model as HFLM sees it, whose `generate` runs without the KV cache whatever it is asked."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._wrapped = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._wrapped.generate(*args, **{**kwargs, "use_cache": False})
+
+
+def _flag(value: bool | str, name: str) -> bool:
+    """A boolean model argument (lm-eval passes `key=value` strings)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"model_args {name}={value!r} must be true or false")
 
 
 def load_specs(spec: Any, sae: Any = None, sae_id: str | None = None) -> list:

@@ -109,6 +109,24 @@ def test_adapter_plain_empty_and_strong_spec(tiny, local_tasks):
         assert _generations(steered_lm, tm) == _generations(plain, tm)
 
 
+def test_generated_positions_under_lm_eval_with_and_without_cache(tiny, local_tasks):
+    """HFLM calls `model.generate` itself: the runtime finds the prompt boundary, cached or recomputed."""
+    model, tok, sae, _ = tiny
+    _, tm = local_tasks
+    spec = Intervention(
+        layer=LAYER, sae=sae, edits=[{"feature": 3, "op": "add", "strength": 30.0}], positions="generated"
+    )
+    plain = _generations(FastSteerLM(pretrained=model, tokenizer=tok, batch_size=2), tm)
+    cached = _generations(FastSteerLM(pretrained=model, tokenizer=tok, spec=spec, batch_size=2), tm)
+    recomputed_lm = FastSteerLM(pretrained=model, tokenizer=tok, spec=spec, batch_size=2, use_cache="false")
+    assert recomputed_lm.use_cache is False
+    assert _generations(recomputed_lm, tm) == cached
+    assert cached != plain, "generated positions are edited under lm-eval"
+    assert [c[:1] for c in cached] == [p[:1] for p in plain], "the prompt (and so the first token) is not"
+    with pytest.raises(ValueError, match="use_cache='maybe' must be true or false"):
+        FastSteerLM(pretrained=model, tokenizer=tok, use_cache="maybe")
+
+
 def test_adapter_model_args_errors(tiny):
     _, _, _, root = tiny
     with pytest.raises(ValueError, match="no spec=FILE"):
