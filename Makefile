@@ -1,18 +1,22 @@
 # fast-steer: `make demo` (set up + main job) and `make test` (set up + test suite).
-# Everything lands in .venv/ at the repo root; re-running skips what is already there.
+# Everything lands in .venv/ at the repo root, installed through constraints.txt (the exact stack the suite
+# passed with); re-running skips what is already there. `make test-latest` runs the suite in .venv-latest/
+# on the newest releases that pyproject.toml allows.
 
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 TEST_STAMP := $(VENV)/.test-tools
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install model lint format bench saelens-venv
+.PHONY: demo test test-latest install model lint format bench saelens-venv constraints
 
 demo: install model
 	$(VENV)/bin/fast-steer run
@@ -25,12 +29,29 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet $(PIN) torch==2.13.0
+	$(PIP) install --quiet $(PIN) -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# The whole suite on the newest releases within pyproject's ranges (torch stays at the CPU 2.13.0 wheel:
+# an unpinned torch is a multi-GB CUDA build). Upgrades every run; the pinned .venv is left alone.
+test-latest:
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet torch==2.13.0
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	rm -f .venv-latest/.installed-*
+	touch .venv-latest/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|tokenizers|accelerate|lm.eval|gradio|gradio.client|huggingface.hub|safetensors|datasets)=='
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
+
+# After a green `make test`: write the venv's exact versions back into constraints.txt.
+constraints: install
+	{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 # SAELens in its own venv (never a dependency of the project): the tests check that SAELens loads the
 # SAE folders we write, and that we load the ones it writes, with the same feature activations.
@@ -39,9 +60,9 @@ SAELENS_STAMP := $(SAELENS_VENV)/.installed-sae-lens-6.54.12
 
 saelens-venv: $(SAELENS_STAMP)
 
-$(SAELENS_STAMP):
+$(SAELENS_STAMP): constraints-saelens.txt
 	$(PYTHON) -m venv $(SAELENS_VENV)
-	$(SAELENS_VENV)/bin/pip install --quiet torch==2.13.0 sae-lens==6.54.12
+	$(SAELENS_VENV)/bin/pip install --quiet -c constraints-saelens.txt torch==2.13.0 sae-lens==6.54.12
 	touch $@
 
 # The default model (SmolLM2-135M-Instruct), converted once into ~/.cache/fast-steer.
