@@ -110,7 +110,6 @@ class FastSteerLM(HFLM):
         with self._steering():
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
-
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         """HFLM's generation, with the KV cache as `use_cache` says."""
         if self.use_cache:

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -320,7 +320,7 @@ def reproduce(
         "held-out conversations": len(held_out_conversations(cfg)),
         "chat data": cfg.chat_data,
         "pretraining data": cfg.pretrain_data,
-        "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     paths = write_results(rows, cfg.out, header)
     return ReproduceResult(rows, paths, [r.method for r in todo_train], [r.method for r in todo_eval])
