@@ -209,20 +209,20 @@ class SequenceTracker:
         return rows
 
     def _append(self, ids, real, call: ForwardCall, new_from: int, one_token_step: bool) -> None:
-        step = self.special_tokens.step if self.special_tokens is not None else None
         for row in range(call.batch):
             row_ids = ids[row][new_from:] if ids is not None else [-1] * (call.length - new_from)
             row_real = real[row][new_from:] if real is not None else [True] * len(row_ids)
             states = self.states[row]
-            state = states[-1] if states else OUTSIDE
-            for token, is_real in zip(row_ids, row_real, strict=True):
-                if step is not None and is_real:
-                    if token < 0:
-                        raise SpecError(
-                            "positions='special' needs input_ids, but the model was called with inputs_embeds"
-                        )
-                    state = step(state, token)
-                states.append(state)
+            if self.special_tokens is None:
+                states.extend([OUTSIDE] * len(row_ids))
+            elif ids is None:
+                raise SpecError(
+                    "positions='special' needs input_ids, but the model was called with inputs_embeds"
+                )
+            else:
+                states.extend(
+                    self.special_tokens.advance(states[-1] if states else OUTSIDE, row_ids, row_real)
+                )
             self.ids[row].extend(row_ids)
             self.real[row].extend(row_real)
         self.generated.extend([one_token_step] * (call.length - new_from))

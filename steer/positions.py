@@ -6,7 +6,8 @@ messages and reads off (a) the special tokens the template emits (`<|im_start|>`
 token (`user`, `ass` + `istant`, ...). The result marks positions causally: a position is marked
 iff its token is special, or it continues an unbroken run of role-name tokens right after a
 special token. Because the rule only looks backwards, the mask of a whole sequence equals the
-mask produced one token at a time by a `SpecialTokenStream` (the KV-cache path of `generate`).
+mask produced chunk by chunk with the state carried over (`SpecialTokens.advance`, which the steering
+runtime runs across KV-cache steps).
 """
 
 from __future__ import annotations
@@ -65,9 +66,18 @@ class SpecialTokens:
             return _ROOT
         return self.transitions.get((state, token), OUTSIDE)
 
-    def stream(self, batch_size: int, device: torch.device | str = "cpu") -> SpecialTokenStream:
-        """A fresh streaming marker for `batch_size` rows (state carried across `update` calls)."""
-        return SpecialTokenStream(self, batch_size, torch.device(device))
+    def advance(self, state: int, tokens: Sequence[int], real: Sequence[bool] | None = None) -> list[int]:
+        """The automaton's state after each of `tokens`, starting from `state` (marked: state != OUTSIDE).
+
+        Where `real` is False (padding) the state carries over unchanged and the position is not marked.
+        """
+        step = self.step
+        out = []
+        for t, token in enumerate(tokens):
+            if real is None or real[t]:
+                state = step(state, token)
+            out.append(state)
+        return out
 
     def mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Bool mask `[B, T]` (or `[T]` for 1-D input) of special and role-name positions.
@@ -81,7 +91,12 @@ class SpecialTokens:
             attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask).unsqueeze(0)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [T] or [B, T], got shape {tuple(ids.shape)}")
-        out = self.stream(ids.shape[0], ids.device).update(ids, attention_mask)
+        real = None if attention_mask is None else torch.as_tensor(attention_mask).bool().tolist()
+        marks = []
+        for row, tokens in enumerate(ids.tolist()):
+            states = self.advance(OUTSIDE, tokens, None if real is None else real[row])
+            marks.append([s != OUTSIDE and (real is None or real[row][t]) for t, s in enumerate(states)])
+        out = torch.tensor(marks, dtype=torch.bool, device=ids.device).view(ids.shape)
         return out[0] if squeeze else out
 
     def labels(self, ids: Sequence[int] | torch.Tensor) -> list[str | None]:
@@ -104,54 +119,6 @@ class SpecialTokens:
             "roles": {role: list(seq) for role, seq in self.roles},
             "role_tokens": {role: [names[i] for i in seq] for role, seq in self.roles},
         }
-
-
-class SpecialTokenStream:
-    """Marks special positions chunk by chunk (prompt, then one generated token per step).
-
-    The automaton runs in Python over the ids copied to the host once per call: a decode step costs
-    one small transfer and a few dictionary lookups, not a chain of tiny tensor kernels.
-    """
-
-    def __init__(self, tokens: SpecialTokens, batch_size: int, device: torch.device) -> None:
-        self.tokens = tokens
-        self.device = device
-        self.state = [OUTSIDE] * batch_size
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.state)
-
-    def update(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Advance over `input_ids [B, T]`; return the bool mask `[B, T]` of marked positions."""
-        marks = self.advance(input_ids, attention_mask)
-        return torch.tensor(marks, dtype=torch.bool, device=self.device).view(input_ids.shape)
-
-    def advance(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> list[list[bool]]:
-        """Advance over `input_ids [B, T]`; the marks as nested lists `[B][T]`."""
-        if input_ids.ndim != 2 or input_ids.shape[0] != self.batch_size:
-            raise ValueError(
-                f"expected input_ids of shape [{self.batch_size}, T], got {tuple(input_ids.shape)}; "
-                "start a new stream when the batch changes"
-            )
-        rows = input_ids.tolist()
-        real = None if attention_mask is None else attention_mask.tolist()
-        step = self.tokens.step
-        out = []
-        for row, ids in enumerate(rows):
-            state = self.state[row]
-            marks = []
-            for t, token in enumerate(ids):
-                if real is None or real[row][t]:
-                    state = step(state, token)
-                    marks.append(state != OUTSIDE)
-                else:
-                    marks.append(False)
-            self.state[row] = state
-            out.append(marks)
-        return out
 
 
 def resolve_special_tokens(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steer.positions import resolve_special_tokens, token_ids
+from steer.positions import OUTSIDE, resolve_special_tokens, token_ids
 from tests.conftest import read_conversations
 
 LLAMA3_TEMPLATE = (
@@ -128,13 +128,13 @@ def test_stream_matches_full_mask_with_padding(chatml_tokenizer):
             ids[row, width - len(seq) :] = torch.tensor(seq)
             attn[row, width - len(seq) :] = 1
     full = st.mask(ids, attn)
-    stream = st.stream(3)
-    stepped = torch.cat(
-        [stream.update(ids[:, :5], attn[:, :5])]
-        + [stream.update(ids[:, t : t + 1], attn[:, t : t + 1]) for t in range(5, width)],
-        dim=1,
-    )
-    assert torch.equal(full, stepped)
+    for row in range(3):
+        tokens, real = ids[row].tolist(), attn[row].bool().tolist()
+        states = st.advance(OUTSIDE, tokens[:5], real[:5])
+        for t in range(5, width):  # then one token at a time, the state carried over
+            states += st.advance(states[-1], tokens[t : t + 1], real[t : t + 1])
+        stepped = [s != OUTSIDE and r for s, r in zip(states, real, strict=True)]
+        assert full[row].tolist() == stepped
     assert not full[attn == 0].any(), "padding (here the special <|im_end|>) is never marked"
     for row, seq in enumerate(seqs):
         alone = st.mask(torch.tensor(seq))
