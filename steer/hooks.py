@@ -60,51 +60,27 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 class LatentEdit:
     """`scale/set/ablate` edits of a few features as `delta(x) = sum_k (f'_k - f_k) W_dec[k]`.
 
-    `f' = f * mul + val`: scale (mul=s, val=0), set (0, s), ablate (0, 0). How `f_k` is computed
-    (`mode`): "columns" (ReLU/JumpReLU: only the edited encoder columns), "topk" (all pre-activations,
-    then the k-th largest as threshold; no dense latent tensor), "full" (`sae.encode`, other architectures).
+    `f' = f * mul + val`: scale (mul=s, val=0), set (0, s), ablate (0, 0). `f_k` comes from the
+    architecture's `feature_encoder`: ReLU / JumpReLU need only the edited encoder columns, TopK all
+    pre-activations (for the k-th largest) but no dense latent tensor.
     """
 
     def __init__(self, sae: SAE, features: list[int], mul: list[float], val: list[float]) -> None:
         self.sae = sae
-        idx = torch.tensor(features, device=sae.device)
-        self.features = idx
-        self.mul_minus_one = torch.tensor(mul, dtype=sae.dtype, device=sae.device) - 1
-        self.val = torch.tensor(val, dtype=sae.dtype, device=sae.device)
-        self.mode = {"standard": "columns", "jumprelu": "columns", "topk": "topk"}.get(
-            sae.architecture, "full"
-        )
+        self.activations = torch.no_grad()(sae.feature_encoder(features))
+        mul_minus_one = torch.tensor(mul, dtype=sae.dtype, device=sae.device) - 1
+        val = torch.tensor(val, dtype=sae.dtype, device=sae.device)
         with torch.no_grad():
-            self.W_dec = sae.W_dec[idx].detach().contiguous()
-            if self.mode == "columns":
-                self.W_enc = sae.W_enc[:, idx].detach().contiguous()
-                self.b_enc = sae.b_enc[idx].detach()
-                threshold = getattr(sae, "threshold", None)
-                self.threshold = None if threshold is None else threshold[idx].detach()
-
-    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.sae.normalize_in(x.to(self.sae.dtype))
-        return h - self.sae.b_dec if self.sae.cfg.apply_b_dec_to_input else h
-
-    @torch.no_grad()
-    def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """The edited features' activations `[N, k]` at residuals `x [N, d_in]`."""
-        if self.mode == "full":
-            return self.sae.encode(x)[:, self.features]
-        if self.mode == "topk":
-            h = self._encoder_input(x) @ self.sae.W_enc + self.sae.b_enc
-            kth = h.topk(self.sae.cfg.k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-            h = h[:, self.features]
-            return torch.relu(h) * (h >= kth)
-        h = self._encoder_input(x) @ self.W_enc + self.b_enc
-        acts = torch.relu(h)
-        return acts if self.threshold is None else acts * (h > self.threshold)
+            W_dec = sae.W_dec[torch.tensor(features, device=sae.device)].detach()
+            # (f * (mul - 1) + val) @ W_dec as one addmm: f @ W_delta + offset
+            self.W_delta = (mul_minus_one[:, None] * W_dec).contiguous()
+            self.offset = val @ W_dec
 
     @torch.no_grad()
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """`decode(f') - decode(f)` at residuals `x [N, d_in]`, in `x`'s dtype."""
         f = self.activations(x)
-        diff = (f * self.mul_minus_one + self.val) @ self.W_dec
+        diff = torch.addmm(self.offset, f, self.W_delta)
         if self.sae.cfg.normalize_activations != "none":
             diff = self.sae.normalize_out(diff) - self.sae.normalize_out(torch.zeros_like(diff))
         return diff.to(x.dtype)

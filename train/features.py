@@ -30,7 +30,6 @@ from train.data import Conversation
 from train.harvest import Harvester
 from train.sequences import bucket_batches, fast_sequences
 
-ELEMENTWISE_ARCHITECTURES = ("standard", "jumprelu")
 ANSI_HIGHLIGHT = "\033[1;31m"
 ANSI_RESET = "\033[0m"
 
@@ -224,20 +223,10 @@ def top_contexts(
 def feature_activations(sae: SAE, x: torch.Tensor, feature: int) -> torch.Tensor:
     """Activations `[n]` of one feature on residuals `[n, d_in]`, float32 on the CPU.
 
-    ReLU and JumpReLU SAEs need only that feature's encoder column; TopK needs the full encoding.
+    Through the architecture's `feature_encoder` (ReLU / JumpReLU: that feature's encoder column only).
     """
     with torch.no_grad():
-        x = x.to(sae.device)
-        if sae.architecture not in ELEMENTWISE_ARCHITECTURES:
-            return sae.encode(x)[:, feature].float().cpu()
-        h = sae.normalize_in(x.to(sae.dtype))
-        if sae.cfg.apply_b_dec_to_input:
-            h = h - sae.b_dec
-        pre = h @ sae.W_enc[:, feature] + sae.b_enc[feature]
-        act = torch.relu(pre)
-        if sae.architecture == "jumprelu":
-            act = act * (pre > sae.threshold[feature])
-        return act.float().cpu()
+        return sae.feature_encoder([feature])(x.to(sae.device))[:, 0].float().cpu()
 
 
 def _harvest(

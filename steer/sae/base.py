@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -153,12 +154,22 @@ class SAE(nn.Module):
         return y
 
     # -- the maths --------------------------------------------------------------------------
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the encoder reads it: normalised (remembered for `decode`), minus `b_dec` if configured."""
+        x = self.normalize_in(x.to(self.dtype))
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations `W_enc^T x' + b_enc` after normalisation (and `b_dec` if configured)."""
-        x = self.normalize_in(x.to(self.dtype))
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
+
+    def feature_encoder(self, features: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function giving only `features`' activations `[N, k]` of residuals `[N, d_in]`.
+
+        The default runs the full encoder; architectures that can do with less override it.
+        """
+        idx = torch.tensor(list(features), device=self.device)
+        return lambda x: self.encode(x)[:, idx]
 
     def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """The architecture's non-linearity."""
@@ -174,6 +185,24 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+
+class ElementwiseSAE(SAE):
+    """An SAE whose activation acts on each feature alone, so a few features need only their columns."""
+
+    def feature_activation(self, hidden_pre: torch.Tensor, features: torch.Tensor | slice) -> torch.Tensor:
+        """The activation of pre-activations `[..., k]` of `features` (a slice: all of them)."""
+        raise NotImplementedError
+
+    def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return self.feature_activation(hidden_pre, slice(None))
+
+    def feature_encoder(self, features: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        idx = torch.tensor(list(features), device=self.device)
+        with torch.no_grad():
+            W_enc = self.W_enc[:, idx].detach().contiguous()
+            b_enc = self.b_enc[idx].detach()
+        return lambda x: self.feature_activation(torch.addmm(b_enc, self.encoder_input(x), W_enc), idx)
 
 
 _RESID = re.compile(r"blocks\.(\d+)\.hook_resid_(post|pre)")

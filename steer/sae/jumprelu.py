@@ -3,16 +3,16 @@
 import torch
 from torch import nn
 
-from steer.sae.base import SAE, SAEConfig, register
+from steer.sae.base import ElementwiseSAE, SAEConfig, register
 
 
 @register
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(ElementwiseSAE):
     architecture = "jumprelu"
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=self.dtype, device=self.device))
 
-    def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
-        return torch.relu(hidden_pre) * (hidden_pre > self.threshold)
+    def feature_activation(self, hidden_pre: torch.Tensor, features: torch.Tensor | slice) -> torch.Tensor:
+        return torch.relu(hidden_pre) * (hidden_pre > self.threshold[features])

@@ -2,12 +2,12 @@
 
 import torch
 
-from steer.sae.base import SAE, register
+from steer.sae.base import ElementwiseSAE, register
 
 
 @register
-class StandardSAE(SAE):
+class StandardSAE(ElementwiseSAE):
     architecture = "standard"
 
-    def activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+    def feature_activation(self, hidden_pre: torch.Tensor, features: torch.Tensor | slice) -> torch.Tensor:
         return torch.relu(hidden_pre)
