@@ -41,8 +41,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	echo torch==2.13.0 > .venv-latest/torch-pin.txt
 	.venv-latest/bin/python -m pip install --quiet torch==2.13.0
-	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+		-c .venv-latest/torch-pin.txt -e '.[test]'
 	rm -f .venv-latest/.installed-*
 	touch .venv-latest/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|tokenizers|accelerate|lm.eval|gradio|gradio.client|huggingface.hub|safetensors|datasets)=='
