@@ -28,7 +28,7 @@ from functools import cache
 import torch
 from transformers.cache_utils import Cache
 
-from steer.positions import OUTSIDE, SpecialTokens
+from steer.positions import OUTSIDE, SpecialTokens, marked
 from steer.spec import SpecError
 
 
@@ -66,10 +66,12 @@ class ForwardCall:
     @classmethod
     def read(cls, module: torch.nn.Module, args: tuple, kwargs: dict) -> ForwardCall:
         bound = dict(kwargs)
-        if args:
-            arguments = _signature(module.forward).bind_partial(*args, **kwargs).arguments
-            extra = next((v for k, v in arguments.items() if k == "kwargs" and isinstance(v, dict)), {})
-            bound = {**{k: v for k, v in arguments.items() if k != "kwargs"}, **extra}
+        if args:  # positional arguments (GPT-2 takes the cache second): bind them to their names
+            signature = _signature(module.forward)
+            bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+            for param in signature.parameters.values():
+                if param.kind is param.VAR_KEYWORD:
+                    bound |= bound.pop(param.name, {})
         input_ids = bound.get("input_ids")
         embeds = bound.get("inputs_embeds")
         source = input_ids if isinstance(input_ids, torch.Tensor) else embeds
@@ -133,10 +135,9 @@ class ForwardCall:
 
 @dataclass
 class Placement:
-    """The outcome of placing one call: its first column, which rows are real, and per-column facts."""
+    """The outcome of placing one call: which of its positions are real, generated and special."""
 
     call: ForwardCall
-    start: int
     real: list[list[bool]] | None  # [B][T], None when every position is real
     generated: list[bool]  # [T]: fed in a one-token continuation step
     special: list[list[bool]] | None  # [B][T] special-token marks, None when not tracked
@@ -188,8 +189,7 @@ class SequenceTracker:
         begin = self.length - call.length
         return Placement(
             call=call,
-            start=begin,
-            real=None if real is None else real,
+            real=real,
             generated=self.generated[begin:],
             special=self._marks(begin) if self.special_tokens is not None else None,
         )
@@ -228,10 +228,7 @@ class SequenceTracker:
         self.generated.extend([one_token_step] * (call.length - new_from))
 
     def _marks(self, begin: int) -> list[list[bool]]:
-        return [
-            [is_real and state != OUTSIDE for state, is_real in zip(s[begin:], r[begin:], strict=True)]
-            for s, r in zip(self.states, self.real, strict=True)
-        ]
+        return [marked(s[begin:], r[begin:]) for s, r in zip(self.states, self.real, strict=True)]
 
     # -- sequence bookkeeping --------------------------------------------------------------------
     def _reset(self, batch: int) -> None:

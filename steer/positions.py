@@ -94,8 +94,8 @@ class SpecialTokens:
         real = None if attention_mask is None else torch.as_tensor(attention_mask).bool().tolist()
         marks = []
         for row, tokens in enumerate(ids.tolist()):
-            states = self.advance(OUTSIDE, tokens, None if real is None else real[row])
-            marks.append([s != OUTSIDE and (real is None or real[row][t]) for t, s in enumerate(states)])
+            row_real = None if real is None else real[row]
+            marks.append(marked(self.advance(OUTSIDE, tokens, row_real), row_real))
         out = torch.tensor(marks, dtype=torch.bool, device=ids.device).view(ids.shape)
         return out[0] if squeeze else out
 
@@ -119,6 +119,13 @@ class SpecialTokens:
             "roles": {role: list(seq) for role, seq in self.roles},
             "role_tokens": {role: [names[i] for i in seq] for role, seq in self.roles},
         }
+
+
+def marked(states: Sequence[int], real: Sequence[bool] | None = None) -> list[bool]:
+    """Which positions are marked, given the automaton state after each (padding never is)."""
+    if real is None:
+        return [state != OUTSIDE for state in states]
+    return [is_real and state != OUTSIDE for state, is_real in zip(states, real, strict=True)]
 
 
 def resolve_special_tokens(
