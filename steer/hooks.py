@@ -133,9 +133,13 @@ class CompiledIntervention:
 # -- per-call positions -----------------------------------------------------------------------------
 @dataclass
 class CallPositions:
-    """Which positions of one placed forward call each kind of `positions` selects (lazy, cached)."""
+    """Which positions of one placed forward call each kind of `positions` selects (lazy, cached).
+
+    `rows` (batch indices) limits every selection to those rows; None means every row.
+    """
 
     placement: Placement
+    rows: tuple[int, ...] | None = None
     _masks: dict = field(default_factory=dict)
 
     @cached_property
@@ -148,8 +152,13 @@ class CallPositions:
     def selects_nothing(self, positions: Positions) -> bool:
         """Whether `positions` selects no position of this call (the hook then has nothing to do)."""
         placed = self.placement
+        if self.rows is not None and not self.rows:
+            return True
         if positions == "special":
-            return not any(map(any, placed.special))
+            rows = placed.special if self.rows is None else [placed.special[r] for r in self.rows]
+            return not any(map(any, rows))
+        if self.rows is not None and positions not in ("prompt", "generated"):
+            return not bool(self.mask(positions).any())
         if positions == "generated":
             return not any(placed.generated)
         if positions == "prompt":
@@ -160,8 +169,16 @@ class CallPositions:
     def mask(self, positions: Positions) -> torch.Tensor | None:
         """Bool mask `[B, T]`, or None meaning "every position"."""
         if positions not in self._masks:
-            self._masks[positions] = self._compute(positions)
+            self._masks[positions] = self._restrict(self._compute(positions))
         return self._masks[positions]
+
+    def _restrict(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        if self.rows is None:
+            return mask
+        call = self.placement.call
+        rows = torch.zeros(call.batch, 1, dtype=torch.bool, device=call.device)
+        rows[list(self.rows)] = True
+        return rows.expand(call.batch, call.length) if mask is None else mask & rows
 
     def _compute(self, positions: Positions) -> torch.Tensor | None:
         call = self.placement.call
@@ -184,12 +201,20 @@ class CallPositions:
 
 # -- contexts and the shared hooks ------------------------------------------------------------------
 class SteeringContext:
-    """One open `steer()` block: its compiled edits by layer, and the sequence its calls have followed."""
+    """One open `steer()` block: its compiled edits by layer, the batch rows they apply to (None: all),
+    and the sequence its calls have followed."""
 
     def __init__(
-        self, base: nn.Module, compiled: list[CompiledIntervention], special_tokens: SpecialTokens | None
+        self,
+        base: nn.Module,
+        compiled: list[CompiledIntervention],
+        special_tokens: SpecialTokens | None,
+        rows: tuple[int, ...] | None = None,
     ) -> None:
+        if rows is not None and any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in rows):
+            raise SpecError(f"rows must be batch indices (ints >= 0), got {list(rows)}")
         self.base = base
+        self.rows = None if rows is None else tuple(sorted(set(rows)))
         self.by_layer: dict[int, list[CompiledIntervention]] = {}
         for item in compiled:
             self.by_layer.setdefault(item.layer, []).append(item)
@@ -263,7 +288,12 @@ class ModelHooks:
             return
         call = ForwardCall.read(module, args, kwargs)
         for ctx in contexts:
-            ctx.current = CallPositions(ctx.tracker.place(call))
+            if ctx.rows and ctx.rows[-1] >= call.batch:
+                raise SpecError(
+                    f"steer(rows={list(ctx.rows)}) names row {ctx.rows[-1]}, but the forward call has a batch "
+                    f"of {call.batch}; rows are indices into the batch the model is called with"
+                )
+            ctx.current = CallPositions(ctx.tracker.place(call), ctx.rows)
 
     def _layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output):
@@ -295,10 +325,14 @@ def is_steering(model: nn.Module) -> bool:
 
 @contextmanager
 def activate(
-    model: nn.Module, compiled: list[CompiledIntervention], special_tokens: SpecialTokens | None
+    model: nn.Module,
+    compiled: list[CompiledIntervention],
+    special_tokens: SpecialTokens | None,
+    rows: tuple[int, ...] | None = None,
 ) -> Iterator[SteeringContext]:
-    """Apply `compiled` to every forward of `model` run in the current context (thread, task) inside."""
-    ctx = SteeringContext(base_module(model), compiled, special_tokens)
+    """Apply `compiled` to every forward of `model` run in the current context (thread, task) inside,
+    on batch `rows` only (None: every row)."""
+    ctx = SteeringContext(base_module(model), compiled, special_tokens, rows)
     hooks = ModelHooks.of(model)
     layers = sorted(ctx.by_layer)
     hooks.acquire(layers)

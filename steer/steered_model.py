@@ -78,8 +78,12 @@ class SteeredModel:
         return self.model.generate(*args, **kwargs)
 
     @contextmanager
-    def steer(self, *specs: Specs) -> Iterator[SteeredModel]:
+    def steer(self, *specs: Specs, rows: Sequence[int] | None = None) -> Iterator[SteeredModel]:
         """Apply interventions (one, several, or lists of them) to everything this thread runs inside.
+
+        `rows` limits the edits to those batch indices (None: every row). Nested blocks with different
+        `rows` give each row of one batched forward its own edits (mixed-spec batching); rows that no
+        block names run the plain model bit for bit.
 
         Specs may be `Intervention`s (compiled here: SAE references are loaded once, then cached, and
         every spec is checked against its SAE and the model before any hook is installed; a bad spec
@@ -94,7 +98,8 @@ class SteeredModel:
             yield self
             return
         needs_special = any(c.positions == "special" for c in compiled)
-        with activate(self.model, compiled, self.special_tokens if needs_special else None):
+        special = self.special_tokens if needs_special else None
+        with activate(self.model, compiled, special, None if rows is None else tuple(rows)):
             yield self
 
     def chat(

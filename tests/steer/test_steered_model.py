@@ -116,6 +116,35 @@ def check_left_padding(model, tok, n_new=6):
             assert torch.equal(batched[row], alone[0]), f"row {row} differs from the prompt alone"
 
 
+def check_mixed_rows(model, tok, n_new=6):
+    """Each row of one batch under its own spec (or none) replies as it does alone under that spec."""
+    sm, sae, layer = _setup(model, tok)
+    seqs = chat_ids(tok, PROMPTS)
+    ids, mask = pad_batch(seqs, tok.pad_token_id, side="left")
+    specs = [
+        _strong_spec(sae, layer),
+        None,
+        Intervention(layer=layer - 1, sae=sae, edits=[Edit(4, "add", 30.0)], positions="generated"),
+    ]
+    with torch.no_grad():
+        plain_batched = greedy(sm.generate, ids, mask, n_new, tok.pad_token_id)
+        plain_logits = sm(input_ids=ids, attention_mask=mask).logits
+        with sm.steer(specs[0], rows=[0]), sm.steer(specs[2], rows=[2]):
+            mixed = greedy(sm.generate, ids, mask, n_new, tok.pad_token_id)
+            mixed_logits = sm(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(mixed_logits[1], plain_logits[1]), "an unsteered row must be bit-identical"
+        assert not torch.equal(mixed_logits[0], plain_logits[0]), "row 0's special-token edit should act"
+        assert torch.equal(mixed[1], plain_batched[1])
+        for row, (seq, spec) in enumerate(zip(seqs, specs, strict=True)):
+            single_ids, single_mask = pad_batch([seq], tok.pad_token_id)
+            with sm.steer(spec):
+                alone = greedy(sm.generate, single_ids, single_mask, n_new, tok.pad_token_id)
+            assert torch.equal(mixed[row], alone[0]), f"row {row} differs from its spec alone"
+        assert not torch.equal(mixed[2], plain_batched[2]), "row 2's generated-token edit should act"
+        with pytest.raises(SpecError, match="batch of 3"), sm.steer(specs[0], rows=[3]):
+            sm(input_ids=ids, attention_mask=mask)
+
+
 def check_hooks_removed(model, tok):
     sm, sae, layer = _setup(model, tok)
     before = hook_count(model)
@@ -156,6 +185,10 @@ def test_kv_cache_equals_recompute(tiny_model, positions):
 
 def test_left_padded_batch_equals_single(tiny_model):
     check_left_padding(*tiny_model)
+
+
+def test_mixed_specs_per_row(tiny_model):
+    check_mixed_rows(*tiny_model)
 
 
 def test_hooks_removed_on_exit_and_exception(tiny_model):
