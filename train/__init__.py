@@ -5,10 +5,11 @@ from train.activations import ActivationStream, StreamConfig
 from train.buffer import MixingBuffer
 from train.config import SAETrainSpec, TrainConfig, preset_config
 from train.data import Corpus, DataFormatError, load_conversations, load_texts, split_by_hash
+from train.eval_run import evaluate_folder
 from train.evaluate import EvalConfig, EvalResult, evaluate_sae
 from train.features import FeatureContext, FeatureReport, discover_features, top_contexts
 from train.harvest import Harvester, harvest_throughput
-from train.run import DataSpec, evaluate_folder, train_run
+from train.run import DataSpec, train_run
 from train.sequences import Batch, bucket_batches, fast_sequences, pack_blocks
 from train.trainer import SAETrainer, TrainResult
 

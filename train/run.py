@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from hub import LoadedModel, load_model, load_sae, sae_layer, sae_metadata
+from hub import LoadedModel, load_model, sae_metadata
 from train.activations import ActivationStream, StreamConfig, default_max_len
 from train.config import TrainConfig
 from train.data import load_conversations, load_texts
 from train.distributed import DistContext
-from train.evaluate import EVAL_FILE, EvalConfig, EvalResult, evaluate_sae, write_eval
 from train.trainer import SAETrainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -102,46 +100,3 @@ def train_run(
     )
     trainer = SAETrainer(cfg, stream.d_in, out_dir, metadata=metadata, dist=dist, progress=progress)
     return trainer.fit(stream, resume=resume)
-
-
-def evaluate_folder(
-    sae_dir: str | Path,
-    data: list[str],
-    *,
-    loaded: LoadedModel | tuple | None = None,
-    model: str | None = None,
-    model_dtype: str | None = None,
-    cfg: EvalConfig | None = None,
-    json_path: str | Path | None = None,
-    progress: bool = True,
-) -> tuple[EvalResult, Path]:
-    """Evaluate the SAE in `sae_dir` on the held-out conversations of `data` (the same content-hash split
-    the trainer used); writes `eval.json` beside the SAE (or to `json_path`). Returns (result, json path)."""
-    sae_dir = Path(sae_dir)
-    sae = load_sae(sae_dir)
-    meta = sae.metadata
-    layer = sae_layer(sae)
-    if layer is None:
-        raise ValueError(
-            f"{sae_dir}/cfg.json names no residual-stream hook (metadata.hook_name); cannot evaluate"
-        )
-    fraction = float(meta.get("held_out_fraction", 0.05))
-    held = load_conversations(data, split="held_out", held_out_fraction=fraction)
-    if len(held) == 0:
-        raise ValueError(f"no held-out conversations in {data} (held-out fraction {fraction})")
-    if loaded is None:
-        ref = model or meta.get("model_name") or "default"
-        loaded = load_model(ref, dtype=model_dtype or meta.get("dtype", "float32"))
-    mdl, tok = loaded
-    result = evaluate_sae(sae, mdl, tok, list(held), layer, cfg, progress=progress)
-    header: dict[str, Any] = {
-        "sae_dir": str(sae_dir),
-        "method": meta.get("method_id"),
-        "architecture": sae.architecture,
-        "d_sae": sae.d_sae,
-        "model": meta.get("model_name"),
-        "data": [str(d) for d in data],
-        "held_out_fraction": fraction,
-    }
-    path = write_eval(result, json_path or sae_dir / EVAL_FILE, header)
-    return result, path
