@@ -15,10 +15,12 @@ COMMAND_MODULES = (
     "apps.cli_features",
     "apps.cli_lmeval",
     "apps.cli_chat",
+    "apps.cli_serve",
     "apps.bench_steer",
     "apps.cli_train",
     "apps.cli_eval",
     "apps.bench_train",
+    "apps.bench_eval",
     "apps.cli_demo",
     "apps.cli_experiment",
 )

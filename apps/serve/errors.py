@@ -1,0 +1,78 @@
+"""OpenAI-shaped errors: every refusal is `{"error": {"message", "type", "param", "code"}}` with a 4xx status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status, a message that says what was wrong, and the parameter."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    @classmethod
+    def bad_request(cls, message: str, param: str | None = None) -> APIError:
+        return cls(400, message, param)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """The first pydantic complaint about a request body as a 400 naming its parameter."""
+    errors = exc.errors()
+    if not errors:
+        return APIError.bad_request("the request body is invalid")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", first.get("msg", ""))
+        return APIError.bad_request(f"malformed JSON in the request body: {detail}")
+    if kind == "extra_forbidden":
+        return APIError.bad_request(f"unsupported parameter {param!r}", param)
+    if kind == "missing":
+        return APIError.bad_request(f"missing required parameter {param!r}", param)
+    if kind == "model_attributes_type" and not loc:
+        return APIError.bad_request("the request body must be a JSON object")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return APIError.bad_request(f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every refusal (ours, pydantic's, Starlette's 404/405) through the OpenAI error shape."""
+
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(
+            exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, kind
+        ).response()
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http)

@@ -1,0 +1,111 @@
+"""OpenAI response bodies and stream chunks for chat and text completions, built from row events."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from apps.serve.rows import LogprobEntry
+
+
+@dataclass
+class Choice:
+    """What one row has produced so far (a reply, or a labelled half of a comparison)."""
+
+    index: int
+    label: str | None
+    prompt_tokens: int
+    text: str = ""
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+class ResponseFormat:
+    """Chat completions (`chat.completion`, message / delta) or text completions (`text_completion`)."""
+
+    def __init__(self, chat: bool, model: str, want_logprobs: bool) -> None:
+        self.chat, self.model, self.want_logprobs = chat, model, want_logprobs
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {
+            "id": self.id,
+            "object": kind + (".chunk" if chunk and self.chat else ""),
+            "created": self.created,
+            "model": self.model,
+        }
+
+    def _logprobs(self, entries: list[LogprobEntry], offset: int = 0) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        if self.chat:
+            return {
+                "content": [
+                    {**_token(e.token, e.logprob), "top_logprobs": [_token(t, lp) for t, lp in e.top]}
+                    for e in entries
+                ]
+            }
+        offsets, at = [], offset
+        for e in entries:
+            offsets.append(at)
+            at += len(e.token)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries],
+            "text_offset": offsets,
+        }
+
+    def _choice(
+        self, c: Choice, text: str, entries: list[LogprobEntry], chunk: bool, first: bool, offset: int = 0
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": c.index}
+        if self.chat and chunk:
+            out["delta"] = ({"role": "assistant"} if first else {}) | (
+                {"content": text} if text or first else {}
+            )
+        elif self.chat:
+            out["message"] = {"role": "assistant", "content": text}
+        else:
+            out["text"] = text
+        out["logprobs"] = self._logprobs(entries, offset)
+        out["finish_reason"] = c.finish_reason
+        if c.label is not None:
+            out["label"] = c.label
+        return out
+
+    def body(self, choices: list[Choice], steering: list | None) -> dict[str, Any]:
+        """The whole response of a request that did not stream."""
+        return self._envelope(False) | {
+            "choices": [self._choice(c, c.text, c.logprobs, False, False) for c in choices],
+            "usage": usage(choices),
+            "steering": steering,
+        }
+
+    def chunk(self, c: Choice, text: str, entries: list[LogprobEntry], first: bool, offset: int = 0) -> str:
+        """One server-sent event with one choice's new text (and its finish reason once it is done)."""
+        return sse(self._envelope(True) | {"choices": [self._choice(c, text, entries, True, first, offset)]})
+
+    def usage_chunk(self, choices: list[Choice]) -> str:
+        return sse(self._envelope(True) | {"choices": [], "usage": usage(choices)})
+
+
+def usage(choices: list[Choice]) -> dict[str, int]:
+    """Token counts: each distinct prompt once (a comparison's two rows share theirs), every reply."""
+    prompts = {c.index // 2 if c.label else c.index: c.prompt_tokens for c in choices}
+    prompt, completion = sum(prompts.values()), sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}

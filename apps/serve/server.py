@@ -1,0 +1,82 @@
+"""Putting a service together and running it under uvicorn: in the foreground (`fast-steer serve`) or in a
+background thread on a free port (tests, `fast-steer bench serve`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+from apps.serve.app import Service, build_app
+from apps.serve.auth import check_bind
+from apps.serve.engine import Engine
+from apps.serve.schemas import Limits
+from apps.serve.steering import NamedSAE, Steering
+from steer import SteeredModel
+
+DEFAULT_WINDOW = 0.01
+
+
+def make_service(
+    model,
+    tokenizer,
+    saes: list[NamedSAE],
+    *,
+    model_name: str,
+    limits: Limits | None = None,
+    window: float = DEFAULT_WINDOW,
+    api_key: str | None = None,
+    default_steering=None,
+) -> Service:
+    """A service with its engine started; `default_steering` is a request-style `steering` value."""
+    limits = limits or Limits()
+    sm = SteeredModel(model, tokenizer)
+    steering = Steering(sm, saes)
+    steering.default = steering.parse(default_steering)
+    engine = Engine(sm, max_batch=limits.max_batch, max_queue=limits.max_queue, window=window).start()
+    return Service(sm, steering, engine, limits, model_name, api_key)
+
+
+def serve(service: Service, host: str, port: int) -> None:
+    """Serve until interrupted (Ctrl+C)."""
+    check_bind(host, service.api_key)
+    try:
+        uvicorn.run(build_app(service), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        service.engine.stop()
+
+
+class BackgroundServer:
+    """`with BackgroundServer(service) as server:` serves on 127.0.0.1 at a free port (`server.url`)."""
+
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0) -> None:
+        check_bind(host, service.api_key)
+        self.service = service
+        config = uvicorn.Config(build_app(service), host=host, port=port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="fast-steer-serve", daemon=True)
+        self.host = host
+
+    @property
+    def port(self) -> int:
+        return self._server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        """The base URL of the OpenAI API (`.../v1`)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see its log above)")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self.service.engine.stop()

@@ -1,0 +1,122 @@
+"""The server's SAEs by name, its default spec, and a request's `steering` field as compiled specs.
+
+A request's `steering` is the intervention JSON of `fast-steer chat --spec` (one object or a list), except
+that its `sae` is the NAME of an SAE the server was started with (`--sae NAME=REF`): a client can never
+make the server read a path or fetch from the Hub. Specs are checked against their SAE and the model
+(`SteeredModel.compile`), and compiled ones are kept, keyed by their normalised JSON, so identical specs
+from different requests share one `steer()` block of a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from apps.serve.errors import APIError
+from steer import SAE, Intervention, SpecError, SteeredModel
+from steer.hooks import CompiledIntervention
+
+COMPILED_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class NamedSAE:
+    """An SAE loaded at start, the name requests use for it, and its top special-token features if known."""
+
+    name: str
+    sae: SAE
+    top_features: tuple[dict[str, Any], ...] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.name,
+            "object": "sae",
+            "layer": self.sae.layer,
+            "d_in": self.sae.d_in,
+            "d_sae": self.sae.d_sae,
+            "architecture": self.sae.cfg.architecture,
+            "top_features": None if self.top_features is None else list(self.top_features),
+        }
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """A checked steering field: the compiled specs and their normalised JSON (`sae` as a name)."""
+
+    key: str
+    data: tuple[dict[str, Any], ...]
+    compiled: tuple[CompiledIntervention, ...]
+
+
+class Steering:
+    """Named SAEs, the default spec, and request steering fields turned into `RowSpec`s (400 when bad)."""
+
+    def __init__(self, sm: SteeredModel, saes: list[NamedSAE]) -> None:
+        self.sm = sm
+        self.saes = {s.name: s for s in saes}
+        if len(self.saes) != len(saes):
+            raise ValueError(f"SAE names must be unique, got {[s.name for s in saes]}")
+        self._compiled: OrderedDict[str, RowSpec] = OrderedDict()
+        self._lock = threading.Lock()
+        self.default: RowSpec | None = None
+
+    def parse(self, value: Any, param: str = "steering") -> RowSpec | None:
+        """`value` (an intervention mapping, a list of them, or None for plain) checked and compiled."""
+        if value is None:
+            return None
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            return None
+        specs, data = [], []
+        for i, item in enumerate(items):
+            where = f"{param}[{i}]" if isinstance(value, list) else param
+            spec = self._intervention(item, where)
+            specs.append(spec)
+            data.append(spec.with_sae(item["sae"]).to_dict())  # the name, not the SAE's own reference
+        key = json.dumps(data, sort_keys=True)
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+        compiled = []
+        for i, spec in enumerate(specs):
+            where = f"{param}[{i}]" if isinstance(value, list) else param
+            try:
+                compiled.append(self.sm.compile(spec))
+            except SpecError as exc:
+                raise APIError.bad_request(f"{where}: {exc}", where) from None
+        row_spec = RowSpec(key, tuple(data), tuple(compiled))
+        with self._lock:
+            self._compiled[key] = row_spec
+            while len(self._compiled) > COMPILED_CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        return row_spec
+
+    def _intervention(self, item: Any, where: str) -> Intervention:
+        if not isinstance(item, dict):
+            raise APIError.bad_request(
+                f"{where} must be an intervention object, got {type(item).__name__}", where
+            )
+        name = item.get("sae")
+        if not isinstance(name, str) or name not in self.saes:
+            loaded = ", ".join(sorted(self.saes)) or "none"
+            raise APIError.bad_request(
+                f"{where}.sae must name an SAE this server was started with (loaded: {loaded}); got "
+                f"{json.dumps(name)}. The server never reads SAE paths or Hub ids from a request: "
+                "start it with --sae NAME=REF and use NAME",
+                f"{where}.sae",
+            )
+        try:
+            return Intervention.from_dict(item, sae=self.saes[name].sae)
+        except SpecError as exc:
+            raise APIError.bad_request(f"{where}: {exc}", where) from None
+
+    def resolve(self, value: Any, given: bool) -> RowSpec | None:
+        """A request's spec: its own `steering` field when `given` (null: plain), else the server's default."""
+        return self.parse(value) if given else self.default
+
+    def describe_default(self) -> list[dict[str, Any]] | None:
+        return None if self.default is None else list(self.default.data)
