@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from apps.cli_options import model_option
+from apps.cli_options import device_option, model_option
 
 DEFAULT_PORT = 7860
 
@@ -56,6 +56,7 @@ def _start(backend, host: str, port: int) -> None:
 
 @click.command("demo")
 @model_option
+@device_option
 @click.option(
     "--sae",
     "sae_args",
@@ -85,6 +86,7 @@ def _start(backend, host: str, port: int) -> None:
 @_serve_options
 def demo_command(
     model_ref,
+    device,
     sae_args,
     data,
     conversations,
@@ -105,7 +107,7 @@ def demo_command(
 
     try:
         refs = [parse_sae_ref(arg) for arg in sae_args]
-        model, tok = load_model(model_ref)
+        model, tok = load_model(model_ref, device=device)
         saes = [load_demo_sae(ref, model) for ref in refs]
         source = resolve_data(data)
         sample = spread(load_conversations(source, split="held_out").items, conversations)
@@ -132,6 +134,7 @@ def demo_command(
 
 @click.command("run")
 @model_option
+@device_option
 @click.option("--data", default=None, help="Chat data (default: ../shared/data/chat, else a Hub dataset).")
 @click.option(
     "--layer",
@@ -168,6 +171,7 @@ def demo_command(
 @_serve_options
 def run_command(
     model_ref,
+    device,
     data,
     layer,
     tokens,
@@ -190,6 +194,7 @@ def run_command(
     try:
         cfg = MainJobConfig(
             model=model_ref,
+            device=device,
             data=data,
             layer=layer,
             tokens=tokens,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from apps.cli_options import model_option
+from apps.cli_options import device_option, model_option
 from apps.cli_train import _Tokens
 
 
@@ -24,6 +24,7 @@ def experiment_group() -> None:
 
 @experiment_group.command("reproduce")
 @model_option
+@device_option
 @click.option(
     "--layer", type=int, default=15, show_default=True, help="Residual stream after decoder block L."
 )
@@ -66,7 +67,7 @@ def experiment_group() -> None:
 )
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def reproduce_command(model_ref, layer, tokens, out_dir, data, pretrain_data, methods, archs, expansion, preset,
+def reproduce_command(model_ref, device, layer, tokens, out_dir, data, pretrain_data, methods, archs, expansion, preset,
                       batch_size, l1_coefficient, l0_coefficient, buffer_tokens, max_len, held_out_fraction, eval_conversations, model_dtype, seed,
                       quiet) -> None:  # fmt: skip
     """Train FAST, BT(F) and BT(P) SAEs with identical settings, evaluate them on the same held-out
@@ -133,9 +134,10 @@ def reproduce_command(model_ref, layer, tokens, out_dir, data, pretrain_data, me
 @click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with mmlu_{test,val,dev}.jsonl.  [default: ../shared/data/eval]")  # fmt: skip
 @click.option("--dtype", "model_dtype", default="auto", show_default=True, help="Model dtype.")
+@device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mmlu_limit, max_new_tokens,
-                  n_conversations, data, eval_data, model_dtype, quiet) -> None:  # fmt: skip
+                  n_conversations, data, eval_data, model_dtype, device, quiet) -> None:  # fmt: skip
     """Add the top <|im_start|> feature of the FAST SAE at special positions at several strengths: greedy
     replies to fixed prompts and a local MMLU score per strength (sweep.{json,md,png})."""
     from apps.steering_sweep import DEFAULT_EVAL_DATA, MMLU_SUBJECTS, SweepConfig, run_sweep
@@ -159,7 +161,7 @@ def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mml
             feature=feature,
         )
         ref = model_ref or settings.get("model", "default")
-        model, tok = load_model(ref, dtype=model_dtype)
+        model, tok = load_model(ref, dtype=model_dtype, device=device)
         result = run_sweep(cfg, model, tok, conversations, model_ref=ref, progress=not quiet)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -1,4 +1,6 @@
-"""`fast-steer train`: one or a sweep of SAEs on one activation stream."""
+"""`fast-steer train` (one or a sweep of SAEs on one activation stream) and `fast-steer harvest` (write
+activations to disk once, train from them many times). Both map their options onto one `RunConfig`
+(`run_config_from_options`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from apps.cli_options import model_option
+from apps.cli_options import device_option, model_option
 
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
 
@@ -54,22 +56,90 @@ def sweep_specs(archs, expansions, coefficients, ks, bandwidth, init_threshold):
     return specs
 
 
-def _dist_context():
+def _dist_context(device: str):
     from train.distributed import DistContext
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate / torchrun
-        return DistContext.from_accelerate()
-    return DistContext.current()
+        return DistContext.from_accelerate(cpu=device == "cpu")
+    return DistContext.current(device)
+
+
+def stream_options(fn):
+    """The model, data and stream options shared by `train` and `harvest`."""
+    options = [
+        model_option,
+        device_option,
+        click.option("--data", multiple=True, type=click.Path(), help="Conversation files/folders (repeatable)."),
+        click.option("--pretrain-data", multiple=True, type=click.Path(), help="Pretraining text files/folders (bt-p)."),
+        click.option("--layer", type=int, help="Residual stream after decoder block L (0-indexed)."),
+        click.option("--method", type=click.Choice(["fast", "bt-f", "bt-p"]), default="fast", show_default=True),
+        click.option("--dtype", "model_dtype", default="auto", show_default=True,
+                     help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32)."),
+        click.option("--buffer-tokens", type=int, default=65536, show_default=True, help="Mixing buffer size."),
+        click.option("--token-budget", type=int, default=8192, show_default=True, help="Padded tokens per forward."),
+        click.option("--max-len", type=int, help="FAST truncation per conversation.  [default: 8192 or the model's context]"),
+        click.option("--block-len", type=int, default=2048, show_default=True, help="BT block length."),
+        click.option("--exclude-first-token", is_flag=True, help="Drop position 0 (its norm is ~100x on SmolLM2)."),
+        click.option("--max-norm-multiple", type=float, help="Drop activations above this multiple of the median norm."),
+        click.option("--held-out-fraction", type=float, default=0.05, show_default=True),
+        click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the data order and buffer."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def run_config_from_options(opts: dict, training, activations: str | None = None):
+    """The `RunConfig` of a command's options (the one place where options become settings)."""
+    from train.run_config import DataConfig, RunConfig, StreamSettings
+
+    layer = opts["layer"]
+    if activations is not None:
+        from train.activation_cache import read_manifest
+
+        harvested = read_manifest(activations)["run"]
+        layer = harvested["layer"] if layer is None else layer
+        opts = {**opts, "model_ref": harvested["model"], "method": harvested["data"]["method"]}
+    if layer is None:
+        raise click.UsageError("--layer is required (or --activations DIR, which knows its layer)")
+    return RunConfig(
+        layer=layer,
+        training=training,
+        model=opts["model_ref"],
+        device=opts["device"],
+        model_dtype=opts["model_dtype"],
+        data=DataConfig(
+            method=opts["method"],
+            chat=list(opts["data"]),
+            pretrain=list(opts["pretrain_data"]),
+            held_out_fraction=opts["held_out_fraction"],
+            seed=opts["data_seed"],
+            activations=activations,
+        ),
+        stream=StreamSettings(
+            buffer_tokens=opts["buffer_tokens"],
+            token_budget=opts["token_budget"],
+            max_len=opts["max_len"],
+            block_len=opts["block_len"],
+            exclude_first_token=opts["exclude_first_token"],
+            max_norm_multiple=opts["max_norm_multiple"],
+            max_epochs=opts.get("epochs"),
+        ),
+    )
 
 
 @click.command("train")
-@model_option
-@click.option("--data", multiple=True, type=click.Path(), help="Conversation files/folders (repeatable).")
+@stream_options
 @click.option(
-    "--pretrain-data", multiple=True, type=click.Path(), help="Pretraining text files/folders (bt-p)."
+    "--activations",
+    type=click.Path(exists=True, file_okay=False),
+    help="Train from a `fast-steer harvest` folder instead of running the model.",
 )
-@click.option("--layer", type=int, required=True, help="Residual stream after decoder block L (0-indexed).")
-@click.option("--method", type=click.Choice(["fast", "bt-f", "bt-p"]), default="fast", show_default=True)
+@click.option(
+    "--epochs",
+    type=int,
+    help="Stop after this many passes over the data.  [default: as many as --tokens needs]",
+)
 @click.option(
     "--arch",
     "archs",
@@ -89,14 +159,17 @@ def _dist_context():
 )
 @click.option("--k", "ks", multiple=True, type=int, help="k of topk SAEs (repeatable).")
 @click.option("--tokens", type=_Tokens(), help="Training tokens (e.g. 2M).  [default: the preset's]")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (required unless --dry-run)."
+)
 @click.option(
     "--preset",
     type=click.Choice(["default", "paper"]),
     default="default",
     show_default=True,
-    help="paper: App. C of arXiv 2506.07691; default: a useful SAE on a CPU in minutes.",
+    help="paper: App. C of arXiv 2506.07691, value for value; default: a useful SAE on a CPU in minutes.",
 )
+@click.option("--dry-run", is_flag=True, help="Print the resolved run config as JSON and exit.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint in --out.")
 @click.option("--batch-size", type=int, help="Tokens per optimiser step.")
 @click.option("--lr", type=float, help="Peak learning rate.")
@@ -113,73 +186,31 @@ def _dist_context():
     type=float,
     help="Initial threshold.  [default: the preset's: 0.5, paper 0.001]",
 )
-@click.option(
-    "--dtype",
-    "model_dtype",
-    default="auto",
-    show_default=True,
-    help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32).",
-)
-@click.option("--buffer-tokens", type=int, default=65536, show_default=True, help="Mixing buffer size.")
-@click.option("--token-budget", type=int, default=8192, show_default=True, help="Padded tokens per forward.")
-@click.option(
-    "--max-len", type=int, help="FAST truncation per conversation.  [default: 8192 or the model's context]"
-)
-@click.option("--block-len", type=int, default=2048, show_default=True, help="BT block length.")
-@click.option("--exclude-first-token", is_flag=True, help="Drop position 0 (its norm is ~100x on SmolLM2).")
-@click.option(
-    "--max-norm-multiple", type=float, help="Drop activations above this multiple of the median norm."
-)
-@click.option("--held-out-fraction", type=float, default=0.05, show_default=True)
-@click.option(
-    "--data-seed", type=int, default=0, show_default=True, help="Seed of the data order and buffer."
-)
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write training-curve PNGs here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_command(model_ref, data, pretrain_data, layer, method, archs, expansions, coefficients, ks, tokens,
-                  out_dir, preset, resume, batch_size, lr, lr_end, seed, checkpoint_every, log_every, autocast,
-                  jumprelu_bandwidth, jumprelu_init_threshold, model_dtype, buffer_tokens, token_budget, max_len,
-                  block_len, exclude_first_token, max_norm_multiple, held_out_fraction, data_seed, plot_dir,
-                  quiet) -> None:  # fmt: skip
+def train_command(activations, archs, expansions, coefficients, ks, tokens, out_dir, preset, dry_run, resume,
+                  batch_size, lr, lr_end, seed, checkpoint_every, log_every, autocast, jumprelu_bandwidth,
+                  jumprelu_init_threshold, plot_dir, quiet, **opts) -> None:  # fmt: skip
     """Train SAEs on the residual stream of a chat model (FAST by default) and write SAELens folders."""
     from train.config import preset_config
+    from train.pipeline import train
     from train.plots import plot_training
-    from train.run import DataSpec, train_run
     from train.trainer import LOG_FILE
 
     try:
         specs = sweep_specs(archs or ("standard",), expansions or (8,), coefficients, ks,
                             jumprelu_bandwidth, jumprelu_init_threshold)  # fmt: skip
-        cfg = preset_config(
-            preset,
-            saes=specs,
-            total_tokens=tokens,
-            batch_size=batch_size,
-            lr=lr,
-            lr_end=lr_end,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-            log_every=log_every,
-            autocast=autocast,
-        )
-        spec = DataSpec(
-            layer=layer,
-            data=list(data),
-            pretrain_data=list(pretrain_data),
-            method=method,
-            model=model_ref,
-            model_dtype=model_dtype,
-            held_out_fraction=held_out_fraction,
-            buffer_tokens=buffer_tokens,
-            token_budget=token_budget,
-            max_len=max_len,
-            block_len=block_len,
-            exclude_first_token=exclude_first_token,
-            max_norm_multiple=max_norm_multiple,
-            seed=data_seed,
-        )
-        dist = _dist_context()
-        result = train_run(cfg, spec, out_dir, resume=resume, progress=not quiet, dist=dist)
+        training = preset_config(preset, saes=specs, total_tokens=tokens, batch_size=batch_size, lr=lr,
+                                 lr_end=lr_end, seed=seed, checkpoint_every=checkpoint_every,
+                                 log_every=log_every, autocast=autocast)  # fmt: skip
+        cfg = run_config_from_options(opts, training, activations)
+        if dry_run:
+            click.echo(json.dumps(dry_run_report(cfg), indent=2))
+            return
+        if not out_dir:
+            raise click.UsageError("--out is required (unless --dry-run)")
+        dist = _dist_context(cfg.device)
+        result = train(cfg, out_dir, resume=resume, progress=not quiet, dist=dist)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     if not dist.is_main:
@@ -197,5 +228,63 @@ def train_command(model_ref, data, pretrain_data, layer, method, archs, expansio
     }, indent=2))  # fmt: skip
 
 
+def dry_run_report(cfg) -> dict:
+    """The resolved run config, with the step counts its fractions resolve to and the initialisation."""
+    return {
+        **cfg.to_dict(),
+        "schedule": cfg.training.schedule(),
+        "initialisation": {
+            "b_dec": f"geometric median of the first {cfg.init_tokens} tokens (half the mixing buffer)",
+            "W_dec": "Kaiming-uniform, rows at unit norm",
+            "W_enc": "Kaiming-uniform, independent of W_dec"
+            if cfg.training.encoder_init == "kaiming"
+            else "W_dec transposed",
+            "activations": "raw (not normalised)"
+            if cfg.training.normalize_activations == "none"
+            else f"scaled to mean norm sqrt(d_in), factor estimated on those {cfg.init_tokens} tokens",
+        },
+    }
+
+
+@click.command("harvest")
+@stream_options
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Cache folder (outside the repo): shards + harvest.json.",
+)
+@click.option("--tokens", type=_Tokens(), help="Stop after this many real tokens.  [default: one whole pass]")
+@click.option(
+    "--cache-dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype the activations are stored in.",
+)
+@click.option(
+    "--shard-tokens", type=_Tokens(), default="256k", show_default=True, help="Tokens per shard file."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def harvest_command(out_dir, tokens, cache_dtype, shard_tokens, quiet, **opts) -> None:
+    """Harvest residual activations once (with token ids, sequences and positions) for `train --activations`."""
+    from train.activation_cache import write_cache
+    from train.config import TrainConfig
+    from train.pipeline import open_stream
+
+    try:
+        # the batch size only sizes the mixing buffer check; harvesting does not mix
+        cfg = run_config_from_options(opts, TrainConfig(total_tokens=1, batch_size=1))
+        stream, source = open_stream(cfg, _dist_context(cfg.device))
+        manifest = write_cache(stream, out_dir, model_source=source, dtype=cache_dtype, max_tokens=tokens,
+                               shard_tokens=shard_tokens, progress=not quiet)  # fmt: skip
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"out": out_dir, "tokens": manifest["tokens"], "shards": len(manifest["shards"]),
+                           "sequences": manifest["stats"]["sequences"], "dtype": cache_dtype}, indent=2))  # fmt: skip
+
+
 def register(group: click.Group) -> None:
     group.add_command(train_command)
+    group.add_command(harvest_command)

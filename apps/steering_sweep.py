@@ -210,7 +210,7 @@ def run_sweep(
     from hub.sae_io import load_sae, sae_layer
 
     start = time.perf_counter()
-    sae = load_sae(cfg.sae_dir)
+    sae = load_sae(cfg.sae_dir, device=model.device)
     layer = sae_layer(sae)
     if layer is None:
         raise ValueError(f"{cfg.sae_dir}: the SAE metadata names no residual-stream layer (hook_name)")

@@ -48,7 +48,7 @@ class MixingBuffer:
         """Add activation rows; what does not fit waits in `pending` until slots are freed."""
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"expected activations of shape [n, {self.d_in}], got {tuple(x.shape)}")
-        x = x.detach().to(torch.float32)
+        x = x.detach().to("cpu", torch.float32)
         if len(self.pending):
             x = torch.cat([self.pending, x])
         take = min(len(self.free), len(x))
@@ -111,3 +111,78 @@ class MixingBuffer:
         self.out = state["out"].to(torch.long).clone()
         self.pending = state["pending"].to(torch.float32).clone()
         self.generator.set_state(state["rng"])
+
+
+class BufferedStream:
+    """An activation stream that hands out `[batch_size, d_in]` rows from its mixing buffer.
+
+    Subclasses set `buffer`, `batch_size` and `stats` (with `tokens_yielded` and `dropped_tokens`), and
+    implement `_fill()`, which adds rows to the buffer or, at the end of a finite stream, calls `_finish()`.
+    After the end, the flushed remainder is handed out in whole batches; a last partial batch is dropped
+    and counted.
+    """
+
+    buffer: MixingBuffer
+    batch_size: int
+    stats: dict[str, int]
+    exhausted: bool = False
+    tail: torch.Tensor | None = None
+
+    def _fill(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        self.exhausted = True
+        self.tail = self.buffer.flush()
+
+    @property
+    def tokens_yielded(self) -> int:
+        return self.stats["tokens_yielded"]
+
+    def __iter__(self) -> BufferedStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return self.next_batch()
+
+    def next_batch(self) -> torch.Tensor:
+        """The next float32 [batch_size, d_in] tensor; StopIteration at the end of a finite stream."""
+        n = self.batch_size
+        while not self.exhausted and not self.buffer.can_pop(n):
+            self._fill()
+        if not self.exhausted:
+            out = self.buffer.pop(n)
+        else:
+            if len(self.tail) < n:
+                self.stats["dropped_tokens"] += len(self.tail)
+                self.tail = self.tail[:0]
+                raise StopIteration
+            out, self.tail = self.tail[:n], self.tail[n:]
+        self.stats["tokens_yielded"] += n
+        return out
+
+    def _buffer_state(self) -> dict:
+        """The hand-out state: end flag, counters, flushed remainder and the buffer (tensors and ints)."""
+        tail = self.tail if self.tail is not None else torch.empty(0, self.buffer.d_in)
+        return {
+            "exhausted": self.exhausted,
+            "stats": dict(self.stats),
+            "tail": tail.clone(),
+            **{f"buffer_{k}": v for k, v in self.buffer.state_dict().items()},
+        }
+
+    def _load_buffer_state(self, state: dict) -> None:
+        self.exhausted = bool(state["exhausted"])
+        self.stats = {k: int(v) for k, v in state["stats"].items()}
+        self.tail = state["tail"].to(torch.float32).clone()
+        self.buffer.load_state_dict(
+            {k.removeprefix("buffer_"): v for k, v in state.items() if k.startswith("buffer_")}
+        )
+
+
+def check_identity(saved: dict, mine: dict, what: str) -> None:
+    """Raise if a saved stream state was taken from a stream with other settings (naming each one)."""
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+    if diff:
+        listed = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{what} state does not match this stream ({listed})")

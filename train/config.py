@@ -66,9 +66,9 @@ class TrainConfig:
     batch_size: int = 4096  # tokens per optimiser step, summed over all processes
     lr: float = 4e-4
     lr_end: float = 4e-5  # floor reached by the cosine decay
-    lr_warmup_fraction: float = 0.01
-    lr_decay_fraction: float = 0.2  # final linear decay from the floor to 0
-    sparsity_warmup_fraction: float = 0.05
+    lr_warmup_fraction: float = 0.01  # of the steps
+    lr_decay_fraction: float = 0.2  # final linear decay from the floor to 0, of the steps
+    sparsity_warmup_fraction: float = 0.05  # of the steps
     l1_coefficient: float = 5.0  # default for standard SAEs without their own coefficient
     l0_coefficient: float = 0.01  # default for jumprelu SAEs without their own coefficient
     jumprelu_bandwidth: float = SAELENS_JUMPRELU  # default for jumprelu SAEs without their own
@@ -78,8 +78,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     dead_feature_window: int = 200_000  # tokens without firing after which a feature counts as dead
     # "expected_average_only_in" (SAELens): train on activations scaled to an average norm of sqrt(d_in)
-    # (factor estimated on the first batch, folded into the saved weights); "none": raw activations
+    # (factor estimated on the initialisation tokens, folded into the saved weights); "none": raw activations
     normalize_activations: str = "expected_average_only_in"
+    norm_scaling_factor: float | None = None  # a fixed factor (one for every method of a comparison)
+    encoder_init: str = "transpose"  # "kaiming": W_enc drawn independently (SAELens); "transpose": W_dec.T
     sae_dtype: str = "float32"
     autocast: bool = False  # bf16 autocast of the SAE matmuls (slower than float32 on some CPUs)
     seed: int = 42
@@ -98,6 +100,15 @@ class TrainConfig:
             raise ValueError(
                 f"normalize_activations={self.normalize_activations!r}; expected none or expected_average_only_in"
             )
+        if self.norm_scaling_factor is not None and (
+            self.norm_scaling_factor <= 0 or self.normalize_activations == "none"
+        ):
+            raise ValueError(
+                f"norm_scaling_factor={self.norm_scaling_factor} needs normalize_activations="
+                "expected_average_only_in and a positive value"
+            )
+        if self.encoder_init not in ("kaiming", "transpose"):
+            raise ValueError(f"encoder_init={self.encoder_init!r}; expected kaiming or transpose")
         if not 0 < self.lr_end <= self.lr:
             raise ValueError(f"need 0 < lr_end <= lr, got lr={self.lr}, lr_end={self.lr_end}")
         for name in ("lr_warmup_fraction", "lr_decay_fraction", "sparsity_warmup_fraction"):
@@ -112,6 +123,27 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return math.ceil(self.total_tokens / self.batch_size)
+
+    @property
+    def lr_warmup_steps(self) -> int:
+        return round(self.lr_warmup_fraction * self.total_steps)
+
+    @property
+    def lr_decay_steps(self) -> int:
+        return round(self.lr_decay_fraction * self.total_steps)
+
+    @property
+    def sparsity_warmup_steps(self) -> int:
+        return round(self.sparsity_warmup_fraction * self.total_steps)
+
+    def schedule(self) -> dict[str, int]:
+        """The step counts the fractions resolve to for this run."""
+        return {
+            "total_steps": self.total_steps,
+            "lr_warmup_steps": self.lr_warmup_steps,
+            "lr_decay_steps": self.lr_decay_steps,
+            "sparsity_warmup_steps": self.sparsity_warmup_steps,
+        }
 
     @property
     def final_tokens(self) -> int:
@@ -151,16 +183,23 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # arXiv 2506.07691 App. C (SAELens 5.3.3): Adam (0.9, 0.999), lr 7e-5 with warm-up, cosine decay to
-    # 7e-6 and a final linear decay; batch 128 tokens; L1 5 / L0 0.01 with warm-up; 40.96M tokens.
+    # arXiv 2506.07691 App. C (SAELens 5.3.3), value for value: 40.96M tokens in batches of 128 (320,000
+    # steps); Adam (0.9, 0.999); lr 7e-5 with 16,000 warm-up steps, cosine decay to 7e-6 and 64,000 final
+    # decay steps; L1 5 / L0 0.01 with 10,000 sparsity warm-up steps; seed 42; float32 SAE; raw
+    # activations; independent Kaiming-uniform W_enc / W_dec; b_dec = geometric median of the first
+    # half-buffer; JumpReLU bandwidth and initial threshold 0.001. Fractions, so that --tokens scales them.
     "paper": dict(
         total_tokens=40_960_000,
         batch_size=128,
         lr=7e-5,
         lr_end=7e-6,
-        lr_warmup_fraction=0.01,
-        lr_decay_fraction=0.2,
-        sparsity_warmup_fraction=0.05,
+        lr_warmup_fraction=16_000 / 320_000,
+        lr_decay_fraction=64_000 / 320_000,
+        sparsity_warmup_fraction=10_000 / 320_000,
+        normalize_activations="none",
+        encoder_init="kaiming",
+        sae_dtype="float32",
+        seed=42,
         l1_coefficient=5.0,
         l0_coefficient=0.01,
         jumprelu_bandwidth=SAELENS_JUMPRELU,

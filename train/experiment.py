@@ -41,6 +41,7 @@ EVAL_FILE = "eval.json"
 TIMING_FILE = "timing.json"
 SETTINGS_FILE = "experiment.json"
 HELDOUT_FILE = "heldout.jsonl"
+SCALE_FILE = "activation_scale.json"
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ReproduceConfig:
     buffer_tokens: int = 65536  # mixing buffer (at least 2 x batch size)
     max_len: int = 8192  # FAST truncation of a conversation
     model_dtype: str = "auto"  # harvesting dtype (hub.fast_dtype; the SAEs train in float32)
+    device: str = "auto"
     eval_conversations: int = 200
     held_out_fraction: float = 0.05
     seed: int = 42
@@ -100,10 +102,36 @@ class ReproduceConfig:
             saes=specs,
         )
 
+    def run_config(self, method: str, norm_scaling_factor: float | None = None):
+        """The pipeline's `RunConfig` of one method: identical settings, only the data differs."""
+        from dataclasses import replace
+
+        from train.run_config import DataConfig, RunConfig, StreamSettings
+
+        training = self.train_config()
+        if norm_scaling_factor is not None:
+            training = replace(training, norm_scaling_factor=norm_scaling_factor)
+        return RunConfig(
+            layer=self.layer,
+            training=training,
+            model=self.model,
+            device=self.device,
+            model_dtype=self.model_dtype,
+            data=DataConfig(
+                method=method,
+                chat=list(self.chat_data),
+                pretrain=list(self.pretrain_data),
+                held_out_fraction=self.held_out_fraction,
+                seed=self.seed,
+            ),
+            stream=StreamSettings(buffer_tokens=self.buffer_tokens, max_len=self.max_len),
+        )
+
     def settings(self) -> dict[str, Any]:
         """What must match for a rerun to reuse this folder's runs (JSON-able)."""
         out = asdict(self)
         out["out"] = str(self.out)
+        out.pop("device")  # where it runs does not change what it computes
         out["methods"], out["archs"] = list(self.methods), list(self.archs)
         # the resolved optimisation settings, so that a changed preset is noticed instead of retraining
         out["train_config"] = json.loads(json.dumps(self.train_config().to_dict()))
@@ -184,6 +212,28 @@ def _add_timing(run_dir: Path, key: str, seconds: float) -> None:
     path.write_text(json.dumps(timing, indent=2) + "\n", encoding="utf-8")
 
 
+def shared_scale(
+    cfg: ReproduceConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> float | None:
+    """One activation scale for every method (None where the preset trains on raw activations):
+    sqrt(d_in) / mean norm over the FAST stream's initialisation tokens, frozen in OUT/activation_scale.json."""
+    if cfg.train_config().normalize_activations == "none":
+        return None
+    path = cfg.out / SCALE_FILE
+    if path.is_file():
+        return float(json.loads(path.read_text(encoding="utf-8"))["norm_scaling_factor"])
+    from train.distributed import DistContext
+    from train.pipeline import estimate_norm_scaling_factor, open_stream
+
+    run = cfg.run_config("fast")
+    stream, _ = open_stream(run, DistContext.current(str(model.device)), (model, tokenizer))
+    scale = estimate_norm_scaling_factor(stream, run.init_tokens)
+    path.write_text(
+        json.dumps({"norm_scaling_factor": scale, "estimated_on": "fast"}) + "\n", encoding="utf-8"
+    )
+    return scale
+
+
 def train_run(
     run: RunStatus,
     cfg: ReproduceConfig,
@@ -192,29 +242,16 @@ def train_run(
     progress: bool = True,
 ) -> None:
     """Train every architecture of one method on one activation stream (resuming a checkpoint if any)."""
-    from train.run import DataSpec
-    from train.run import train_run as trainer_run
+    from train.pipeline import train
 
-    data = DataSpec(
-        layer=cfg.layer,
-        data=list(cfg.chat_data),
-        pretrain_data=list(cfg.pretrain_data),
-        method=run.method,
-        model=cfg.model,
-        model_dtype=cfg.model_dtype,
-        held_out_fraction=cfg.held_out_fraction,
-        buffer_tokens=cfg.buffer_tokens,
-        max_len=cfg.max_len,
-        seed=cfg.seed,
-    )
     start = time.perf_counter()
-    result = trainer_run(
-        cfg.train_config(),
-        data,
+    result = train(
+        cfg.run_config(run.method, shared_scale(cfg, model, tokenizer)),
         run.run_dir,
         loaded=(model, tokenizer),
         resume=(run.run_dir / "checkpoints").is_dir(),
         progress=progress,
+        created_by="fast-steer experiment reproduce",
     )
     _add_timing(run.run_dir, "train_s", time.perf_counter() - start)
     log.info("%s: %d tokens at %.0f tokens/s", run.method, result.tokens, result.tokens_per_s)
@@ -300,7 +337,7 @@ def reproduce(
     if (todo_train or todo_eval) and model is None:
         from hub import load_model
 
-        model, tokenizer = load_model(cfg.model, dtype=cfg.model_dtype)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.model_dtype, device=cfg.device)
     for run in todo_train:
         log.info("training %s -> %s", run.method, run.run_dir)
         train_run(run, cfg, model, tokenizer, progress=progress)

@@ -53,14 +53,3 @@ class SparsityWarmup:
         if self.warmup_steps <= 0:
             return self.coefficient
         return self.coefficient * min(1.0, (step + 1) / self.warmup_steps)
-
-
-def lr_schedule(lr: float, lr_end: float, total_steps: int, warmup_fraction: float, decay_fraction: float):
-    """An `LRSchedule` with warm-up and decay given as fractions of the run."""
-    return LRSchedule(
-        lr=lr,
-        lr_end=lr_end,
-        total_steps=total_steps,
-        warmup_steps=int(warmup_fraction * total_steps),
-        decay_steps=int(decay_fraction * total_steps),
-    )

@@ -3,7 +3,14 @@
 Recipe (FAST paper App. C on SAELens 5.3.3): Adam, lr warm-up + cosine decay to a floor + final linear
 decay, sparsity-coefficient warm-up, gradient clipping, decoder rows kept at unit norm (the gradient
 component parallel to each row is removed before the step, rows renormalised after it), Kaiming-uniform
-init, `b_dec` initialised to the geometric median of the first batch, `apply_b_dec_to_input=False`.
+decoder rows (unit norm) and an encoder drawn independently (`encoder_init="kaiming"`, SAELens) or set to
+the decoder's transpose, `b_dec` initialised to the geometric median of the first `init_tokens` training
+tokens (SAELens: its first storage half-buffer), `apply_b_dec_to_input=False`. Where activations are
+normalised, the factor is estimated on those same tokens (or fixed by `norm_scaling_factor`) and folded
+into the saved weights.
+
+The SAE metadata is built when the folders are written (after training), so that it records what the
+stream really yielded; `metadata` may be a callable for that reason.
 
 Data-parallel: every process harvests its own shard and yields `batch_size / world_size` tokens per step;
 gradients and feature-firing counts are all-reduced, so every process holds identical SAEs; only rank 0
@@ -13,11 +20,13 @@ writes SAE folders, logs and the shared checkpoint files (each process adds its 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
+import math
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +40,7 @@ from train.config import SAETrainSpec, TrainConfig
 from train.distributed import DistContext
 from train.losses import LossOutput, Objective, build_objective
 from train.memory import peak_memory_mib, release_free_memory
-from train.schedules import SparsityWarmup, lr_schedule
+from train.schedules import LRSchedule, SparsityWarmup
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,12 @@ SUMMARY_FILE = "train_summary.json"
 CKPT_DIR = "checkpoints"
 # Settings that may change between a killed run and its resume; everything else must match.
 _RESUMABLE_CHANGES = {"checkpoint_every", "log_every"}
+
+
+def finished_run(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds a finished training run (its summary says so)."""
+    path = Path(out_dir) / SUMMARY_FILE
+    return path.is_file() and bool(json.loads(path.read_text()).get("finished"))
 
 
 class ResumableStream(Protocol):
@@ -85,14 +100,14 @@ class SAETrainer:
         cfg: TrainConfig,
         d_in: int,
         out_dir: str | Path,
-        metadata: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
         dist: DistContext | None = None,
         progress: bool = True,
     ) -> None:
         self.cfg = cfg
         self.d_in = d_in
         self.out_dir = Path(out_dir)
-        self.metadata = dict(metadata or {})
+        self.metadata = metadata or {}
         self.dist = dist or DistContext.current()
         self.progress = progress
         if cfg.batch_size % self.dist.world_size:
@@ -109,19 +124,20 @@ class SAETrainer:
             )
             for obj in self.objectives
         ]
-        self.lr_at = lr_schedule(
-            cfg.lr, cfg.lr_end, cfg.total_steps, cfg.lr_warmup_fraction, cfg.lr_decay_fraction
-        )
-        warm = int(cfg.sparsity_warmup_fraction * cfg.total_steps)
+        self.lr_at = LRSchedule(cfg.lr, cfg.lr_end, cfg.total_steps, cfg.lr_warmup_steps, cfg.lr_decay_steps)
+        warm = cfg.sparsity_warmup_steps
         self.coefficient_at = [
             SparsityWarmup(spec.sparsity_coefficient or 0.0, warm if spec.arch != "topk" else 0)
             for spec in self.specs
         ]
         # tokens (global) since each feature last fired, per SAE
-        self.since_fired = [torch.zeros(obj.sae.d_sae, dtype=torch.long) for obj in self.objectives]
+        device = self.dist.device
+        self.since_fired = [
+            torch.zeros(o.sae.d_sae, dtype=torch.long, device=device) for o in self.objectives
+        ]
         self.step = 0
         self.tokens = 0
-        self.scale = 1.0  # activation scaling factor (set from the first batch when normalising)
+        self.scale = cfg.norm_scaling_factor or 1.0  # activation scaling factor (see `initialise`)
 
     # -- set-up -------------------------------------------------------------------------------
     def _build(self, spec: SAETrainSpec) -> Objective:
@@ -136,7 +152,11 @@ class SAETrainer:
         )
         if spec.arch == "topk" and spec.k > sae_cfg.d_sae:
             raise ValueError(f"k={spec.k} exceeds the SAE width d_sae={sae_cfg.d_sae}")
-        return build_objective(build_sae(sae_cfg), spec).train()
+        sae = build_sae(sae_cfg)
+        if self.cfg.encoder_init == "kaiming":  # SAELens: W_enc drawn on its own, not W_dec.T
+            with torch.no_grad():
+                torch.nn.init.kaiming_uniform_(sae.W_enc)
+        return build_objective(sae, spec).train()
 
     @property
     def saes(self) -> list[SAE]:
@@ -153,11 +173,14 @@ class SAETrainer:
         return [self.out_dir / name for name in self.names]
 
     @torch.no_grad()
-    def init_from_first_batch(self, first_batch: torch.Tensor) -> None:
-        """Estimate the scaling factor (sqrt(d_in) / mean norm) and set `b_dec` of every SAE to the
-        geometric median of the (scaled) first batch, over all processes' tokens."""
-        points = self.dist.all_gather_cat(first_batch.float())
-        if self.cfg.normalize_activations == "expected_average_only_in":
+    def initialise(self, sample: torch.Tensor) -> None:
+        """Estimate the scaling factor (sqrt(d_in) / mean norm; unless fixed by `norm_scaling_factor`) and
+        set `b_dec` of every SAE to the geometric median of the (scaled) sample, over all processes' tokens."""
+        points = self.dist.all_gather_cat(sample.float())
+        if (
+            self.cfg.normalize_activations == "expected_average_only_in"
+            and self.cfg.norm_scaling_factor is None
+        ):
             self.scale = float(self.d_in**0.5 / points.norm(dim=-1).mean().clamp_min(1e-12))
         median = geometric_median(points * self.scale)
         for sae in self.saes:
@@ -194,7 +217,7 @@ class SAETrainer:
                 counts = (res.feature_acts > 0).sum(dim=0)
                 self.dist.all_reduce_sum_(counts)
                 self.since_fired[i] += n_global
-                self.since_fired[i][counts.cpu() > 0] = 0
+                self.since_fired[i][counts > 0] = 0
                 out.append(
                     {
                         "loss": res.loss.detach(),
@@ -224,8 +247,16 @@ class SAETrainer:
         sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     # -- the loop -------------------------------------------------------------------------------
-    def fit(self, stream: ResumableStream | Iterable[torch.Tensor], resume: bool = False) -> TrainResult:
-        """Train until `cfg.total_tokens` (rounded up to whole batches); save the SAEs; return a summary."""
+    def fit(
+        self,
+        stream: ResumableStream | Iterable[torch.Tensor],
+        resume: bool = False,
+        init_tokens: int | None = None,
+    ) -> TrainResult:
+        """Train until `cfg.total_tokens` (rounded up to whole batches); save the SAEs; return a summary.
+
+        A fresh run first initialises from its first `init_tokens` tokens (whole batches, at least one;
+        None: one batch), which it then trains on as usual."""
         if resume and (done := self.finished_result()) is not None:
             log.warning("%s already holds a finished run with these settings: nothing to do", self.out_dir)
             return done
@@ -234,6 +265,8 @@ class SAETrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._trim_log(resumed_from or 0)
         iterator = iter(stream)
+        if self.step == 0:
+            iterator = self._initialise_from(iterator, init_tokens)
         bar = tqdm(
             total=self.cfg.final_tokens,
             initial=self.tokens,
@@ -254,8 +287,6 @@ class SAETrainer:
                 )
                 break
             x = self._check_batch(x)
-            if self.step == 0:
-                self.init_from_first_batch(x)
             metrics = self.train_step(x * self.scale if self.scale != 1.0 else x)
             release_free_memory()
             bar.update(x.shape[0] * self.dist.world_size)
@@ -282,6 +313,16 @@ class SAETrainer:
         )
         self.save_saes(result)
         return result
+
+    def _initialise_from(self, iterator: Iterator[torch.Tensor], init_tokens: int | None) -> Iterator:
+        """Read the first batches, initialise from them, and hand them back ahead of the rest."""
+        n_batches = max(1, math.ceil((init_tokens or 0) / self.local_batch))
+        n_batches = min(n_batches, self.cfg.total_steps)
+        first = [self._check_batch(x) for x in itertools.islice(iterator, n_batches)]
+        if not first:
+            raise ValueError("the activation stream yielded no batch to initialise the SAEs from")
+        self.initialise(torch.cat(first))
+        return itertools.chain(first, iterator)
 
     def _check_batch(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape != (self.local_batch, self.d_in):
@@ -415,6 +456,7 @@ class SAETrainer:
         from hub.sae_io import save_sae
 
         train_cfg = {k: v for k, v in self.cfg.to_dict().items() if k != "saes"}
+        metadata = self.metadata() if callable(self.metadata) else dict(self.metadata)
         for spec, obj, folder in zip(self.specs, self.objectives, result.sae_dirs, strict=True):
             obj.sync_to_sae()
             if self.cfg.normalize_activations != "none":
@@ -425,8 +467,10 @@ class SAETrainer:
                     norm_scaling_factor=self.scale,
                 )
             obj.sae.cfg.metadata = {
-                **self.metadata,
+                **metadata,
                 "sae_name": spec.name,
+                "training_tokens": result.tokens,
+                "expansion_factor": spec.expansion,
                 "training": {
                     **train_cfg,
                     "sae": asdict(spec),

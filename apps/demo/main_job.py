@@ -1,10 +1,11 @@
 """The main job (`fast-steer run`): train (or reuse) a FAST SAE on the default model, evaluate it,
 discover its special-token features, and open the demo with them preselected.
 
-Everything the job computes is cached under `<cache>/main-job/<key>/`, where the key hashes every
-setting that changes the result (model, data, layer, tokens, architecture, width, seed); a second run
-with the same settings reuses the SAE, its evaluation and its feature table, and a killed run resumes
-from the trainer's last checkpoint.
+Training goes through `train.pipeline` like every other command; the job only adds its cache:
+everything it computes is kept under `<cache>/main-job/<key>/`, where the key hashes the run config
+(model, data, layer, tokens, architecture, width, seed, stream settings; not the device) and the
+model's identity. A second run with the same settings reuses the SAE, its evaluation and its feature
+table, and a killed run resumes from the trainer's last checkpoint.
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ from hub.cache import cache_dir, hub_reachable
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_CHAT = REPO_ROOT.parent / "shared" / "data" / "chat"
 HUB_CHAT_DATASET = "HuggingFaceTB/everyday-conversations-llama3.1-2k:train_sft"
-CACHE_VERSION = 2
-# The settings that change the trained SAE, hashed into its cache folder's name.
-TRAINING_KEYS = ("model", "layer", "tokens", "arch", "expansion", "batch_size", "seed", "exclude_first_token")
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -36,6 +35,7 @@ class MainJobConfig:
     """Settings of the main job; the defaults train a useful SAE on a 2-core CPU in a few minutes."""
 
     model: str = "default"
+    device: str = "auto"
     data: str | None = None  # None: the shared chat data, else a Hub dataset when reachable
     layer: int = 15
     tokens: int = 400_000
@@ -98,10 +98,32 @@ def resolve_data(data: str | None) -> str:
     )
 
 
-def job_dir(cfg: MainJobConfig, model_source: str, data: str) -> Path:
-    """The cache folder of the SAE these settings train (evaluation and features are cached beside it)."""
-    settings = {k: getattr(cfg, k) for k in TRAINING_KEYS}
-    settings.update(model_source=model_source, data=data, version=CACHE_VERSION)
+def run_config(cfg: MainJobConfig, data: str):
+    """The pipeline's `RunConfig` for the job: the default preset, FAST on `data`."""
+    from train.config import SAETrainSpec, preset_config
+    from train.run_config import DataConfig, RunConfig, StreamSettings
+
+    training = preset_config(
+        "default",
+        total_tokens=cfg.tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        saes=[SAETrainSpec(arch=cfg.arch, expansion=cfg.expansion)],
+    )
+    return RunConfig(
+        layer=cfg.layer,
+        training=training,
+        model=cfg.model,
+        device=cfg.device,
+        data=DataConfig(chat=[data]),
+        stream=StreamSettings(buffer_tokens=buffer_tokens(cfg), exclude_first_token=cfg.exclude_first_token),
+    )
+
+
+def job_dir(cfg: MainJobConfig, run, model_source: str) -> Path:
+    """The cache folder of the SAE `run` trains (evaluation and features are cached beside it)."""
+    settings = {k: v for k, v in run.to_dict().items() if k != "device"}
+    settings.update(model_source=model_source, version=CACHE_VERSION)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = cfg.cache or cache_dir() / "main-job"
     return root / f"L{cfg.layer}-{cfg.arch}-x{cfg.expansion}-{cfg.tokens // 1000}k-{key}"
@@ -123,69 +145,37 @@ def spread(items: list, n: int) -> list:
 def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, DemoSAE, list]:
     """Train or reuse the SAE, print its evaluation and top features; returns the result, the SAE for
     the demo (on the float32 model's device) and the held-out sample conversations."""
-    from hub import fast_dtype, load_model, load_sae
-    from hub.sae_io import sae_metadata
-    from train.activations import ActivationStream, StreamConfig
-    from train.config import SAETrainSpec, preset_config
+    from hub import load_model, load_sae, resolve_device
     from train.data import load_conversations
     from train.evaluate import EVAL_FILE, EvalConfig, EvalResult, evaluate_sae, format_table, write_eval
     from train.features import discover_features
-    from train.trainer import CKPT_DIR, SAETrainer
+    from train.pipeline import harvest_dtype, train
+    from train.trainer import CKPT_DIR, finished_run
 
     start = time.perf_counter()
     data = resolve_data(cfg.data)
-    harvest_dtype = fast_dtype()
-    echo(f"[1/5] model {cfg.model!r} ({harvest_dtype} for harvesting) and data {data}")
-    model, tok = load_model(cfg.model, dtype=harvest_dtype)
+    run = run_config(cfg, data)
+    device = resolve_device(cfg.device)
+    dtype = harvest_dtype(run, device)
+    echo(f"[1/5] model {cfg.model!r} ({dtype} on {device} for harvesting) and data {data}")
+    model, tok = loaded = load_model(cfg.model, dtype=dtype, device=device)
     n_layers = model.config.get_text_config().num_hidden_layers
     if cfg.layer >= n_layers:
         raise click.ClickException(
             f"--layer {cfg.layer} is out of range: the model has layers 0..{n_layers - 1}"
         )
-    d_in = model.config.get_text_config().hidden_size
-    out = job_dir(cfg, load_model_source(cfg.model, model), data)
-    train_cfg = preset_config(
-        "default",
-        total_tokens=cfg.tokens,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        saes=[SAETrainSpec(arch=cfg.arch, expansion=cfg.expansion)],
-    )
-    trainer = SAETrainer(train_cfg, d_in, out)
+    out = job_dir(cfg, run, load_model_source(cfg.model, model))
     held_out = load_conversations(data, split="held_out").items
 
-    reused = trainer.finished_result() is not None
+    reused = finished_run(out)
     if reused:
         echo(f"[2/5] reusing the SAE trained earlier: {out}")
     else:
         echo(
             f"[2/5] training a FAST {cfg.arch} SAE (x{cfg.expansion}) at layer {cfg.layer} on {cfg.tokens:,} tokens -> {out}"
         )
-        corpus = load_conversations(data, split="train")
-        stream = ActivationStream(
-            model,
-            tok,
-            corpus,
-            StreamConfig(
-                layer=cfg.layer,
-                batch_size=cfg.batch_size,
-                buffer_tokens=buffer_tokens(cfg),
-                exclude_first_token=cfg.exclude_first_token,
-                seed=cfg.seed,
-            ),
-        )
-        described = stream.describe()  # the same flat provenance keys as `fast-steer train` writes
-        trainer.metadata = sae_metadata(
-            cfg.model,
-            cfg.layer,
-            dataset_path=data,
-            training_tokens=train_cfg.final_tokens,
-            expansion_factor=cfg.expansion,
-            created_by="fast-steer run",
-            **{k: v for k, v in described.items() if k not in ("hook_name", "layer")},
-        )
-        trainer.fit(stream, resume=(out / CKPT_DIR).is_dir())
-    sae = load_sae(out)
+        train(run, out, loaded=loaded, resume=(out / CKPT_DIR).is_dir(), created_by="fast-steer run")
+    sae = load_sae(out, device=device)
 
     eval_path = out / EVAL_FILE
     if eval_path.is_file():
@@ -237,7 +227,7 @@ def build_main_backend(cfg: MainJobConfig, demo_sae: DemoSAE, sample: list, limi
     layer's typical residual norm strong."""
     from hub import load_model
 
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, device=cfg.device)
     backend = DemoBackend(
         model, tok, [demo_sae], model_ref=cfg.model, limits=limits, sample_conversations=sample
     )

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from apps.cli import main
-from apps.demo.main_job import MainJobConfig, build_main_backend, job_dir, run_main_job
+from apps.demo.main_job import MainJobConfig, build_main_backend, job_dir, run_config, run_main_job
 from tests.conftest import CHAT_DATA
 
 pytestmark = pytest.mark.integration
@@ -64,9 +64,21 @@ def test_main_job_trains_then_reuses_the_cached_sae(tmp_path):
     assert any("features (cached" in line for line in lines)
     assert job.metrics == json.loads((folder / "eval.json").read_text())["metrics"]
     # Another token budget is another cache entry.
-    assert job_dir(
-        MainJobConfig(tokens=4096, batch_size=1024, expansion=2, cache=tmp_path), "x", "d"
-    ) != job_dir(MainJobConfig(tokens=2048, batch_size=1024, expansion=2, cache=tmp_path), "x", "d")
+    four, two = (MainJobConfig(tokens=n, batch_size=1024, expansion=2, cache=tmp_path) for n in (4096, 2048))
+    assert job_dir(four, run_config(four, "d"), "x") != job_dir(two, run_config(two, "d"), "x")
+
+    # `fast-steer train` writes the same metadata keys, with real statistics, as the main job.
+    trained = tmp_path / "trained"
+    result = CliRunner().invoke(main, ["train", "--layer", "15", "--data", str(DATA), "--tokens", "2048",
+                                       "--batch-size", "1024", "--expansion", "2", "--buffer-tokens", "2048",
+                                       "--out", str(trained), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    other = json.loads((trained / "cfg.json").read_text())["metadata"]
+    assert set(other) == set(meta), set(other) ^ set(meta)
+    for m in (meta, other):
+        assert m["training_tokens"] == 2048 and m["expansion_factor"] == 2
+        assert m["sequences"] > 0 and m["tokens_yielded"] == 2048 and m["padding_share"] < 0.5
+    assert (meta["created_by"], other["created_by"]) == ("fast-steer run", "fast-steer train")
 
     # The demo opens on this SAE with its strongest special-token feature preselected.
     backend = build_main_backend(cfg, demo_sae, sample)

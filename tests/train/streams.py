@@ -52,3 +52,18 @@ class SparseStream:
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["generator"])
         self.served = state["served"]
+
+
+def stream_run(layer: int = 1, batch_size: int = 128, method: str = "fast", seed: int = 0, **stream):
+    """A `RunConfig` for stream tests: the corpus is passed to the stream directly, so `data` only names it."""
+    from train.config import TrainConfig
+    from train.run_config import DataConfig, RunConfig, StreamSettings
+
+    sources = ["<test corpus>"]
+    data = DataConfig(method=method, chat=sources, pretrain=sources, seed=seed)
+    return RunConfig(
+        layer=layer,
+        training=TrainConfig(total_tokens=batch_size, batch_size=batch_size),
+        data=data,
+        stream=StreamSettings(**stream),
+    )

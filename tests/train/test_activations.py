@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import PRETRAIN_DATA, build_tiny_model, read_conversations
-from train.activations import ActivationStream, StreamConfig
+from tests.train.streams import stream_run
+from train.activations import ActivationStream
 from train.data import Corpus, load_texts
 from train.harvest import harvest_throughput
 from train.sequences import fast_sequences
@@ -19,7 +20,7 @@ from train.sequences import fast_sequences
 LAYER = 1
 SMALL = dict(
     layer=LAYER, batch_size=128, buffer_tokens=512, token_budget=1024, max_len=256, block_len=128, pool_size=8
-)
+)  # flat: `stream_run` maps them onto a RunConfig
 
 
 def _chat_corpus(n: int = 40) -> Corpus:
@@ -34,7 +35,7 @@ def llama(chatml_tokenizer):
 def test_exact_batches_and_every_real_token_once(llama):
     model, tok = llama
     corpus = _chat_corpus()
-    stream = ActivationStream(model, tok, corpus, StreamConfig(**SMALL, max_epochs=1))
+    stream = ActivationStream(model, tok, corpus, stream_run(**SMALL, max_epochs=1))
     out = list(stream)
     assert all(x.shape == (128, 64) and x.dtype == torch.float32 for x in out)
     seqs = fast_sequences(corpus.items, tok, max_len=256)
@@ -64,7 +65,7 @@ def _text_corpus() -> Corpus:
 def test_state_round_trip_gives_identical_batches(llama, method, tmp_path):
     model, tok = llama
     corpus = _text_corpus() if method == "bt-p" else _chat_corpus()
-    cfg = StreamConfig(**SMALL, method=method, seed=7)
+    cfg = stream_run(**SMALL, method=method, seed=7)
     a = ActivationStream(model, tok, corpus, cfg)
     for _ in range(3):
         next(a)
@@ -90,33 +91,27 @@ def test_state_round_trip_gives_identical_batches(llama, method, tmp_path):
         assert a.stats["sequences"] * 128 == a.stats["real_tokens"]
 
 
-def test_describe_records_provenance(llama):
+def test_provenance_records_what_the_stream_yielded(llama):
     model, tok = llama
-    stream = ActivationStream(model, tok, _chat_corpus(), StreamConfig(**SMALL, exclude_first_token=True))
+    stream = ActivationStream(model, tok, _chat_corpus(), stream_run(**SMALL, exclude_first_token=True))
+    before = stream.provenance()
+    assert before["sequences"] == 0 and before["padding_share"] == 0.0
     next(stream)
-    info = stream.describe()
-    assert (
-        info["method"] == "FAST"
-        and info["layer"] == LAYER
-        and info["hook_name"] == "blocks.1.hook_resid_post"
-    )
+    info = stream.provenance()
+    assert info["method"] == "FAST" and info["method_id"] == "fast"
     assert info["chat_template_sha256"] == hashlib.sha256(tok.chat_template.encode()).hexdigest()
     assert info["special_token_ids"]["<|im_start|>"] == 1 and info["special_token_ids"]["<|im_end|>"] == 2
-    assert info["max_len"] == 256 and "block_len" not in info
-    assert (
-        info["dtype"] == "float32"
-        and info["exclude_first_token"] is True
-        and info["max_norm_multiple"] is None
-    )
+    assert info["context_size"] == 256 and info["dtype"] == "float32"
     assert info["excluded_first"] == info["sequences"] > 0 and info["data"] == ["gpteacher.jsonl"]
+    assert info["tokens_yielded"] == 128 and 0 <= info["padding_share"] < 0.5
     json.dumps(info)
-    bt = ActivationStream(model, tok, _chat_corpus(), StreamConfig(**{**SMALL, "method": "bt-f"})).describe()
-    assert bt["method"] == "BT(F)" and bt["block_len"] == 128 and "max_len" not in bt
+    bt = ActivationStream(model, tok, _chat_corpus(), stream_run(**{**SMALL, "method": "bt-f"})).provenance()
+    assert bt["method"] == "BT(F)" and bt["context_size"] == 128
 
 
 def test_sample_batches_for_benchmarks(llama):
     model, tok = llama
-    stream = ActivationStream(model, tok, _chat_corpus(), StreamConfig(**SMALL))
+    stream = ActivationStream(model, tok, _chat_corpus(), stream_run(**SMALL))
     batches = stream.sample_batches(2000)
     assert sum(b.n_tokens for b in batches) >= 2000 and all(b.n_padded <= 1024 for b in batches)
     assert [b.input_ids.tolist() for b in stream.sample_batches(2000)] == [
@@ -131,20 +126,21 @@ def test_bad_configuration_is_rejected(llama):
     model, tok = llama
     corpus = _chat_corpus(4)
     with pytest.raises(ValueError, match="needs a text corpus"):
-        ActivationStream(model, tok, corpus, StreamConfig(layer=1, method="bt-p"))
-    with pytest.raises(ValueError, match=r"at least 2 x batch_size"):
-        ActivationStream(model, tok, corpus, StreamConfig(layer=1, batch_size=100, buffer_tokens=150))
+        ActivationStream(model, tok, corpus, stream_run(layer=1, method="bt-p"))
+    with pytest.raises(ValueError, match=r"at least 2 x the batch size"):
+        ActivationStream(model, tok, corpus, stream_run(layer=1, batch_size=100, buffer_tokens=150))
     with pytest.raises(ValueError, match="max_len=8192 exceeds the model's 2048 positions"):
-        ActivationStream(model, tok, corpus, StreamConfig(layer=1))
+        ActivationStream(model, tok, corpus, stream_run(layer=1, max_len=8192))
+    assert ActivationStream(model, tok, corpus, stream_run(layer=1)).max_len == 2048  # the model's context
     with pytest.raises(ValueError, match="unknown method 'bt'"):
-        ActivationStream(model, tok, corpus, StreamConfig(layer=1, method="bt"))
-    a = ActivationStream(model, tok, corpus, StreamConfig(**SMALL))
-    b = ActivationStream(model, tok, corpus, StreamConfig(**SMALL, seed=1))
+        ActivationStream(model, tok, corpus, stream_run(layer=1, method="bt"))
+    a = ActivationStream(model, tok, corpus, stream_run(**SMALL))
+    b = ActivationStream(model, tok, corpus, stream_run(**SMALL, seed=1))
     with pytest.raises(ValueError, match="seed: saved 0 vs now 1"):
         b.load_state_dict(a.state_dict())
     other = Corpus(kind="chat", items=read_conversations("gsm8k_train.jsonl", 4), sources=["gsm8k"])
     with pytest.raises(ValueError, match="corpus_fingerprint"):
-        ActivationStream(model, tok, other, StreamConfig(**SMALL)).load_state_dict(a.state_dict())
+        ActivationStream(model, tok, other, stream_run(**SMALL)).load_state_dict(a.state_dict())
 
 
 def _shard_worker(rank: int, world_size: int, store: str, tok, out: str) -> None:
@@ -154,10 +150,10 @@ def _shard_worker(rank: int, world_size: int, store: str, tok, out: str) -> None
     )
     try:
         model = build_tiny_model("llama", len(tok))
-        stream = ActivationStream(model, tok, _chat_corpus(), StreamConfig(**SMALL, max_epochs=1))
+        stream = ActivationStream(model, tok, _chat_corpus(), stream_run(**SMALL, max_epochs=1))
         n_batches = sum(1 for _ in stream)
         mine = {
-            "rank": stream.config.rank,
+            "rank": stream.rank,
             "shard": stream.shard_indices(0),
             "stats": stream.stats,
             "n": n_batches,
@@ -191,7 +187,7 @@ def test_default_model_norm_exclusion_drops_first_tokens(default_model):
     corpus = Corpus(
         kind="chat", items=read_conversations("taskmaster4_coffee.jsonl", 12), sources=["taskmaster"]
     )
-    cfg = StreamConfig(
+    cfg = stream_run(
         layer=15, batch_size=64, buffer_tokens=256, token_budget=4096, max_norm_multiple=10.0, max_epochs=1
     )
     stream = ActivationStream(model, tok, corpus, cfg)

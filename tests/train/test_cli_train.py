@@ -69,10 +69,12 @@ def test_sweep_then_eval_with_plots(tiny_setup, tmp_path, one_thread):
     )
     assert res.exit_code == 0, res.output
     assert "MSE_st" in res.output and "special-token set" in res.output
+    assert "held-out split:" in res.output and "of 120 conversations (fraction 0.2)" in res.output
     for name in names:
         ev = json.loads((out / name / "eval.json").read_text())
         assert ev["metrics"]["l0"] > 0 and "delta_lm_loss" in ev["metrics"]
-        assert ev["n_sequences"] > 0 and ev["method"] == "fast"
+        assert ev["n_sequences"] == ev["split"]["selected"] > 0 and ev["method"] == "fast"
+        assert ev["split"]["available"] == 120 and ev["split"]["held_out_fraction"] == 0.2
         assert (tmp_path / "png" / name / "mse_by_token_type.png").stat().st_size > 1000
         assert (tmp_path / "png" / name / "training_curves.png").stat().st_size > 1000
 
@@ -129,14 +131,16 @@ def test_smollm2_fast_training_beats_zero_feature_baseline(tmp_path):
     from train.config import SAETrainSpec, TrainConfig
     from train.data import load_conversations
     from train.evaluate import EvalConfig, evaluate_sae
-    from train.run import DataSpec, train_run
+    from train.pipeline import train
+    from train.run_config import DataConfig, RunConfig, StreamSettings
 
     loaded = load_model("default", dtype="bfloat16")
     data = [str(CHAT_DATA / "taskmaster4_coffee.jsonl")]
     cfg = TrainConfig(total_tokens=8192, batch_size=512, saes=[SAETrainSpec(expansion=2)], lr=1e-3, lr_end=1e-4,
                       checkpoint_every=0)  # fmt: skip
-    spec = DataSpec(layer=15, data=data, buffer_tokens=2048, token_budget=2048)
-    result = train_run(cfg, spec, tmp_path / "sae", loaded=loaded, progress=False)
+    run = RunConfig(layer=15, training=cfg, device="cpu", data=DataConfig(chat=data),
+                    stream=StreamSettings(buffer_tokens=2048, token_budget=2048))  # fmt: skip
+    result = train(run, tmp_path / "sae", loaded=loaded, progress=False)
     from hub import load_sae
 
     sae = load_sae(result.sae_dirs[0])

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from train.config import SAETrainSpec, TrainConfig, preset_config
-from train.schedules import LRSchedule, SparsityWarmup, lr_schedule
+from train.schedules import LRSchedule, SparsityWarmup
 
 
 def test_lr_warmup_cosine_floor_and_final_decay():
@@ -30,7 +30,8 @@ def test_lr_without_warmup_or_decay():
     assert s(9) == pytest.approx(0.5 + 1.5 * (1 + math.cos(math.pi * 9 / 10)) / 2)
     with pytest.raises(ValueError, match="exceed"):
         LRSchedule(lr=1, lr_end=0.1, total_steps=5, warmup_steps=3, decay_steps=3)
-    assert lr_schedule(1.0, 0.1, 100, 0.05, 0.2) == LRSchedule(1.0, 0.1, 100, 5, 20)
+    cfg = TrainConfig(total_tokens=100, batch_size=1, lr_warmup_fraction=0.05, lr_decay_fraction=0.2)
+    assert (cfg.lr_warmup_steps, cfg.lr_decay_steps) == (5, 20)
 
 
 def test_sparsity_warmup():
@@ -42,11 +43,26 @@ def test_sparsity_warmup():
 
 
 def test_paper_preset_matches_the_paper():
+    """Every value of App. C (arXiv 2506.07691, on SAELens 5.3.3)."""
     cfg = preset_config("paper", saes=[SAETrainSpec(arch="standard"), SAETrainSpec(arch="jumprelu")])
     assert (cfg.lr, cfg.lr_end, cfg.batch_size, cfg.total_tokens) == (7e-5, 7e-6, 128, 40_960_000)
-    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.grad_clip) == (0.9, 0.999, 1.0)
+    assert cfg.schedule() == {
+        "total_steps": 320_000,
+        "lr_warmup_steps": 16_000,
+        "lr_decay_steps": 64_000,
+        "sparsity_warmup_steps": 10_000,
+    }
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.grad_clip, cfg.seed) == (0.9, 0.999, 1.0, 42)
+    assert (cfg.l1_coefficient, cfg.l0_coefficient) == (5.0, 0.01)
     assert [s.sparsity_coefficient for s in cfg.resolved_specs()] == [5.0, 0.01]
-    assert cfg.total_steps == 320_000
+    jumprelu = cfg.resolved_specs()[1]
+    assert (jumprelu.jumprelu_bandwidth, jumprelu.jumprelu_init_threshold) == (0.001, 0.001)
+    assert cfg.sae_dtype == "float32" and not cfg.autocast
+    assert cfg.normalize_activations == "none" and cfg.norm_scaling_factor is None  # raw residuals
+    assert cfg.encoder_init == "kaiming"  # W_enc independent of W_dec
+    lr = LRSchedule(cfg.lr, cfg.lr_end, cfg.total_steps, cfg.lr_warmup_steps, cfg.lr_decay_steps)
+    assert lr(15_999) == pytest.approx(7e-5) and lr(16_000) == pytest.approx(7e-5)
+    assert lr(320_000 - 64_000) == pytest.approx(7e-6)
     d = TrainConfig.from_dict(cfg.to_dict())
     assert d.to_dict() == cfg.to_dict()
 

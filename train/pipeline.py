@@ -1,0 +1,97 @@
+"""The one way from a `RunConfig` to SAE folders: model -> data -> activation stream -> trainer -> folders.
+
+`fast-steer train`, `fast-steer run` (the main job), `experiment reproduce` and `bench train` all call
+`train`. The SAE metadata is built once, in `run_metadata`, when the folders are written: from the run
+config and the stream's final statistics, so every command writes the same keys with real values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hub import LoadedModel, fast_dtype, load_model, resolve_device, sae_metadata
+from train.activation_cache import CachedActivationStream
+from train.activations import ActivationStream
+from train.data import load_conversations, load_texts
+from train.distributed import DistContext
+from train.run_config import RunConfig
+from train.trainer import SAETrainer, TrainResult
+
+Stream = ActivationStream | CachedActivationStream
+
+
+def harvest_dtype(cfg: RunConfig, device: str) -> str:
+    """The model dtype for harvesting: `cfg.model_dtype`, or (auto) bfloat16 on CUDA, float32 on most CPUs."""
+    return fast_dtype(device) if cfg.model_dtype == "auto" else cfg.model_dtype
+
+
+def open_stream(
+    cfg: RunConfig, dist: DistContext, loaded: LoadedModel | tuple | None = None
+) -> tuple[Stream, str]:
+    """The run's activation stream (from the model, or from a harvested cache) and the model's source."""
+    if cfg.data.activations is not None:
+        stream = CachedActivationStream(cfg, dist.rank, dist.world_size)
+        return stream, stream.model_source
+    if loaded is None:
+        loaded = load_model(cfg.model, dtype=harvest_dtype(cfg, dist.device), device=dist.device)
+    model, tok = loaded
+    loader = load_texts if cfg.data.method == "bt-p" else load_conversations
+    corpus = loader(cfg.data.sources, split="train", held_out_fraction=cfg.data.held_out_fraction)
+    if len(corpus) == 0:
+        raise ValueError(f"no training records found in {corpus.sources}")
+    stream = ActivationStream(model, tok, corpus, cfg, dist.rank, dist.world_size)
+    return stream, getattr(loaded, "source", cfg.model)
+
+
+def estimate_norm_scaling_factor(stream: Stream, n_tokens: int) -> float:
+    """sqrt(d_in) / the mean residual norm over the stream's first `n_tokens` tokens (whole batches)."""
+    rows, norms = 0, 0.0
+    while rows < max(n_tokens, 1):
+        x = next(stream)
+        norms += float(x.norm(dim=-1).sum())
+        rows += len(x)
+    return stream.d_in**0.5 / max(norms / rows, 1e-12)
+
+
+def run_metadata(cfg: RunConfig, stream: Stream, model_source: str, created_by: str) -> dict[str, Any]:
+    """SAELens metadata plus fast-steer's provenance: the run config and what the stream really yielded."""
+    provenance = stream.provenance()
+    return sae_metadata(
+        model_name=cfg.model,
+        layer=cfg.layer,
+        context_size=provenance.pop("context_size"),
+        dataset_path=",".join(provenance["data"]),
+        **provenance,
+        exclude_first_token=cfg.stream.exclude_first_token,
+        max_norm_multiple=cfg.stream.max_norm_multiple,
+        held_out_fraction=cfg.data.held_out_fraction,
+        model_source=model_source,
+        created_by=created_by,
+        run=cfg.to_dict(),
+    )
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    loaded: LoadedModel | tuple | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    dist: DistContext | None = None,
+    created_by: str = "fast-steer train",
+) -> TrainResult:
+    """Train the SAEs of `cfg.training` on one activation stream; each lands in `out_dir` (one SAE) or
+    `out_dir/<spec name>` (a sweep). `loaded` reuses an already loaded (model, tokenizer)."""
+    dist = dist or DistContext.current(resolve_device(cfg.device))
+    stream, model_source = open_stream(cfg, dist, loaded)
+    trainer = SAETrainer(
+        cfg.training,
+        stream.d_in,
+        out_dir,
+        metadata=lambda: run_metadata(cfg, stream, model_source, created_by),
+        dist=dist,
+        progress=progress,
+    )
+    return trainer.fit(stream, resume=resume, init_tokens=cfg.init_tokens)
