@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from apps.cli_options import model_option
+from apps.cli_options import device_option, model_option
 
 DEFAULT_PORT = 8000
 
@@ -43,7 +43,7 @@ DEFAULT_PORT = 8000
 @click.option(
     "--served-model-name", default=None, help="The model id clients send [default: the model's name]."
 )
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps")
+@device_option
 @click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16 | auto")
 @click.option(
     "--max-batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Rows per batch."
@@ -86,13 +86,13 @@ def serve_command(
     from apps.serve.loading import default_steering, load_named_saes
     from apps.serve.schemas import Limits
     from apps.serve.server import make_service, serve
-    from hub import ModelResolutionError, load_model, resolve_device
+    from hub import ModelResolutionError, load_model
     from steer import SpecError
 
     try:
         check_bind(host, api_key)
         limits = Limits(max_prompt_tokens, max_new_tokens, max_batch, max_queue)
-        loaded = load_model(model_ref, dtype=dtype, device=resolve_device(device))
+        loaded = load_model(model_ref, dtype=dtype, device=device)
         d_model = loaded.model.config.get_text_config().hidden_size
         saes = load_named_saes(list(sae_args), loaded.model.device, d_model)
         default = default_steering(spec_path, saes, loaded.model.device, d_model) if spec_path else None

@@ -133,24 +133,32 @@ class Engine:
 
     # -- the worker thread -------------------------------------------------------------------------
     def _work(self) -> None:
-        while (rows := self._next_batch()) is not None:
-            decoders = [RowDecoder(r, self.sm.tokenizer, self.eos_ids) for r in rows]
-            try:
-                if rows:
-                    self._generate(decoders)
-            except Exception as exc:  # noqa: BLE001 - reported to every client of the batch, then go on
-                log.exception("batch of %d rows failed", len(rows))
-                for decoder in decoders:
-                    if not decoder.done:
-                        decoder.fail(f"generation failed: {type(exc).__name__}: {exc}")
-            with self._wake:
-                s = self._stats
-                s.running = 0
-                s.batches += bool(rows)
-                s.rows += len(rows)
-                s.largest_batch = max(s.largest_batch, len(rows))
-                s.generated_tokens += sum(len(d.tokens) for d in decoders)
-                s.cancelled_rows += sum(d.reason == "cancelled" for d in decoders)
+        while self._run_next_batch():
+            pass
+
+    def _run_next_batch(self) -> bool:
+        """Run one batch (False once stopped); its rows are dropped on return, so nothing outlives a batch."""
+        rows = self._next_batch()
+        if rows is None:
+            return False
+        decoders = [RowDecoder(r, self.sm.tokenizer, self.eos_ids) for r in rows]
+        try:
+            if rows:
+                self._generate(decoders)
+        except Exception as exc:  # noqa: BLE001 - reported to every client of the batch, then go on
+            log.exception("batch of %d rows failed", len(rows))
+            for decoder in decoders:
+                if not decoder.done:
+                    decoder.fail(f"generation failed: {type(exc).__name__}: {exc}")
+        with self._wake:
+            s = self._stats
+            s.running = 0
+            s.batches += bool(rows)
+            s.rows += len(rows)
+            s.largest_batch = max(s.largest_batch, len(rows))
+            s.generated_tokens += sum(len(d.tokens) for d in decoders)
+            s.cancelled_rows += sum(d.reason == "cancelled" for d in decoders)
+        return True
 
     def _next_batch(self) -> list[Row] | None:
         """The next batch: the oldest request, plus whatever else fits and arrives within the window."""
