@@ -166,3 +166,25 @@ def test_eval_follows_the_first_token_exclusion_of_training(tiny_setup, tmp_path
         "the headline metrics leave position 0 out, as training did"
     )
     assert "left out (as in training)" in res.output
+
+
+def test_paper_preset_dry_run_prints_every_app_c_value():
+    res = CliRunner().invoke(main, ["train", "--preset", "paper", "--layer", "15", "--data", str(CHAT_DATA),
+                                    "--arch", "standard", "--arch", "jumprelu", "--dry-run", "--device", "cpu"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.output)
+    t = cfg["training"]
+    assert (t["lr"], t["lr_end"], t["batch_size"], t["total_tokens"]) == (7e-5, 7e-6, 128, 40_960_000)
+    assert cfg["schedule"] == {"total_steps": 320_000, "lr_warmup_steps": 16_000, "lr_decay_steps": 64_000,
+                               "sparsity_warmup_steps": 10_000}  # fmt: skip
+    assert [s["sparsity_coefficient"] for s in t["saes"]] == [5.0, 0.01]
+    assert (t["saes"][1]["jumprelu_bandwidth"], t["saes"][1]["jumprelu_init_threshold"]) == (0.001, 0.001)
+    assert (t["adam_beta1"], t["adam_beta2"], t["seed"], t["sae_dtype"]) == (0.9, 0.999, 42, "float32")
+    assert t["normalize_activations"] == "none" and t["encoder_init"] == "kaiming"
+    assert "first 32768 tokens" in cfg["initialisation"]["b_dec"] and cfg["device"] == "cpu"
+    res = CliRunner().invoke(
+        main, ["train", "--layer", "1", "--data", str(CHAT_DATA), "--dry-run", "--device", "gpu"]
+    )
+    assert (
+        res.exit_code != 0 and "unknown device 'gpu'; expected auto, cpu, cuda, cuda:N or mps" in res.output
+    )

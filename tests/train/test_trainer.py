@@ -149,3 +149,51 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
         for k, v in obj.state_dict().items():
             torch.testing.assert_close(r0[f"{i}.{k}"], v, atol=2e-5, rtol=1e-4)
     assert len(list((tmp_path / "dp").glob("*-x2-*/cfg.json"))) == 3  # one writer of SAE folders
+
+
+def test_initialisation_reads_the_first_init_tokens_and_metadata_is_built_after_fit(tmp_path):
+    """b_dec is the geometric median of the first `init_tokens` (several batches), the paper's independent
+    Kaiming-uniform encoder is not W_dec.T, and the metadata callable sees the finished stream."""
+    torch.set_num_threads(1)
+    cfg = _cfg(steps=6, saes=[SPECS[0]], normalize_activations="none", encoder_init="kaiming", lr=1e-12,
+               lr_end=1e-12)  # fmt: skip
+    stream = SparseStream(seed=1)
+    expected = torch.cat([next(SparseStream(seed=1)) for _ in range(1)])
+    first_four = torch.cat([b for _, b in zip(range(4), SparseStream(seed=1), strict=False)])
+    assert not torch.equal(expected, first_four)
+    seen = {}
+    trainer = SAETrainer(cfg, 16, tmp_path, metadata=lambda: {"served": stream.served}, progress=False)
+    encoder = trainer.saes[0].W_enc.detach().clone()
+    assert not torch.allclose(encoder, trainer.saes[0].W_dec.detach().T)
+    trainer.fit(stream, init_tokens=4 * 64)
+    seen["meta"] = load_sae(tmp_path).cfg.metadata
+    torch.testing.assert_close(
+        trainer.saes[0].b_dec.detach(), geometric_median(first_four), atol=1e-4, rtol=0
+    )
+    assert trainer.scale == 1.0  # raw activations
+    assert seen["meta"]["served"] == 6 and seen["meta"]["training_tokens"] == 6 * 64
+    assert seen["meta"]["expansion_factor"] == 2
+
+
+def test_a_fixed_scale_serves_instead_of_an_estimate(tmp_path):
+    trainer = SAETrainer(
+        _cfg(steps=2, saes=[SPECS[0]], norm_scaling_factor=0.25), 16, tmp_path, progress=False
+    )
+    trainer.fit(SparseStream(seed=2))
+    assert trainer.scale == 0.25
+    with pytest.raises(ValueError, match="norm_scaling_factor"):
+        _cfg(normalize_activations="none", norm_scaling_factor=0.25)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_three_architectures_train_on_cuda_with_dead_features(tmp_path):
+    """The TopK auxiliary loss sees dead features (a short window) on the GPU: no device mismatch."""
+    from train.distributed import DistContext
+
+    cfg = _cfg(steps=30, dead_feature_window=64)
+    trainer = SAETrainer(cfg, 16, tmp_path, dist=DistContext(device="cuda"), progress=False)
+    result = trainer.fit(SparseStream(seed=0))
+    assert result.steps == 30 and all(s.device.type == "cuda" for s in trainer.since_fired)
+    assert any(bool((s >= 64).any()) for s in trainer.since_fired)
+    topk = json.loads((tmp_path / LOG_FILE).read_text().splitlines()[-1])["saes"]["topk-x2-k6"]
+    assert topk["penalty"] > 0, "the auxiliary loss ran on dead features"
