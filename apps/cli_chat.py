@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import click
 
-from apps.cli_options import model_option
+from apps.cli_options import device_option, model_option
 from steer.spec import OPS, POSITION_MODES
 
 
@@ -59,6 +59,7 @@ class ChatOptions:
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per turn instead of columns.")
 def chat_command(
     prompt: str | None,
@@ -77,6 +78,7 @@ def chat_command(
     temperature: float,
     seed: int,
     dtype: str,
+    device: str,
     as_json: bool,
 ) -> None:
     """Chat with a model, showing the unsteered and the steered reply to PROMPT side by side.
@@ -90,7 +92,7 @@ def chat_command(
     if (spec_path is None) == (feature is None):
         raise click.UsageError("give either --spec FILE or --feature K (with --sae and --strength)")
     try:
-        model, tokenizer = load_model(model_ref, dtype=dtype)
+        model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
     except (ModelResolutionError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     sm = SteeredModel(model, tokenizer)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from apps.cli_options import model_option
+from apps.cli_options import device_option, model_option
 
 
 @click.command("features")
@@ -41,7 +41,7 @@ from apps.cli_options import model_option
 @click.option(
     "--dtype", default="float32", show_default=True, help="Model dtype: float32 | bfloat16 | float16."
 )
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @click.option(
     "--color/--no-color", default=None, help="Highlight with ANSI colour [default: when a terminal]."
 )
