@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "apps.cli_chat",
     "apps.cli_serve",
     "apps.bench_steer",
+    "apps.bench_serve",
     "apps.cli_train",
     "apps.cli_eval",
     "apps.bench_train",

@@ -56,15 +56,22 @@ class EngineStats:
 class _Chooser(LogitsProcessor):
     """Each unfinished row's token from its own sampler; -inf elsewhere, so greedy `generate` takes it."""
 
-    def __init__(self, decoders: list[RowDecoder], samplers: list[RowSampler]) -> None:
+    def __init__(
+        self, decoders: list[RowDecoder], samplers: list[RowSampler], eos_ids: frozenset[int]
+    ) -> None:
         self.decoders, self.samplers = decoders, samplers
+        self.eos_ids = sorted(eos_ids)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         chosen = torch.full_like(scores, float("-inf"))
         for i, (decoder, sampler) in enumerate(zip(self.decoders, self.samplers, strict=True)):
             token = 0
             if not decoder.done:
-                token, logprob = sampler.choose(scores[i])
+                logits = scores[i]
+                if len(decoder.tokens) < decoder.row.params.min_new_tokens:
+                    logits = logits.clone()
+                    logits[self.eos_ids] = float("-inf")
+                token, logprob = sampler.choose(logits)
                 decoder.push(token, logprob)
             chosen[i, token] = 0.0
         return chosen
@@ -212,7 +219,7 @@ class Engine:
                     input_ids=ids.to(sm.device),
                     attention_mask=mask.to(sm.device),
                     generation_config=config,
-                    logits_processor=LogitsProcessorList([_Chooser(decoders, samplers)]),
+                    logits_processor=LogitsProcessorList([_Chooser(decoders, samplers, self.eos_ids)]),
                     stopping_criteria=StoppingCriteriaList([_Finished(decoders, self.pad_id)]),
                 )
         for decoder in decoders:

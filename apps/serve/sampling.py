@@ -11,9 +11,11 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one row is decoded. temperature 0 = greedy; `logprobs`: alternatives per token (None: none)."""
+    """How one row is decoded. temperature 0 = greedy; end of turn is impossible before `min_new_tokens`;
+    `logprobs`: alternatives per token (None: none)."""
 
     max_new_tokens: int
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None

@@ -43,6 +43,7 @@ class _Generation(_Body):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)  # as vLLM: no end of turn before this many tokens (fixed-length benches)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -84,8 +85,13 @@ class _Generation(_Body):
             raise APIError.bad_request(
                 f"{field}={n_new} is more than this server allows ({limits.max_new_tokens} new tokens)", field
             )
+        if self.min_tokens > n_new:
+            raise APIError.bad_request(
+                f"min_tokens={self.min_tokens} is more than {field}={n_new}", "min_tokens"
+            )
         return SamplingParams(
             max_new_tokens=n_new,
+            min_new_tokens=self.min_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,

@@ -1,0 +1,37 @@
+"""`fast-steer bench serve` on a tiny saved model: its JSON holds every figure, each sane."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from apps.cli import main
+from tests.conftest import build_tiny_model
+
+
+def test_bench_serve_reports_ratios(tmp_path, chatml_tokenizer):
+    build_tiny_model("llama", len(chatml_tokenizer), n_layers=3).save_pretrained(tmp_path / "model")
+    chatml_tokenizer.save_pretrained(tmp_path / "model")
+    args = ["bench", "serve", "--model", str(tmp_path / "model"), "--d-sae", "64", "--new-tokens", "4",
+            "--requests-per-client", "2", "--repeats", "2", "--concurrency", "1,3"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert set(out["results"]) == {"c1", "c3"}
+    assert set(out["results"]["c1"]) == {"plain", "mixed"}
+    assert set(out["results"]["c3"]) == {"plain", "mixed", "one_at_a_time"}
+    for level, clients in (("c1", 1), ("c3", 3)):
+        for figures in out["results"][level].values():
+            assert figures["requests"] == 2 * 2 * clients and figures["tokens"] == 4 * figures["requests"]
+            assert figures["tokens_per_s"] > 0 and 0 < figures["p50_latency_s"] <= figures["p95_latency_s"]
+    ratios = out["ratios"]
+    assert set(ratios["mixed_over_plain"]) == {"c1", "c3"} and ratios["batched_over_one_at_a_time"] > 0
+    assert out["meets_targets"]["batched_over_one_at_a_time"] == (ratios["batched_over_one_at_a_time"] >= 3.0)
+    assert (
+        out["engine"]["one_at_a_time"]["largest_batch"] == 1
+        and out["engine"]["batched"]["largest_batch"] <= 3
+    )
+    assert out["config"]["layer"] == 1 and out["config"]["concurrency"] == [1, 3]
+    result = CliRunner().invoke(main, ["bench", "serve", "--concurrency", "1,x"])
+    assert result.exit_code != 0 and "comma-separated integers" in result.output
