@@ -28,13 +28,14 @@ def tiny_parts(tokenizer, root):
     return model, tokenizer, root / "sae"
 
 
-def start(model, tokenizer, sae_dir, **options) -> BackgroundServer:
-    """A started background server for `tiny` (options: Limits fields, window, api_key, default_steering)."""
+def serving(model, tokenizer, sae_dir, **options) -> BackgroundServer:
+    """`with serving(...) as server:` a background server for `tiny` (options: Limits fields, window,
+    api_key, default_steering)."""
     limit_names = set(Limits.__dataclass_fields__)
     limits = Limits(**{k: options.pop(k) for k in list(options) if k in limit_names})
     saes = load_named_saes([f"tiny={sae_dir}"], model.device, model.config.hidden_size)
     service = make_service(model, tokenizer, saes, model_name=MODEL, limits=limits, **options)
-    return BackgroundServer(service).__enter__()
+    return BackgroundServer(service)
 
 
 def client(server: BackgroundServer, api_key: str = "unused") -> openai.OpenAI:

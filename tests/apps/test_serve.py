@@ -9,7 +9,17 @@ import httpx
 import openai
 import pytest
 
-from tests.apps.serve_helpers import MODEL, OTHER, STRONG, chat, client, health, hf_greedy, start, tiny_parts
+from tests.apps.serve_helpers import (
+    MODEL,
+    OTHER,
+    STRONG,
+    chat,
+    client,
+    health,
+    hf_greedy,
+    serving,
+    tiny_parts,
+)
 
 PROMPT = "What is the capital of France?"
 
@@ -21,9 +31,8 @@ def tiny(chatml_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    srv = start(*tiny, max_new_tokens=64, max_prompt_tokens=256)
-    yield srv
-    srv.__exit__()
+    with serving(*tiny, max_new_tokens=64, max_prompt_tokens=256) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 
 from apps.serve.auth import check_bind, is_loopback
 from apps.serve.rows import Row, RowDecoder
-from tests.apps.serve_helpers import OTHER, STRONG, chat, client, health, start, tiny_parts
+from tests.apps.serve_helpers import OTHER, STRONG, chat, client, health, serving, tiny_parts
 from tests.steer.helpers import chat_ids, greedy, pad_batch
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Say hi", "Why is the sky blue?"]
@@ -49,8 +49,7 @@ def test_mixed_batch_equals_each_request_alone(tiny):
         dict(text=PROMPTS[2], steering=OTHER),
         dict(text=PROMPTS[3], steering=STRONG, temperature=1.0, seed=3),
     ]
-    server = start(model, tok, sae_dir, window=0.3, max_batch=4)
-    try:
+    with serving(model, tok, sae_dir, window=0.3, max_batch=4) as server:
         cl = client(server)
 
         def ask(req: dict) -> str:
@@ -64,8 +63,6 @@ def test_mixed_batch_equals_each_request_alone(tiny):
         assert after["batches"] - before["batches"] == 1 and after["largest_batch"] == 4, after
         alone = [ask(req) for req in requests]
         assert health(server)["batches"] - after["batches"] == 4
-    finally:
-        server.__exit__()
     assert together == alone
     assert together[0] != ask_plain(model, tok, PROMPTS[0]) and together[2] != ask_plain(
         model, tok, PROMPTS[2]
@@ -80,8 +77,7 @@ def ask_plain(model, tok, text: str) -> str:
 
 
 def test_full_queue_answers_429_at_once(tiny):
-    server = start(*tiny, window=0.0, max_batch=1, max_queue=1, max_new_tokens=2000)
-    try:
+    with serving(*tiny, window=0.0, max_batch=1, max_queue=1, max_new_tokens=2000) as server:
         cl = client(server)
         running = chat(cl, PROMPTS[0], max_tokens=2000, stream=True)
         next(iter(running))  # the first request is generating
@@ -96,8 +92,6 @@ def test_full_queue_answers_429_at_once(tiny):
         assert queued.result(timeout=30).choices[0].finish_reason == "length"
         assert health(server)["refused"] == 1
         assert chat(cl, PROMPTS[2], max_tokens=4).choices[0].message.content is not None
-    finally:
-        server.__exit__()
 
 
 def test_api_key(tiny):
@@ -106,8 +100,7 @@ def test_api_key(tiny):
     with pytest.raises(ValueError, match="--api-key"):
         check_bind("0.0.0.0", None)
     check_bind("0.0.0.0", "key")
-    server = start(*tiny, api_key="sekrit")
-    try:
+    with serving(*tiny, api_key="sekrit") as server:
         for key in ("wrong", "sekri", "sekrit2"):
             with pytest.raises(openai.AuthenticationError) as caught:
                 client(server, key).models.list()
@@ -115,8 +108,6 @@ def test_api_key(tiny):
         assert health(server)["status"] == "ok"  # open without a key
         assert [m.id for m in client(server, "sekrit").models.list()] == ["tiny"]
         assert chat(client(server, "sekrit"), PROMPTS[0], max_tokens=3).usage.completion_tokens == 3
-    finally:
-        server.__exit__()
 
 
 def _live_rows() -> int:
@@ -125,8 +116,7 @@ def _live_rows() -> int:
 
 
 def test_disconnect_cancels_the_row_and_keeps_nothing(tiny):
-    server = start(*tiny, window=0.0, max_new_tokens=1000)
-    try:
+    with serving(*tiny, window=0.0, max_new_tokens=1000) as server:
         cl = client(server)
         before = health(server)
         stream = chat(cl, PROMPTS[0], max_tokens=1000, stream=True)
@@ -161,14 +151,11 @@ def test_disconnect_cancels_the_row_and_keeps_nothing(tiny):
         assert grown < 1_000_000, f"traced memory grew by {grown} bytes over 200 disconnects"
         assert _live_rows() == 0
         assert chat(cl, PROMPTS[2], max_tokens=5).usage.completion_tokens == 5  # still serving
-    finally:
-        server.__exit__()
 
 
 def test_finished_rows_leave_the_batch_running(tiny):
     """A row that stops early (short max_tokens, stop string) ends; its batch-mates run to their own end."""
-    server = start(*tiny, window=0.5, max_batch=3)
-    try:
+    with serving(*tiny, window=0.5, max_batch=3) as server:
         cl = client(server)
         lengths = [2, 9, 5]
         with ThreadPoolExecutor(3) as pool:
@@ -177,14 +164,11 @@ def test_finished_rows_leave_the_batch_running(tiny):
         texts = [o.choices[0].message.content for o in outs]
         assert texts[1].startswith(texts[2]) and texts[2].startswith(texts[0])
         assert health(server)["largest_batch"] == 3
-    finally:
-        server.__exit__()
 
 
 def test_threads_do_not_share_rows(tiny):
     """Eight clients at once on one server: every reply equals the same request sent alone."""
-    server = start(*tiny, window=0.05, max_batch=8)
-    try:
+    with serving(*tiny, window=0.05, max_batch=8) as server:
         cl = client(server)
         specs = [STRONG, None, OTHER, None] * 2
         results: dict[int, str] = {}
@@ -202,5 +186,3 @@ def test_threads_do_not_share_rows(tiny):
                 results[i]
                 == chat(cl, PROMPTS[i % 4], steering=specs[i], max_tokens=6).choices[0].message.content
             )
-    finally:
-        server.__exit__()

@@ -10,7 +10,7 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
 from apps.lm_eval_tasks import materialize_tasks
-from tests.apps.serve_helpers import MODEL, STRONG, client, start, tiny_parts
+from tests.apps.serve_helpers import MODEL, STRONG, client, serving, tiny_parts
 from tests.conftest import EVAL_DATA
 
 TASK = "gsm8k_local"
@@ -60,18 +60,12 @@ def _direct(server, sample: dict, steering=None) -> str:
 
 
 def test_lm_eval_api_model_plain_and_default_spec(tiny, task_manager):
-    plain_server = start(*tiny)
-    try:
+    with serving(*tiny) as plain_server:
         plain = _run(plain_server, task_manager)
         assert [s["resps"][0][0] for s in plain] == [_direct(plain_server, s) for s in plain]
-    finally:
-        plain_server.__exit__()
-    steered_server = start(*tiny, default_steering=STRONG)
-    try:
+    with serving(*tiny, default_steering=STRONG) as steered_server:
         steered = _run(steered_server, task_manager)
         assert [s["resps"][0][0] for s in steered] == [_direct(steered_server, s) for s in steered]
         assert [_direct(steered_server, s, STRONG) for s in steered] == [s["resps"][0][0] for s in steered]
-    finally:
-        steered_server.__exit__()
     assert len(plain) == len(steered) == 3
     assert [s["resps"][0][0] for s in steered] != [s["resps"][0][0] for s in plain]
