@@ -20,7 +20,13 @@ from apps.serve.engine import Engine, QueueFull
 from apps.serve.errors import APIError, install_error_handlers
 from apps.serve.responses import Choice, ResponseFormat, sse
 from apps.serve.rows import Delta, Event, Failure, Finish, Row
-from apps.serve.schemas import ChatCompletionRequest, CompletionRequest, Limits, SteeringUpdate, _Generation
+from apps.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    Limits,
+    SteeringUpdate,
+)
 from apps.serve.steering import Steering
 from steer import SteeredModel
 
@@ -89,7 +95,7 @@ def build_app(service: Service) -> FastAPI:
 
 async def _complete(
     service: Service,
-    body: _Generation,
+    body: GenerationRequest,
     prompts: list[list[int]],
     prompt_param: str,
     n_logprobs: int | None,
@@ -125,10 +131,10 @@ async def _complete(
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     choices, rows = [], []
-    for prompt in prompts:
+    for prompt_index, prompt in enumerate(prompts):
         for label, row_spec in variants:
             index = len(rows)
-            choices.append(Choice(index, label, len(prompt)))
+            choices.append(Choice(index, label, prompt_index, len(prompt)))
             rows.append(Row(prompt, params, row_spec, _sink(loop, events, index)))
     try:
         service.engine.submit(rows)
@@ -175,10 +181,9 @@ async def _stream(
                 return
             offset = len(choice.text)
             _apply(choice, event)
-            if isinstance(event, Delta) or not started[index] or choice.finish_reason:
-                text, entries = (event.text, list(event.logprobs)) if isinstance(event, Delta) else ("", [])
-                yield fmt.chunk(choice, text, entries, not started[index], offset)
-                started[index] = True
+            text, entries = (event.text, list(event.logprobs)) if isinstance(event, Delta) else ("", [])
+            yield fmt.chunk(choice, text, entries, not started[index], offset)  # new text, or the finish
+            started[index] = True
         if include_usage:
             yield fmt.usage_chunk(choices)
         yield sse("[DONE]")

@@ -17,6 +17,7 @@ class Choice:
 
     index: int
     label: str | None
+    prompt_index: int
     prompt_tokens: int
     text: str = ""
     logprobs: list[LogprobEntry] = field(default_factory=list)
@@ -98,7 +99,7 @@ class ResponseFormat:
 
 def usage(choices: list[Choice]) -> dict[str, int]:
     """Token counts: each distinct prompt once (a comparison's two rows share theirs), every reply."""
-    prompts = {c.index // 2 if c.label else c.index: c.prompt_tokens for c in choices}
+    prompts = {c.prompt_index: c.prompt_tokens for c in choices}
     prompt, completion = sum(prompts.values()), sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

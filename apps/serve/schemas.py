@@ -38,7 +38,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Generation(_Body):
+class GenerationRequest(_Body):
     """Fields shared by chat and text completions, plus fast-steer's `steering` and `compare`."""
 
     model: str
@@ -116,7 +116,7 @@ class ChatMessage(_Body):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ChatCompletionRequest(_Generation):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -134,7 +134,7 @@ class ChatCompletionRequest(_Generation):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class CompletionRequest(_Generation):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=5)
 
