@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from apps.cli_options import device_option
+
 
 @click.command("eval")
 @click.argument("sae_dir", type=click.Path(exists=True, file_okay=False))
@@ -14,7 +16,15 @@ import click
     multiple=True,
     type=click.Path(),
     required=True,
-    help="Conversation files/folders; their held-out split (content hash) is used.",
+    help="Conversation files/folders (see --split).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["held-out", "all"]),
+    default="held-out",
+    show_default=True,
+    help="held-out: the content-hash split the training left out (fraction from the SAE's metadata); "
+    "all: every conversation in --data (a dedicated evaluation set).",
 )
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), help="Results JSON [default: SAE_DIR/eval.json]."
@@ -22,6 +32,7 @@ import click
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNGs here.")
 @click.option("--model", "model_ref", help="Model reference [default: the SAE's metadata.model_name].")
 @click.option("--dtype", "model_dtype", help="Model dtype [default: the dtype the SAE was trained on].")
+@device_option
 @click.option("--max-conversations", type=int, default=200, show_default=True)
 @click.option("--max-len", type=int, default=2048, show_default=True, help="Truncation per conversation.")
 @click.option(
@@ -30,12 +41,14 @@ import click
     multiple=True,
     help="Extra token (string or id) counted as special for MSE_st, e.g. 'Ċ'.",
 )
-@click.option("--no-lm-loss", is_flag=True, help="Skip the delta LM loss (two full forwards per batch).")
+@click.option(
+    "--no-lm-loss", is_flag=True, help="Skip the delta LM loss (the forward then stops after layer L)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_command(sae_dir, data, json_path, plot_dir, model_ref, model_dtype, max_conversations, max_len,
-                 extra_special, no_lm_loss, quiet) -> None:  # fmt: skip
-    """Evaluate the SAE(s) in SAE_DIR on held-out conversations: MSE, MSE_st, L0, explained variance,
-    dead/dense shares and delta LM loss. A sweep folder evaluates each SAE in it."""
+def eval_command(sae_dir, data, split, json_path, plot_dir, model_ref, model_dtype, device, max_conversations,
+                 max_len, extra_special, no_lm_loss, quiet) -> None:  # fmt: skip
+    """Evaluate the SAE(s) in SAE_DIR on conversations (the held-out split by default): MSE, MSE_st, L0,
+    explained variance, dead/dense shares and delta LM loss. A sweep folder evaluates each SAE in it."""
     from hub import list_sae_ids
     from train.eval_run import evaluate_folder
     from train.evaluate import EvalConfig, format_table
@@ -57,9 +70,10 @@ def eval_command(sae_dir, data, json_path, plot_dir, model_ref, model_dtype, max
             if loaded is None and model_ref:
                 from hub import load_model
 
-                loaded = load_model(model_ref, dtype=model_dtype or "float32")
-            result, path = evaluate_folder(folder, list(data), loaded=loaded, model_dtype=model_dtype, cfg=cfg,
-                                           json_path=json_path, progress=not quiet)  # fmt: skip
+                loaded = load_model(model_ref, dtype=model_dtype or "float32", device=device)
+            result, path = evaluate_folder(folder, list(data), split=split, loaded=loaded, model_dtype=model_dtype,
+                                           device=device, cfg=cfg, json_path=json_path,
+                                           progress=not quiet)  # fmt: skip
         except (ValueError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from exc
         if len(folders) > 1:

@@ -9,14 +9,23 @@ Metrics (`EvalResult.metrics`):
   held-out tokens), `dense_share` (fired on more than `dense_threshold` of them);
 - `ce_clean`, `ce_spliced`, `delta_lm_loss` (absolute, nats) and `delta_lm_loss_pct`: next-token
   cross-entropy with the SAE reconstruction spliced in after layer L versus the clean model.
+
+One forward per batch: blocks 0..L run once on the B clean rows; a hook on block L encodes and decodes
+their real tokens with the SAE and hands on 2B rows (clean, then spliced), so the later blocks give the
+clean and the spliced logits together. The LM head runs only on the positions whose next token is real
+(not on padding), and the cross-entropy is taken in row chunks. Batches are right-padded and run without
+an attention mask (a real token never attends to padding on its right; see `train.harvest`), so the other
+inputs of the later blocks (positions, rotary tables) are shared by all rows; a batch-sized one (an eager
+attention mask) is repeated. Without the LM loss the forward stops after block L. The sums stay tensors
+on the SAE's device until the end.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +49,7 @@ OTHER = "other tokens"
 class EvalConfig:
     max_conversations: int = 200
     max_len: int = 2048  # FAST truncation of each held-out conversation
-    token_budget: int = 8192  # padded tokens per forward
+    token_budget: int = 8192  # padded tokens per forward (the LM-loss forward carries twice as many rows)
     dense_threshold: float = 0.1
     extra_special_tokens: tuple[str | int, ...] = ()  # added to the template's special tokens for MSE_st
     lm_loss: bool = True
@@ -58,78 +67,144 @@ class EvalResult:
     n_tokens: int
     layer: int
     config: dict[str, Any] = field(default_factory=dict)
+    # which conversations were evaluated: {"split", "conversations", "available", ...} (`split_line`)
+    split: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+class _TokenLabels:
+    """Token-type label of every position: FIRST at position 0, the token string at marked positions
+    whose id has a name, OTHER elsewhere (as indices into `names`)."""
+
+    def __init__(self, special: SpecialTokens) -> None:
+        strings = sorted({name for _, name in special.names})
+        self.names = [FIRST, OTHER, *strings]
+        index = {name: i for i, name in enumerate(self.names)}
+        ids = [tid for tid, _ in special.names]
+        self.table = torch.full((max(ids, default=0) + 1,), 1, dtype=torch.long)  # 1 = OTHER
+        for tid, name in special.names:
+            self.table[tid] = index[name]
+
+    def __call__(self, input_ids: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
+        """[B, T] label indices of right-padded `input_ids` ([B, T]) with their special-token mask."""
+        table = self.table.to(input_ids.device)
+        inside = input_ids < len(table)
+        named = table[input_ids.clamp(max=len(table) - 1)]
+        labels = torch.where(marked & inside, named, torch.ones_like(input_ids))
+        labels[:, 0] = 0  # FIRST
+        return labels
+
+
+@dataclass
+class _Tokens:
+    """The real tokens of a right-padded batch, flattened in row-major order (all on one device)."""
+
+    real: torch.Tensor  # [B, T] bool: not padding
+    seq: torch.Tensor  # [N] row of each real token
+    keep: torch.Tensor  # [N] bool: scored (and spliced); False at position 0 when it is left out
+    special: torch.Tensor  # [N] bool: special-token positions
+    labels: torch.Tensor  # [N] token-type indices
+
+    @classmethod
+    def of(
+        cls, batch: Batch, special: SpecialTokens, labeller: _TokenLabels, skip_first: bool, device
+    ) -> _Tokens:
+        real = batch.attention_mask.to(device).bool()
+        rows, length = real.shape
+        seq = torch.arange(rows, device=device).unsqueeze(1).expand(rows, length)[real]
+        pos = torch.arange(length, device=device).expand(rows, length)[real]
+        marked = special.mask(batch.input_ids, batch.attention_mask).to(device)
+        labels = labeller(batch.input_ids.to(device), marked)
+        keep = pos > 0 if skip_first else torch.ones_like(pos, dtype=torch.bool)
+        return cls(real, seq, keep, marked[real], labels[real])
+
+
 class _Accumulator:
-    """Running sums over held-out tokens."""
+    """Running sums over held-out tokens, kept as tensors on `device`."""
 
-    def __init__(self, d_in: int, d_sae: int) -> None:
-        self.seq_mse: list[float] = []
-        self.seq_mse_st: list[float] = []
-        self.sse = 0.0
-        self.sse_bdec = 0.0
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
-        self.sum_sq = 0.0
-        self.l0_sum = 0.0
-        self.tokens = 0
-        self.fired = torch.zeros(d_sae, dtype=torch.long)
-        self.by_type: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-        self.ce_clean = 0.0
-        self.ce_spliced = 0.0
-        self.ce_tokens = 0
+    def __init__(self, d_in: int, d_sae: int, n_labels: int, device: torch.device) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
 
-    def add_sequence(
-        self,
-        x: torch.Tensor,
-        recon: torch.Tensor,
-        feats: torch.Tensor,
-        b_dec: torch.Tensor,
-        special: torch.Tensor,
-        labels: list[str | None],
-        skip_first: bool = False,
+        self.seq_mse: list[torch.Tensor] = []
+        self.seq_mse_st: list[torch.Tensor] = []
+        self.sse, self.sse_bdec, self.sum_sq = zeros(), zeros(), zeros()
+        self.sum_x = zeros(d_in)
+        self.l0_sum, self.tokens = zeros(dtype=torch.long), zeros(dtype=torch.long)
+        self.fired = zeros(d_sae, dtype=torch.long)
+        self.type_sse, self.type_tokens = zeros(n_labels), zeros(n_labels, dtype=torch.long)
+        self.ce_clean, self.ce_spliced, self.ce_tokens = zeros(), zeros(), zeros(dtype=torch.long)
+
+    def add_batch(
+        self, x: torch.Tensor, recon: torch.Tensor, feats: torch.Tensor, b_dec: torch.Tensor, tokens: _Tokens
     ) -> None:
+        """One batch's real tokens: x, recon [N, d] float32 and feats [N, d_sae]."""
         err = (recon - x).pow(2).mean(dim=-1)  # per token, per element
-        self.by_type[FIRST][0] += err[0].item()
-        self.by_type[FIRST][1] += 1
-        for e, label in zip(err[1:].tolist(), labels[1:], strict=True):
-            key = label if label is not None else OTHER
-            self.by_type[key][0] += e
-            self.by_type[key][1] += 1
-        if skip_first:
-            x, recon, feats, special, err = x[1:], recon[1:], feats[1:], special[1:], err[1:]
-        self.seq_mse.append(err.mean().item())
-        if special.any():
-            self.seq_mse_st.append(err[special].mean().item())
-        self.sse += (recon - x).double().pow(2).sum().item()
-        self.sse_bdec += (x - b_dec).double().pow(2).sum().item()
-        self.sum_x += x.double().sum(dim=0)
-        self.sum_sq += x.double().pow(2).sum().item()
-        fired = feats > 0
-        self.l0_sum += fired.sum().item()
+        self.type_sse.index_add_(0, tokens.labels, err.double())
+        self.type_tokens += torch.bincount(tokens.labels, minlength=len(self.type_tokens))
+        keep, rows = tokens.keep, len(tokens.real)
+        self.seq_mse.append(self._per_row_mean(err, tokens.seq, keep, rows)[0])
+        st_mean, n_st = self._per_row_mean(err, tokens.seq, keep & tokens.special, rows)
+        self.seq_mse_st.append(st_mean[n_st > 0])
+        xk, rk = x[keep].double(), recon[keep].double()
+        self.sse += (rk - xk).pow(2).sum()
+        self.sse_bdec += (xk - b_dec.double()).pow(2).sum()
+        self.sum_x += xk.sum(dim=0)
+        self.sum_sq += xk.pow(2).sum()
+        fired = feats[keep] > 0
         self.fired += fired.sum(dim=0)
-        self.tokens += x.shape[0]
+        self.l0_sum += fired.sum()
+        self.tokens += keep.sum()
+
+    @staticmethod
+    def _per_row_mean(
+        err: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor, rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean of `err` over the `mask`ed tokens of each row (float64 [rows]), and their counts."""
+        total = torch.zeros(rows, dtype=torch.float64, device=err.device).index_add_(
+            0, seq[mask], err[mask].double()
+        )
+        count = torch.bincount(seq[mask], minlength=rows)
+        return total / count, count
+
+    def add_ce(self, clean: torch.Tensor, spliced: torch.Tensor, n: torch.Tensor) -> None:
+        self.ce_clean += clean
+        self.ce_spliced += spliced
+        self.ce_tokens += n
+
+    def by_type(self, names: list[str]) -> dict[str, dict[str, float]]:
+        sse, counts = self.type_sse.tolist(), self.type_tokens.tolist()
+        rows = [(name, s, n) for name, s, n in zip(names, sse, counts, strict=True) if n]
+        return {name: {"mse": s / n, "tokens": n} for name, s, n in sorted(rows, key=lambda r: -r[2])}
 
     def metrics(self, dense_threshold: float) -> dict[str, float]:
-        sst = self.sum_sq - (self.sum_x.pow(2).sum().item() / self.tokens)
-        mse = sum(self.seq_mse) / len(self.seq_mse)
-        mse_st = sum(self.seq_mse_st) / len(self.seq_mse_st) if self.seq_mse_st else float("nan")
-        freq = self.fired.double() / self.tokens
+        sum_sq, sse, sse_bdec, tokens = (
+            self.sum_sq.item(),
+            self.sse.item(),
+            self.sse_bdec.item(),
+            int(self.tokens),
+        )
+        sst = sum_sq - self.sum_x.pow(2).sum().item() / tokens
+        mse = torch.cat(self.seq_mse).mean().item()
+        st = torch.cat(self.seq_mse_st)
+        mse_st = st.mean().item() if len(st) else float("nan")
+        freq = self.fired.double() / tokens
         out = {
             "mse": mse,
             "log2_mse": math.log2(mse) if mse > 0 else float("-inf"),
             "mse_st": mse_st,
             "log2_mse_st": math.log2(mse_st) if mse_st > 0 else float("nan"),
-            "l0": self.l0_sum / self.tokens,
-            "explained_variance": 1.0 - self.sse / sst,
-            "explained_variance_bdec_only": 1.0 - self.sse_bdec / sst,
+            "l0": self.l0_sum.item() / tokens,
+            "explained_variance": 1.0 - sse / sst,
+            "explained_variance_bdec_only": 1.0 - sse_bdec / sst,
             "dead_share": (freq == 0).double().mean().item(),
             "dense_share": (freq > dense_threshold).double().mean().item(),
         }
-        if self.ce_tokens:
-            clean, spliced = self.ce_clean / self.ce_tokens, self.ce_spliced / self.ce_tokens
+        n_ce = int(self.ce_tokens)
+        if n_ce:
+            clean, spliced = self.ce_clean.item() / n_ce, self.ce_spliced.item() / n_ce
             out.update(
                 ce_clean=clean,
                 ce_spliced=spliced,
@@ -147,12 +222,65 @@ def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def _token_ce(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
-    """Summed next-token cross-entropy over real positions, and their count."""
-    labels = batch.input_ids[:, 1:].to(logits.device)
-    keep = (batch.attention_mask[:, 1:] == 1).to(logits.device)
-    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none")
-    return ce[keep.flatten()].sum().item(), int(keep.sum())
+@contextmanager
+def _clean_and_spliced(
+    model: PreTrainedModel,
+    layer: int,
+    rows: int,
+    splice: Callable[[torch.Tensor], torch.Tensor],
+    heads: torch.Tensor,
+) -> Iterator[None]:
+    """While active, block `layer` hands on `[clean; splice(clean)]` (2 x `rows` rows), the later blocks see
+    every other batch-sized input (an eager attention mask) repeated to match, and the LM head runs only on
+    the positions where `heads` ([2 x rows, T] bool) is set: the logits come out as [n, V]."""
+    layers = decoder_layers(model)
+    lm_head = model.get_output_embeddings()
+    if lm_head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no output embeddings (LM head) to compute the LM loss with"
+        )
+
+    def stack(_module, _args, output):
+        clean = _hidden(output)
+        if clean.shape[0] != rows:
+            raise RuntimeError(f"block {layer} saw {clean.shape[0]} rows, expected the batch's {rows}")
+        return _replace_hidden(output, torch.cat([clean, splice(clean)]))
+
+    def widen(value: Any) -> Any:
+        if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == rows:
+            return value.repeat(2, *([1] * (value.dim() - 1)))
+        if isinstance(value, tuple):
+            return tuple(widen(v) for v in value)
+        return value
+
+    def widen_inputs(_module, args, kwargs):
+        return (args[0], *(widen(a) for a in args[1:])), {k: widen(v) for k, v in kwargs.items()}
+
+    def select(_module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != heads.shape:
+            raise RuntimeError(f"the LM head saw {tuple(hidden.shape)}, expected {tuple(heads.shape)} + (d,)")
+        return (hidden[heads], *args[1:])
+
+    handles = [layers[layer].register_forward_hook(stack), lm_head.register_forward_pre_hook(select)]
+    if rows > 1:  # a single row's inputs broadcast over both
+        handles += [m.register_forward_pre_hook(widen_inputs, with_kwargs=True) for m in layers[layer + 1 :]]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_inputs(sae: SAE, model: PreTrainedModel, layer: int, conversations: Sequence) -> None:
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} out of range: the model has layers 0..{len(layers) - 1}")
+    hidden_size = model.config.get_text_config().hidden_size
+    if sae.d_in != hidden_size:
+        raise ValueError(f"SAE d_in={sae.d_in} does not match the model's hidden size {hidden_size}")
+    if not conversations:
+        raise ValueError("no held-out conversations to evaluate on")
 
 
 @torch.no_grad()
@@ -166,98 +294,100 @@ def evaluate_sae(
     special: SpecialTokens | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate `sae` on the residuals after decoder block `layer` of `model` on `conversations`."""
+    """Evaluate `sae` on the residuals after decoder block `layer` of `model` on `conversations` (the first
+    `cfg.max_conversations` of them). The SAE may sit on another device than the model."""
     cfg = cfg or EvalConfig()
-    layers = decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        raise ValueError(f"layer {layer} out of range: the model has layers 0..{len(layers) - 1}")
-    hidden_size = model.config.get_text_config().hidden_size
-    if sae.d_in != hidden_size:
-        raise ValueError(f"SAE d_in={sae.d_in} does not match the model's hidden size {hidden_size}")
-    if not conversations:
-        raise ValueError("no held-out conversations to evaluate on")
+    _check_inputs(sae, model, layer, conversations)
     special = special or resolve_special_tokens(tokenizer, extra=cfg.extra_special_tokens)
     skip_first = cfg.exclude_first_token
     if skip_first is None:
         skip_first = bool(sae.metadata.get("exclude_first_token", False))
-    names = dict(special.names)
     seqs = fast_sequences(list(conversations)[: cfg.max_conversations], tokenizer, max_len=cfg.max_len)
     batches = bucket_batches(seqs, cfg.token_budget, tokenizer.pad_token_id, seed=None)
-    acc = _Accumulator(sae.d_in, sae.d_sae)
-    device = next(model.parameters()).device
     sae_device = sae.W_enc.device
-    b_dec = sae.b_dec.detach().float().to(sae_device)
-    state: dict[str, torch.Tensor] = {}
-
-    def capture(_module, _args, output):
-        state["clean"] = _hidden(output)
-
-    def splice(_module, _args, output):
-        hidden = _hidden(output)
-        mask = state["mask"].unsqueeze(-1)
-        return _replace_hidden(output, torch.where(mask, state["recon"].to(hidden.dtype), hidden))
-
-    bar = tqdm(
-        total=sum(b.n_tokens for b in batches), unit="tok", unit_scale=True, desc="eval", disable=not progress
-    )
+    labeller = _TokenLabels(special)
+    acc = _Accumulator(sae.d_in, sae.d_sae, len(labeller.names), sae_device)
+    b_dec = sae.b_dec.detach().float()
     harvester = Harvester(model, layer)
+    bar = tqdm(total=sum(b.n_tokens for b in batches), unit="tok", unit_scale=True, desc="eval",
+               disable=not progress)  # fmt: skip
     for batch in batches:
-        ids, att = batch.input_ids.to(device), batch.attention_mask.to(device)
-        if cfg.lm_loss:  # the clean logits are needed too: a whole forward, capturing layer L on the way
-            handle = layers[layer].register_forward_hook(capture)
-            try:
-                logits = model(input_ids=ids, attention_mask=att).logits
-            finally:
-                handle.remove()
-        else:  # right-padded: the forward that stops after layer L sees the same real tokens
-            logits, state["clean"] = None, harvester.residuals(batch)
-        x_all = state["clean"].float().to(sae_device)
-        feats_all = sae.encode(x_all)
-        recon_all = sae.decode(feats_all).float()
-        st_mask = special.mask(batch.input_ids, batch.attention_mask)
-        for row, n in enumerate(batch.lengths):
-            ids_row = batch.input_ids[row, :n].tolist()
-            labels = [
-                names.get(t) if m else None for t, m in zip(ids_row, st_mask[row, :n].tolist(), strict=True)
-            ]
-            acc.add_sequence(
-                x_all[row, :n],
-                recon_all[row, :n],
-                feats_all[row, :n],
-                b_dec,
-                st_mask[row, :n],
-                labels,
-                skip_first=skip_first,
-            )
+        tokens = _Tokens.of(batch, special, labeller, skip_first, sae_device)
         if cfg.lm_loss:
-            ce, n_ce = _token_ce(logits, batch)
-            splice_mask = att.bool()
-            if skip_first:
-                splice_mask[:, 0] = False  # batches are right-padded: column 0 is each sequence's first token
-            state["recon"], state["mask"] = recon_all.to(device), splice_mask
-            handle = layers[layer].register_forward_hook(splice)
-            try:
-                spliced_logits = model(input_ids=ids, attention_mask=att).logits
-            finally:
-                handle.remove()
-            ce_sp, _ = _token_ce(spliced_logits, batch)
-            acc.ce_clean += ce
-            acc.ce_spliced += ce_sp
-            acc.ce_tokens += n_ce
+            sae_out, ce, n_ce = _forward_with_splice(sae, model, layer, batch, tokens)
+            acc.add_ce(ce[0], ce[1], n_ce)
+        else:  # the forward stops after block L
+            sae_out = _sae_pass(sae, harvester.residuals(batch), tokens.real)
+        acc.add_batch(sae_out["x"], sae_out["recon"], sae_out["feats"], b_dec, tokens)
         bar.update(batch.n_tokens)
     bar.close()
-    by_type = {
-        k: {"mse": s / n, "tokens": n} for k, (s, n) in sorted(acc.by_type.items(), key=lambda kv: -kv[1][1])
-    }
     return EvalResult(
         metrics=acc.metrics(cfg.dense_threshold),
-        mse_by_token_type=by_type,
+        mse_by_token_type=acc.by_type(labeller.names),
         special_tokens=special.to_dict(),
         n_sequences=len(seqs),
-        n_tokens=acc.tokens,
+        n_tokens=int(acc.tokens),
         layer=layer,
         config={**asdict(cfg), "exclude_first_token": skip_first},
     )
+
+
+def _forward_with_splice(
+    sae: SAE, model: PreTrainedModel, layer: int, batch: Batch, tokens: _Tokens
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One forward of `batch`: the SAE pass on its clean residuals after block `layer`, and the summed clean
+    and spliced next-token cross-entropies over the positions whose target is real (float64 [2], on the
+    SAE's device) with their count. The reconstruction replaces the residual at the kept tokens only."""
+    device = next(model.parameters()).device
+    ids = batch.input_ids.to(device)
+    real = tokens.real.to(device)
+    spliced_at = real.clone()
+    spliced_at[real] = tokens.keep.to(device)
+    has_target = torch.zeros_like(real)
+    has_target[:, :-1] = real[:, 1:]
+    sae_out: dict[str, torch.Tensor] = {}
+
+    def splice(clean: torch.Tensor) -> torch.Tensor:
+        sae_out.update(_sae_pass(sae, clean, real))
+        spliced = clean.clone()
+        spliced[spliced_at] = sae_out["recon"][tokens.keep].to(device, clean.dtype)
+        return spliced
+
+    with _clean_and_spliced(model, layer, len(ids), splice, has_target.repeat(2, 1)):
+        logits = model(input_ids=ids, use_cache=False).logits
+    targets = ids[:, 1:][real[:, 1:]]
+    n = len(targets)
+    ce = torch.stack([_summed_ce(logits[:n], targets), _summed_ce(logits[n:], targets)])
+    return sae_out, ce.to(sae.W_enc.device), torch.tensor(n, device=sae.W_enc.device)
+
+
+def _summed_ce(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of [n, V] `logits`, in row chunks (bounded float32 temporaries), float64."""
+    parts = [
+        F.cross_entropy(lg.float(), tg, reduction="sum").double()
+        for lg, tg in zip(logits.split(chunk), targets.split(chunk), strict=True)
+    ]
+    return torch.stack(parts).sum() if parts else logits.new_zeros((), dtype=torch.float64)
+
+
+def _sae_pass(sae: SAE, residuals: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The real tokens' float32 residuals `x` ([N, d], on the SAE's device), features and reconstruction."""
+    x = residuals[real.to(residuals.device)].to(sae.W_enc.device, torch.float32)
+    feats = sae.encode(x)
+    return {"x": x, "feats": feats, "recon": sae.decode(feats).float()}
+
+
+def split_line(split: dict[str, Any]) -> str:
+    """'held-out split: 6 of 150 conversations (fraction 0.05)', 'all: 150 of 150 conversations', plus
+    the cap by `max_conversations` when it applied."""
+    used, total = split["conversations"], split["available"]
+    if split["split"] == "held-out":
+        detail = [f"fraction {split['held_out_fraction']:g}"]
+        if used < split["selected"]:
+            detail.append(f"{split['selected']} held out, capped by --max-conversations {used}")
+        return f"held-out split: {used} of {total} conversations ({'; '.join(detail)})"
+    capped = f" (capped by --max-conversations {used})" if used < total else ""
+    return f"all: {used} of {total} conversations{capped}"
 
 
 def write_eval(result: EvalResult, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -290,7 +420,10 @@ def format_table(result: EvalResult) -> str:
             ("delta LM loss %", m["delta_lm_loss_pct"]),
         ]
     width = max(len(name) for name, _ in rows)
-    lines = [f"held-out: {result.n_sequences} conversations, {result.n_tokens} tokens, layer {result.layer}"]
+    lines = [split_line(result.split)] if result.split else []
+    lines.append(
+        f"evaluated: {result.n_sequences} conversations, {result.n_tokens} tokens, layer {result.layer}"
+    )
     if result.config.get("exclude_first_token"):
         lines.append("first token of each conversation left out (as in training); see 'first token' below")
     lines += [f"{name:<{width}}  {value:>12.5g}" for name, value in rows]

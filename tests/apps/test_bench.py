@@ -65,9 +65,33 @@ def test_bench_train_reports_rates_and_memory(model_dir):
         out["end_to_end_tokens_per_s"] / out["sequential_limit_tokens_per_s"]
     )
     assert out["peak_over_estimate"] == pytest.approx(out["peak_memory_mib"] / out["memory_estimate_mib"])
+    assert out["cache_tokens"] >= out["end_to_end_tokens_trained"] and out["device"] == "cpu"
+    for key in ("cache_harvest_tokens_per_s", "cache_read_tokens_per_s", "cached_training_loop_tokens_per_s"):
+        assert out[key] > 0, key
+    assert out["cached_training_ratio_to_bare_step"] == pytest.approx(
+        out["cached_training_loop_tokens_per_s"] / out["bare_sae_step_tokens_per_s"]
+    )
 
 
 def test_bench_train_rejects_a_bad_budget(model_dir):
     result = CliRunner().invoke(main, ["bench", "train", "--model", str(model_dir), "--tokens", "0"])
     assert result.exit_code != 0
     assert "must be positive" in result.output
+
+
+def test_bench_eval_compares_with_two_bare_forwards(model_dir):
+    out = _bench("eval", "--model", str(model_dir), "--device", "cpu", "--data", str(CHAT_DATA), "--layer", "1",
+                 "--conversations", "6", "--repeats", "2", "--expansion", "2")  # fmt: skip
+    assert out["conversations"] == 6 and out["layer"] == 1 and out["device"] == "cpu"
+    assert "random" in out["sae"] and out["sae"].startswith("standard 64x128")
+    assert out["real_tokens"] > 0 and 0 <= out["padding_share"] < 1
+    assert len(out["bare_seconds_all"]) == len(out["eval_seconds_all"]) == 2
+    assert out["eval_tokens_per_s"] > 0 and out["two_bare_forwards_tokens_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["eval_tokens_per_s"] / out["two_bare_forwards_tokens_per_s"])
+    assert out["meets_target"] == (out["ratio"] >= out["target"] == 0.7)
+
+
+def test_bench_eval_rejects_a_bad_layer(model_dir):
+    result = CliRunner().invoke(main, ["bench", "eval", "--model", str(model_dir), "--layer", "7"])
+    assert result.exit_code != 0
+    assert "--layer 7 out of range" in result.output

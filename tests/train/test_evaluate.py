@@ -1,16 +1,21 @@
-"""Evaluation metrics on a tiny model, checked against direct computations."""
+"""Evaluation metrics on tiny models, checked against direct computations and against a reference that runs
+a clean and a spliced forward per conversation; CUDA against CPU where a GPU is present."""
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from steer.positions import resolve_special_tokens
 from steer.sae import SAEConfig, build_sae
 from tests.conftest import build_tiny_model, read_conversations
 from train.evaluate import EvalConfig, evaluate_sae, format_table
+from train.harvest import decoder_layers
 from train.sequences import fast_sequences
 
 LAYER = 1
@@ -131,3 +136,138 @@ def test_first_token_exclusion_follows_training_metadata(setup):
         sae, model, tok, convs, LAYER, EvalConfig(max_len=120, exclude_first_token=False), progress=False
     )
     assert forced.metrics["mse"] == pytest.approx(kept.metrics["mse"])
+
+
+def _reference_metrics(sae, model, tok, convs, layer, max_len, skip_first) -> dict:
+    """The metrics from one conversation at a time: a clean forward, then a second forward with the SAE's
+    reconstruction spliced in after `layer` (the definitions of the module docstring, written out)."""
+    special = resolve_special_tokens(tok)
+    block = decoder_layers(model)[layer]
+    seq_mse, seq_st, xs, recons, feats, by_type = [], [], [], [], [], {}
+    ce_clean = ce_spliced = 0.0
+    n_ce = 0
+    for ids in fast_sequences(convs, tok, max_len=max_len):
+        ids_t = torch.tensor([ids])
+        seen = []
+        handle = block.register_forward_hook(lambda _m, _a, output, seen=seen: seen.append(output))
+        try:
+            out = model(ids_t)
+        finally:
+            handle.remove()
+        x = (seen[0] if torch.is_tensor(seen[0]) else seen[0][0])[0]
+        f = sae.encode(x)
+        r = sae.decode(f)
+        err = (r - x).pow(2).mean(-1)
+        for pos, label in enumerate(special.labels(ids)):
+            key = "first token" if pos == 0 else (label or "other tokens")
+            s, n = by_type.get(key, (0.0, 0))
+            by_type[key] = (s + err[pos].item(), n + 1)
+        mask = special.mask(ids_t[0])
+        start = 1 if skip_first else 0
+        seq_mse.append(err[start:].mean().item())
+        if mask[start:].any():
+            seq_st.append(err[start:][mask[start:]].mean().item())
+        xs.append(x[start:])
+        recons.append(r[start:])
+        feats.append(f[start:])
+        spliced_x = torch.cat([x[:start], r[start:]])
+
+        def splice(_module, _args, output, spliced_x=spliced_x):
+            return (
+                spliced_x.unsqueeze(0) if torch.is_tensor(output) else (spliced_x.unsqueeze(0), *output[1:])
+            )
+
+        handle = block.register_forward_hook(splice)
+        try:
+            spliced_logits = model(ids_t).logits[0]
+        finally:
+            handle.remove()
+        targets = torch.tensor(ids[1:])
+        ce_clean += F.cross_entropy(out.logits[0, :-1], targets, reduction="sum").item()
+        ce_spliced += F.cross_entropy(spliced_logits[:-1], targets, reduction="sum").item()
+        n_ce += len(ids) - 1
+    x, r, f = torch.cat(xs), torch.cat(recons), torch.cat(feats)
+    freq = (f > 0).double().mean(0)
+    sst = (x.double() - x.double().mean(0)).pow(2).sum()
+    return {
+        "metrics": {
+            "mse": sum(seq_mse) / len(seq_mse),
+            "mse_st": sum(seq_st) / len(seq_st),
+            "l0": (f > 0).sum(-1).double().mean().item(),
+            "explained_variance": 1 - ((r - x).double().pow(2).sum() / sst).item(),
+            "explained_variance_bdec_only": 1 - ((x - sae.b_dec).double().pow(2).sum() / sst).item(),
+            "dead_share": (freq == 0).double().mean().item(),
+            "dense_share": (freq > 0.1).double().mean().item(),
+            "ce_clean": ce_clean / n_ce,
+            "ce_spliced": ce_spliced / n_ce,
+        },
+        "by_type": {k: {"mse": s / n, "tokens": n} for k, (s, n) in by_type.items()},
+        "tokens": len(x),
+    }
+
+
+def _assert_matches_reference(res, ref) -> None:
+    assert res.n_tokens == ref["tokens"]
+    for name, value in ref["metrics"].items():
+        assert res.metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert res.metrics["delta_lm_loss"] == pytest.approx(
+        ref["metrics"]["ce_spliced"] - ref["metrics"]["ce_clean"], rel=1e-3, abs=1e-5
+    )
+    assert res.mse_by_token_type.keys() == ref["by_type"].keys()
+    for label, v in ref["by_type"].items():
+        assert res.mse_by_token_type[label]["tokens"] == v["tokens"], label
+        assert res.mse_by_token_type[label]["mse"] == pytest.approx(v["mse"], rel=1e-4), label
+
+
+@pytest.mark.parametrize(
+    ("arch", "attn", "layer", "budget", "skip_first"),
+    [
+        ("llama", "sdpa", 1, 300, False),
+        ("llama", "eager", 1, 300, True),
+        ("llama", "sdpa", 3, 120, False),  # last block, one row per batch
+        ("qwen2", "sdpa", 2, 500, True),
+        ("gpt2", "eager", 1, 300, False),
+        ("gpt2", "sdpa", 3, 300, True),
+    ],
+)
+def test_one_batched_forward_equals_two_separate_forwards(
+    chatml_tokenizer, arch, attn, layer, budget, skip_first
+):
+    """Clean and spliced rows share one forward (blocks 0..L once, 2B rows after): the same metrics as a
+    clean and a spliced forward per conversation, on batches of one and of several rows."""
+    model = build_tiny_model(arch, len(chatml_tokenizer))
+    model.set_attn_implementation(attn)
+    convs = read_conversations("taskmaster4_coffee.jsonl", 7)
+    torch.manual_seed(1)
+    sae = build_sae(SAEConfig(architecture="standard", d_in=64, d_sae=256))
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.05)  # some features never fire: dead_share is tested away from 0
+        sae.b_dec.normal_(std=0.1)
+    cfg = EvalConfig(max_len=120, token_budget=budget, exclude_first_token=skip_first)
+    res = evaluate_sae(sae, model, chatml_tokenizer, convs, layer, cfg, progress=False)
+    with torch.no_grad():
+        ref = _reference_metrics(sae, model, chatml_tokenizer, convs, layer, 120, skip_first)
+    _assert_matches_reference(res, ref)
+    assert abs(res.metrics["delta_lm_loss"]) > 1e-3, "the splice must change the predictions"
+    no_lm = evaluate_sae(
+        sae, model, chatml_tokenizer, convs, layer, replace(cfg, lm_loss=False), progress=False
+    )
+    assert "ce_clean" not in no_lm.metrics
+    for name in ("mse", "mse_st", "l0", "explained_variance", "dead_share", "dense_share"):
+        assert no_lm.metrics[name] == pytest.approx(res.metrics[name], rel=1e-5, abs=1e-7), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_evaluation_equals_cpu(setup):
+    model, tok, convs = setup
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=256, k=8))
+    cfg = EvalConfig(max_len=120, token_budget=300)
+    cpu = evaluate_sae(sae, model, tok, convs, LAYER, cfg, progress=False)
+    cuda = evaluate_sae(
+        sae.to("cuda"), copy.deepcopy(model).to("cuda"), tok, convs, LAYER, cfg, progress=False
+    )
+    assert cuda.n_tokens == cpu.n_tokens
+    for name, value in cpu.metrics.items():
+        assert cuda.metrics[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
+    assert cuda.mse_by_token_type.keys() == cpu.mse_by_token_type.keys()
