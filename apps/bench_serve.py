@@ -4,8 +4,8 @@ The server runs in this process (a background thread, real HTTP on 127.0.0.1) on
 random SAE; each client sends requests one after the other (chat completions, greedy, a fixed number of
 new tokens through `min_tokens`, so every request costs the same). Scenarios at each concurrency:
 - `plain`: every request unsteered;
-- `mixed`: every other request steered (`add` of two decoder directions at special positions), so batches
-  hold steered and plain rows together;
+- `mixed`: half the requests steered (`add` of two decoder directions at special positions): every other
+  client, alternating each round, so batches hold steered and plain rows together;
 and, at the highest concurrency, `one_at_a_time`: the mixed load on a server whose batches hold one row.
 Scenarios are interleaved (the order rotates each repeat); ratios are medians over repeats of ratios
 within a repeat, so slow phases of a shared machine cancel:
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +40,8 @@ class BenchServeConfig:
     layer: int | None = None
     d_sae: int = 4608
     new_tokens: int = 32
-    requests_per_client: int = 2
-    repeats: int = 3
+    requests_per_client: int = 3
+    repeats: int = 5
     concurrency: tuple[int, ...] = (1, 4, 8)
     window_ms: float = 10.0
 
@@ -70,14 +71,16 @@ def _request(url: str, prompt: str, steering: dict | None, new_tokens: int) -> t
 
 
 def _load(url: str, clients: int, per_client: int, steering: dict | None, new_tokens: int) -> dict:
-    """`clients` closed-loop clients, `per_client` requests each; every other request steered if given."""
+    """`clients` closed-loop clients starting together, `per_client` requests each; with `steering`, every
+    other client's requests are steered, alternating each round, so a batch holds steered and plain rows."""
+    start_line = threading.Barrier(clients)
 
     def client(c: int) -> list[tuple[float, int]]:
+        start_line.wait()
         out = []
         for r in range(per_client):
-            i = c * per_client + r
-            spec = steering if steering is not None and i % 2 == 0 else None
-            out.append(_request(url, PROMPTS[i % len(PROMPTS)], spec, new_tokens))
+            spec = steering if (c + r) % 2 == 0 else None
+            out.append(_request(url, PROMPTS[(c * per_client + r) % len(PROMPTS)], spec, new_tokens))
         return out
 
     start = time.perf_counter()
@@ -186,8 +189,8 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 @click.option("--layer", type=int, help="Steered layer (default: the middle layer).")
 @click.option("--d-sae", type=click.IntRange(1), default=4608, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True, help="Per request.")
-@click.option("--requests-per-client", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--requests-per-client", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated client counts.")
 @click.option("--window-ms", type=click.FloatRange(0), default=10.0, show_default=True, help="Batch window.")
 def bench_serve_command(**options) -> None:
