@@ -4,11 +4,6 @@ and `fast-steer harvest` then `train --activations` resuming after a SIGKILL as 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -18,8 +13,9 @@ from safetensors.torch import load_file
 
 from apps.cli import main
 from tests.conftest import build_tiny_model, read_conversations
+from tests.train.kill import kill_after_first_checkpoint
 from tests.train.streams import stream_run
-from tests.train.test_cli_train import ROOT, tiny_setup  # noqa: F401 - the module's fixture
+from tests.train.test_cli_train import tiny_setup  # noqa: F401 - the module's fixture
 from train.activation_cache import CachedActivationStream, write_cache
 from train.activations import ActivationStream
 from train.data import Corpus
@@ -110,18 +106,8 @@ def test_harvest_then_train_from_the_cache_resumes_exactly_after_sigkill(tiny_se
     report = json.loads(res.stdout)
     assert report["tokens"] > 2000 and report["shards"] > 1
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "apps", *_train_from(cache, killed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    latest = killed / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 240
-    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    step = json.loads(latest.read_text())["step"]
+    step = kill_after_first_checkpoint(_train_from(cache, killed), killed)
     assert 0 < step < 94
 
     res = CliRunner().invoke(main, _train_from(cache, killed, ["--resume"]))

@@ -4,11 +4,6 @@ resume after a SIGKILL giving the same SAE as an uninterrupted run; and an integ
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +13,7 @@ from safetensors.torch import load_file
 
 from apps.cli import main
 from tests.conftest import CHAT_DATA, build_tiny_model, read_conversations
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.train.kill import kill_after_first_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +86,8 @@ def test_bad_options_give_clear_errors(tiny_setup, tmp_path):
 def test_resume_after_sigkill_equals_uninterrupted(tiny_setup, tmp_path, one_thread):
     model, data = tiny_setup
     extra = ["--checkpoint-every", "5", "--arch", "jumprelu", "--expansion", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "apps", *_train_args(model, data, killed, extra=extra)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    latest = killed / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 240
-    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (killed / "train_summary.json").exists()
-    step = json.loads(latest.read_text())["step"]
+    step = kill_after_first_checkpoint(_train_args(model, data, killed, extra=extra), killed)
     assert 0 < step < 94
 
     res = CliRunner().invoke(main, _train_args(model, data, killed, extra=[*extra, "--resume"]))
