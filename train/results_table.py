@@ -22,8 +22,11 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 METHOD_ORDER = ("fast", "bt-f", "bt-p")
 METHOD_LABELS = {"fast": "FAST", "bt-f": "BT(F)", "bt-p": "BT(P)"}
-# The paper's Table (Qwen2.5-7B-Instruct, layer 18): log2 MSE_st per method, for reference only.
-PAPER_LOG2_MSE_ST = {"fast": 0.6468, "bt-p": 5.1985, "bt-f": 1.5093}
+# The paper's tables (Qwen2.5-7B-Instruct, layer 18): log2 MSE_st per architecture and method, for reference.
+PAPER_LOG2_MSE_ST = {
+    "standard": {"fast": 0.6468, "bt-f": 1.5093, "bt-p": 5.1985},
+    "jumprelu": {"fast": -9.7604, "bt-f": -8.0743, "bt-p": -4.0005},
+}
 
 
 @dataclass
@@ -74,7 +77,7 @@ def markdown_table(rows: list[ResultRow]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sort_rows(rows):
         cells = [row.label, *[_fmt(row.metrics.get(key), spec) for key, _, spec in COLUMNS]]
-        cells.append(_fmt(PAPER_LOG2_MSE_ST.get(row.method), ".4f"))
+        cells.append(_fmt(PAPER_LOG2_MSE_ST.get(row.arch, {}).get(row.method), ".4f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

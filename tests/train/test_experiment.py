@@ -124,12 +124,12 @@ def test_config_errors_are_specific(tmp_path):
         ReproduceConfig(out=tmp_path, chat_data=[str(CHAT_DATA)], pretrain_data=["/nope"])
 
 
-def _row(method: str, mse: float, mse_st: float) -> ResultRow:
+def _row(method: str, mse: float, mse_st: float, arch: str = "standard") -> ResultRow:
     metrics = dict.fromkeys(
         ("l0", "explained_variance", "dead_share", "delta_lm_loss", "delta_lm_loss_pct"), 0.5
     )
     metrics.update(mse=mse, log2_mse=math.log2(mse), mse_st=mse_st, log2_mse_st=math.log2(mse_st))
-    return ResultRow(method, "standard", metrics, sae_dir=f"/x/{method}")
+    return ResultRow(method, arch, metrics, sae_dir=f"/x/{method}")
 
 
 def test_tables_order_methods_and_compute_ratios():
@@ -141,6 +141,8 @@ def test_tables_order_methods_and_compute_ratios():
         "BT(P) standard",
     ]
     assert "5.1985" in md[4]  # the paper's BT(P) reference sits beside ours
+    jump = markdown_table([_row("fast", 2.0, 2.0, "jumprelu")]).splitlines()[2]
+    assert "-9.7604" in jump and "0.6468" not in jump  # each architecture's own reference value
     ratios = ratio_table(rows)
     assert "| standard | BT(F) | 1.500 | 2.000 |" in ratios
     assert "| standard | BT(P) | 2.000 | 16.000 |" in ratios
