@@ -177,6 +177,9 @@ def run_config_from_options(opts: dict, training, activations: str | None = None
 @click.option("--seed", type=int, help="Seed of the SAE initialisation.")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0: none).")
 @click.option("--log-every", type=int, help="Steps between JSONL log lines.")
+@click.option(
+    "--gsnr-every", type=int, help="Steps between gradient signal-to-noise logs (a multiple of --log-every)."
+)
 @click.option("--autocast/--no-autocast", default=None, help="bf16 autocast for the SAE step.")
 @click.option(
     "--jumprelu-bandwidth", type=float, help="STE bandwidth.  [default: the preset's: 0.1, paper 0.001]"
@@ -189,7 +192,7 @@ def run_config_from_options(opts: dict, training, activations: str | None = None
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write training-curve PNGs here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(activations, archs, expansions, coefficients, ks, tokens, out_dir, preset, dry_run, resume,
-                  batch_size, lr, lr_end, seed, checkpoint_every, log_every, autocast, jumprelu_bandwidth,
+                  batch_size, lr, lr_end, seed, checkpoint_every, log_every, gsnr_every, autocast, jumprelu_bandwidth,
                   jumprelu_init_threshold, plot_dir, quiet, **opts) -> None:  # fmt: skip
     """Train SAEs on the residual stream of a chat model (FAST by default) and write SAELens folders."""
     from train.config import preset_config
@@ -202,7 +205,7 @@ def train_command(activations, archs, expansions, coefficients, ks, tokens, out_
                             jumprelu_bandwidth, jumprelu_init_threshold)  # fmt: skip
         training = preset_config(preset, saes=specs, total_tokens=tokens, batch_size=batch_size, lr=lr,
                                  lr_end=lr_end, seed=seed, checkpoint_every=checkpoint_every,
-                                 log_every=log_every, autocast=autocast)  # fmt: skip
+                                 log_every=log_every, gsnr_every=gsnr_every, autocast=autocast)  # fmt: skip
         cfg = run_config_from_options(opts, training, activations)
         if dry_run:
             click.echo(json.dumps(dry_run_report(cfg), indent=2))

@@ -87,6 +87,10 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every: int = 100  # steps; 0 = only at the end
     log_every: int = 10  # steps between JSONL log lines
+    gsnr_every: int = (
+        0  # steps between gradient signal-to-noise measurements (a multiple of log_every; 0: off)
+    )
+    gsnr_micro_batches: int = 8  # micro-batches of one batch that the GSNR is measured over
     preset: str = "default"
 
     def __post_init__(self) -> None:
@@ -106,6 +110,10 @@ class TrainConfig:
             raise ValueError(
                 f"norm_scaling_factor={self.norm_scaling_factor} needs normalize_activations="
                 "expected_average_only_in and a positive value"
+            )
+        if self.gsnr_every and (self.gsnr_every < 0 or self.gsnr_every % self.log_every):
+            raise ValueError(
+                f"gsnr_every ({self.gsnr_every}) must be a multiple of log_every ({self.log_every})"
             )
         if self.encoder_init not in ("kaiming", "transpose"):
             raise ValueError(f"encoder_init={self.encoder_init!r}; expected kaiming or transpose")

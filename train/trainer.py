@@ -38,6 +38,7 @@ from steer.sae import SAE, SAEConfig, build_sae
 from train import checkpoint as ckpt
 from train.config import SAETrainSpec, TrainConfig
 from train.distributed import DistContext
+from train.gsnr import gradient_snr
 from train.losses import LossOutput, Objective, build_objective
 from train.memory import peak_memory_mib, release_free_memory
 from train.schedules import LRSchedule, SparsityWarmup
@@ -48,7 +49,7 @@ LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
 CKPT_DIR = "checkpoints"
 # Settings that may change between a killed run and its resume; everything else must match.
-_RESUMABLE_CHANGES = {"checkpoint_every", "log_every"}
+_RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "gsnr_every", "gsnr_micro_batches"}
 
 
 def finished_run(out_dir: str | Path) -> bool:
@@ -202,6 +203,9 @@ class SAETrainer:
                 if self.cfg.autocast
                 else contextlib.nullcontext()
             )
+            gsnr = {}
+            if self.cfg.gsnr_every and (self.step + 1) % self.cfg.gsnr_every == 0:
+                gsnr = gradient_snr(obj, x, coefficient, dead, self.cfg.gsnr_micro_batches)
             with autocast:
                 res: LossOutput = obj(x, coefficient, dead)
             res.loss.backward()
@@ -225,6 +229,7 @@ class SAETrainer:
                         "penalty": res.penalty.detach(),
                         "l0": counts.sum().float() / n_global,
                         "coefficient": torch.tensor(coefficient),
+                        **gsnr,
                     }
                 )
             del res  # free this SAE's activations before the next SAE's forward
@@ -349,6 +354,10 @@ class SAETrainer:
                 "l0": l0,
                 "dead_share": float((since >= self.cfg.dead_feature_window).float().mean()),
             }
+            if "gsnr_W_enc" in m:
+                gsnr = torch.stack([m["gsnr_W_enc"], m["gsnr_W_dec"]])
+                self.dist.all_reduce_mean_([gsnr])
+                saes[name]["gsnr_W_enc"], saes[name]["gsnr_W_dec"] = gsnr.tolist()
         return {
             "step": self.step,
             "tokens": self.tokens,

@@ -197,3 +197,24 @@ def test_three_architectures_train_on_cuda_with_dead_features(tmp_path):
     assert any(bool((s >= 64).any()) for s in trainer.since_fired)
     topk = json.loads((tmp_path / LOG_FILE).read_text().splitlines()[-1])["saes"]["topk-x2-k6"]
     assert topk["penalty"] > 0, "the auxiliary loss ran on dead features"
+
+
+def test_gsnr_is_logged_and_leaves_training_unchanged(tmp_path):
+    torch.set_num_threads(1)
+    with_gsnr = SAETrainer(_cfg(steps=10, gsnr_every=5), 16, tmp_path / "a", progress=False)
+    with_gsnr.fit(SparseStream(seed=4))
+    plain = SAETrainer(_cfg(steps=10), 16, tmp_path / "b", progress=False)
+    plain.fit(SparseStream(seed=4))
+    for a, b in zip(with_gsnr.saes, plain.saes, strict=True):
+        assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.W_dec, b.W_dec)
+    lines = [json.loads(line) for line in (tmp_path / "a" / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10]
+    for record in lines:
+        for name in with_gsnr.names:
+            assert record["saes"][name]["gsnr_W_enc"] > 0 and record["saes"][name]["gsnr_W_dec"] > 0
+    assert (
+        "gsnr_W_enc"
+        not in json.loads((tmp_path / "b" / LOG_FILE).read_text().splitlines()[0])["saes"]["topk-x2-k6"]
+    )
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        _cfg(gsnr_every=3)
