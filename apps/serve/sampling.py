@@ -3,7 +3,6 @@ so its reply never depends on its batch-mates (greedy rows take the argmax, as `
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 import torch
@@ -12,13 +11,14 @@ import torch
 @dataclass(frozen=True)
 class SamplingParams:
     """How one row is decoded. temperature 0 = greedy; end of turn is impossible before `min_new_tokens`;
+    `seed` starts the row's own generator (a request without one gets a random seed, shared by its rows);
     `logprobs`: alternatives per token (None: none)."""
 
     max_new_tokens: int
     min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int = 0
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
 
@@ -42,8 +42,7 @@ class RowSampler:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            self.generator = torch.Generator(device=device).manual_seed(seed)
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
 
     def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """The next token id, and its logprob entry when the row asked for logprobs."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,7 +95,7 @@ class GenerationRequest(_Body):
             min_new_tokens=self.min_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            seed=self.seed,
+            seed=self.seed if self.seed is not None else secrets.randbits(63),
             stop=tuple(self.stop),
             logprobs=n_logprobs,
         )

@@ -73,6 +73,11 @@ def test_compare_labels_and_same_seed(cl):
     assert chat(cl, PROMPT, steering=STRONG, temperature=1.0, seed=7).choices[0].message.content == steered
     assert chat(cl, PROMPT, temperature=1.0, seed=8).choices[0].message.content != plain
     assert out.usage.completion_tokens == 24
+    no_op = {**STRONG, "edits": []}  # steered = plain, so the two choices agree exactly when seeds do
+    unseeded = chat(cl, PROMPT, steering=no_op, compare=True, temperature=1.0, max_tokens=20).choices
+    assert unseeded[0].message.content == unseeded[1].message.content
+    again = chat(cl, PROMPT, steering=no_op, compare=True, temperature=1.0, max_tokens=20).choices
+    assert again[0].message.content != unseeded[0].message.content, "no seed: a fresh one per request"
 
 
 def test_stream_equals_whole_reply(cl):
@@ -84,6 +89,16 @@ def test_stream_equals_whole_reply(cl):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 20 and not chunks[-1].choices
+    both = chat(cl, PROMPT, steering=STRONG, compare=True, max_tokens=20)
+    streamed = list(
+        chat(cl, PROMPT, steering=STRONG, compare=True, max_tokens=20, stream=True, logprobs=True)
+    )
+    for choice in both.choices:
+        mine = [c.choices[0] for c in streamed if c.choices[0].index == choice.index]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert (
+            "".join(e.token for c in mine if c.logprobs for e in c.logprobs.content) == choice.message.content
+        )
 
 
 def test_logprobs(cl):
