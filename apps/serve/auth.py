@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from apps.serve.errors import APIError
 
@@ -33,7 +33,8 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 
 class Gate:
-    """ASGI middleware: 401 without the bearer key (when one is set), 400 for an oversize body."""
+    """ASGI middleware: 401 without the bearer key (when one is set), 400 for an oversize body (by its
+    Content-Length, or counted as a chunked body arrives)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
@@ -49,7 +50,29 @@ class Gate:
         if refusal is not None:
             await refusal.response()(scope, receive, send)
             return
-        await self.app(scope, self._capped(receive), send)
+        if b"content-length" in headers:
+            await self.app(scope, receive, send)
+            return
+        messages, size = [], 0  # a chunked body: read it here, up to the cap, then hand it on
+        while not messages or messages[-1].get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                await self._too_large("chunked").response()(scope, receive, send)
+                return
+            messages.append(message)
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, what: str) -> APIError:
+        return APIError.bad_request(
+            f"the request body ({what}) is larger than this server accepts ({self.max_body_bytes} bytes)"
+        )
 
     def _refusal(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
         if self.key is not None and path not in OPEN_PATHS:
@@ -64,25 +87,5 @@ class Gate:
                 )
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body_bytes:
-            return APIError.bad_request(
-                f"the request body ({length.decode(errors='replace')} bytes) is larger than this server "
-                f"accepts ({self.max_body_bytes} bytes)"
-            )
+            return self._too_large(f"{length.decode(errors='replace')} bytes")
         return None
-
-    def _capped(self, receive: Receive) -> Receive:
-        """`receive`, refusing a body (e.g. chunked, without Content-Length) that grows past the cap."""
-        seen = 0
-
-        async def capped() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise APIError.bad_request(
-                        f"the request body is larger than this server accepts ({self.max_body_bytes} bytes)"
-                    )
-            return message
-
-        return capped

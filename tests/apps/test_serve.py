@@ -203,6 +203,10 @@ def test_malformed_unknown_oversize(server):
     assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]["message"]
     huge = _post(server, {**BASE, "user": "x" * 1_100_000})
     assert huge.status_code == 400 and "larger than this server accepts" in huge.json()["error"]["message"]
+    chunked = httpx.post(server.url + "/chat/completions", content=iter([b"{" + b" " * 600_000] * 2))
+    assert (
+        chunked.status_code == 400 and "larger than this server accepts" in chunked.json()["error"]["message"]
+    )
     wrong_model = _post(server, {**BASE, "model": "gpt-4"})
     assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
     put = httpx.put(f"{server.url}/steering", json={"steering": {**STRONG, "sae": "x"}})
