@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from apps.serve.auth import Gate
@@ -29,6 +29,8 @@ from apps.serve.schemas import (
 )
 from apps.serve.steering import Steering
 from steer import SteeredModel
+
+DISCONNECT_POLL_S = 0.25  # how often a request that does not stream checks that its client is still there
 
 
 @dataclass
@@ -73,7 +75,7 @@ def build_app(service: Service) -> FastAPI:
         return {"steering": service.steering.describe_default()}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = [m.as_template_message() for m in body.messages]
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
@@ -83,18 +85,19 @@ def build_app(service: Service) -> FastAPI:
             raise APIError.bad_request(
                 f"the chat template refused these messages: {exc}", "messages"
             ) from None
-        return await _complete(service, body, [list(ids)], "messages", body.n_logprobs(), chat=True)
+        return await _complete(service, request, body, [list(ids)], "messages", body.n_logprobs(), chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompts = [list(tokenizer(p)["input_ids"]) for p in body.prompt]
-        return await _complete(service, body, prompts, "prompt", body.logprobs, chat=False)
+        return await _complete(service, request, body, prompts, "prompt", body.logprobs, chat=False)
 
     return app
 
 
 async def _complete(
     service: Service,
+    request: Request,
     body: GenerationRequest,
     prompts: list[list[int]],
     prompt_param: str,
@@ -149,7 +152,7 @@ async def _complete(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        async for index, event in _events(choices, events):
+        async for index, event in _events(choices, events, request):
             if isinstance(event, Failure):
                 raise APIError(500, event.message, None, "server_error")
             _apply(choices[index], event)
@@ -158,10 +161,17 @@ async def _complete(
     return fmt.body(choices, steering)
 
 
-async def _events(choices: list[Choice], events: asyncio.Queue) -> AsyncIterator[tuple[int, Event]]:
-    """The rows' events until every row has finished (or one failed)."""
+async def _events(
+    choices: list[Choice], events: asyncio.Queue, request: Request | None = None
+) -> AsyncIterator[tuple[int, Event]]:
+    """The rows' events until every row has finished (or one failed, or the client of `request` left)."""
     while any(c.finish_reason is None for c in choices):
-        index, event = await events.get()
+        try:
+            index, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if request is not None and await request.is_disconnected():
+                return
+            continue
         yield index, event
         if isinstance(event, Failure):
             return

@@ -11,6 +11,7 @@ A full queue refuses at once (`QueueFull`); nothing waits for room.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -99,7 +100,9 @@ class Engine:
     ) -> None:
         self.sm = sm
         self.max_batch, self.max_queue, self.window = max_batch, max_queue, window
-        tokenizer = sm.tokenizer
+        # A copy for decoding in this thread while the app's thread encodes prompts with the original
+        # (a Rust tokenizer refuses to be borrowed by two threads at once when one changes its settings).
+        self.tokenizer = tokenizer = copy.deepcopy(sm.tokenizer)
         eos = sm.model.generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_ids = frozenset(
@@ -148,7 +151,7 @@ class Engine:
         rows = self._next_batch()
         if rows is None:
             return False
-        decoders = [RowDecoder(r, self.sm.tokenizer, self.eos_ids) for r in rows]
+        decoders = [RowDecoder(r, self.tokenizer, self.eos_ids) for r in rows]
         try:
             if rows:
                 self._generate(decoders)

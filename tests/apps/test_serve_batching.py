@@ -9,6 +9,7 @@ import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 import torch
@@ -128,6 +129,15 @@ def test_disconnect_cancels_the_row_and_keeps_nothing(tiny):
         )
         after = health(server)
         assert after["running"] == 0 and after["generated_tokens"] - before["generated_tokens"] < 500
+
+        with pytest.raises(httpx.ReadTimeout):  # a client that gives up on a reply it did not stream
+            httpx.post(server.url + "/chat/completions", timeout=0.5, json={"model": "tiny", "max_tokens": 1000,
+                       "min_tokens": 1000, "messages": [{"role": "user", "content": PROMPTS[3]}]})  # fmt: skip
+        _wait_for(
+            lambda: health(server)["cancelled_rows"] == before["cancelled_rows"] + 2, "the row to cancel"
+        )
+        after = health(server)
+        assert after["running"] == 0 and after["generated_tokens"] - before["generated_tokens"] < 1500
 
         def disconnect() -> None:
             s = chat(cl, PROMPTS[1], max_tokens=1000, stream=True)
