@@ -83,7 +83,10 @@ def default_steering(path: str | Path, saes: list[NamedSAE], device, d_model: in
     return out
 
 
-def _key(ref: SAERef | None) -> tuple[str, str | None]:
-    source, sae_id = split_sae_ref(ref) if ref is not None else ("", None)
+def _key(ref: SAERef) -> tuple[str, str | None]:
+    """A comparable form of a reference: the resolved SAE folder, or the Hub repo and sub-folder."""
+    source, sae_id = split_sae_ref(ref)
     path = Path(source).expanduser()
-    return (str(path.resolve()) if path.exists() else source, sae_id)
+    if path.exists():
+        return str((path / (sae_id or "")).resolve()), None
+    return source, sae_id

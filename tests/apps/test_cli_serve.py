@@ -14,7 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from apps.cli import main
+from apps.serve.loading import default_steering, load_named_saes
+from hub import sae_metadata, save_sae
+from steer import SpecError
 from tests.apps.serve_helpers import LAYER, STRONG, tiny_parts
+from tests.steer.helpers import random_sae
 
 
 def _free_port() -> int:
@@ -77,3 +81,18 @@ def test_serve_command(saved):
 def test_serve_refuses_open_host_without_key(saved):
     result = CliRunner().invoke(main, ["serve", "--model", str(saved / "model"), "--host", "0.0.0.0"])
     assert result.exit_code != 0 and "--api-key" in result.output
+
+
+def test_default_spec_file_by_name_folder_or_new_folder(saved, tmp_path):
+    other = save_sae(random_sae(64, 32, metadata=sae_metadata("tiny", LAYER)), tmp_path / "other")
+    saes = load_named_saes([f"mine={saved / 'sae'}"], "cpu", 64)
+    specs = [{**STRONG, "sae": "mine"}, {**STRONG, "sae": str(saved / "sae")}, {**STRONG, "sae": str(other)}]
+    (tmp_path / "spec.json").write_text(json.dumps(specs))
+    out = default_steering(tmp_path / "spec.json", saes, "cpu", 64)
+    assert [s["sae"] for s in out] == ["mine", "mine", "other"] and [s.name for s in saes] == [
+        "mine",
+        "other",
+    ]
+    (tmp_path / "bad.json").write_text(json.dumps({**STRONG, "sae": "not-a-folder"}))
+    with pytest.raises(SpecError, match="neither an existing folder nor a Hub reference"):
+        default_steering(tmp_path / "bad.json", saes, "cpu", 64)
