@@ -43,6 +43,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError.bad_request("the request body is invalid")
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    alternatives = [first]
+    if loc and _is_union_member(loc[-1]):  # one error per member of a union: name the field, list them all
+        alternatives = [e for e in errors if [str(p) for p in e["loc"] if p != "body"][:-1] == loc[:-1]]
+        loc = loc[:-1]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
@@ -54,8 +58,15 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError.bad_request(f"missing required parameter {param!r}", param)
     if kind == "model_attributes_type" and not loc:
         return APIError.bad_request("the request body must be a JSON object")
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return APIError.bad_request(f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param)
+    others = len(errors) - len(alternatives)
+    more = f" (and {others} more problem(s))" if others else ""
+    said = ", or ".join(dict.fromkeys(e.get("msg", "invalid value") for e in alternatives))
+    return APIError.bad_request(f"{param or 'body'}: {said}{more}", param)
+
+
+def _is_union_member(part: str) -> bool:
+    """Whether a location part is pydantic's tag of a union member (`str`, `list[TextPart]`), not a field."""
+    return part.endswith("]") or part in ("str", "int", "float", "bool") or part[:1].isupper()
 
 
 def install_error_handlers(app: FastAPI) -> None:

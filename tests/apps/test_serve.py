@@ -181,6 +181,7 @@ BAD_REQUESTS = {
     "compare without spec": ({"compare": True}, "compare", "needs a steering spec"),
     "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
     "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "Input should be"),
+    "steering not a spec": ({"steering": 5}, "steering", "valid dictionary, or Input should be a valid list"),
 }  # fmt: skip
 
 
