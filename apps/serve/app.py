@@ -151,27 +151,29 @@ async def _complete(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, choices, rows))
     try:
-        async for index, event in _events(choices, events, request):
+        async for index, event in _events(choices, events):
             if isinstance(event, Failure):
                 raise APIError(500, event.message, None, "server_error")
             _apply(choices[index], event)
     finally:
+        watcher.cancel()
         _cancel_unfinished(choices, rows)
     return fmt.body(choices, steering)
 
 
-async def _events(
-    choices: list[Choice], events: asyncio.Queue, request: Request | None = None
-) -> AsyncIterator[tuple[int, Event]]:
-    """The rows' events until every row has finished (or one failed, or the client of `request` left)."""
+async def _cancel_on_disconnect(request: Request, choices: list[Choice], rows: list[Row]) -> None:
+    """Cancel the rows of a request that does not stream once its client has gone away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    _cancel_unfinished(choices, rows)
+
+
+async def _events(choices: list[Choice], events: asyncio.Queue) -> AsyncIterator[tuple[int, Event]]:
+    """The rows' events until every row has finished (or one failed)."""
     while any(c.finish_reason is None for c in choices):
-        try:
-            index, event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if request is not None and await request.is_disconnected():
-                return
-            continue
+        index, event = await events.get()
         yield index, event
         if isinstance(event, Failure):
             return

@@ -64,18 +64,24 @@ class _Chooser(LogitsProcessor):
         self.eos_ids = sorted(eos_ids)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        chosen = torch.full_like(scores, float("-inf"))
+        young = [
+            i
+            for i, d in enumerate(self.decoders)
+            if not d.done and len(d.tokens) < d.row.params.min_new_tokens
+        ]
+        if young:  # no end of turn before min_tokens
+            scores = scores.clone()
+            scores[torch.tensor(young)[:, None], torch.tensor(self.eos_ids)] = float("-inf")
+        best = scores.argmax(dim=-1).tolist()  # one device sync per step for every greedy row
+        tokens = []
         for i, (decoder, sampler) in enumerate(zip(self.decoders, self.samplers, strict=True)):
             token = 0
             if not decoder.done:
-                logits = scores[i]
-                if len(decoder.tokens) < decoder.row.params.min_new_tokens:
-                    logits = logits.clone()
-                    logits[self.eos_ids] = float("-inf")
-                token, logprob = sampler.choose(logits)
+                token, logprob = sampler.choose(scores[i], best[i])
                 decoder.push(token, logprob)
-            chosen[i, token] = 0.0
-        return chosen
+            tokens.append(token)
+        index = torch.tensor(tokens, device=scores.device)[:, None]
+        return torch.full_like(scores, float("-inf")).scatter_(1, index, 0.0)
 
 
 class _Finished(StoppingCriteria):

@@ -44,10 +44,10 @@ class RowSampler:
         if not params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
 
-    def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """The next token id, and its logprob entry when the row asked for logprobs."""
+    def choose(self, logits: torch.Tensor, best: int) -> tuple[int, TokenLogprob | None]:
+        """The next token id (greedy: `best`, the argmax of `logits`), and its logprob entry if asked for."""
         if self.generator is None:
-            token = int(logits.argmax())
+            token = best
         else:
             probs = torch.softmax(logits / self.params.temperature, dim=-1)
             if self.params.top_p < 1.0:
