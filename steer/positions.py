@@ -110,6 +110,13 @@ class SpecialTokens:
         """The role whose name tokens are exactly `ids`, if any."""
         return next((role for role, seq in self.roles if seq == tuple(ids)), None)
 
+    def subset(self, special_ids: Sequence[int], roles: Sequence[str]) -> SpecialTokens:
+        """The same automaton restricted to some of the special ids and role names."""
+        keep_roles = tuple((role, seq) for role, seq in self.roles if role in roles)
+        ids = tuple(i for i in self.special_ids if i in special_ids)
+        marked_ids = set(ids) | {tok for _, seq in keep_roles for tok in seq}
+        return SpecialTokens(ids, keep_roles, tuple((i, n) for i, n in self.names if i in marked_ids))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (for SAE metadata and reports)."""
         names = dict(self.names)

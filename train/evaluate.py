@@ -2,8 +2,11 @@
 
 Metrics (`EvalResult.metrics`):
 - `mse`: squared error per element, averaged over each sequence's tokens, then over sequences; `log2_mse`;
-- `mse_st`, `log2_mse_st`: the same on special-token positions only (template special tokens and the
-  role-name tokens after them, `steer.positions`);
+- `mse_st`, `log2_mse_st`: the same on the paper's Table 11 special-token positions (`paper_st_tokens`:
+  ChatML `<|im_start|>`, `<|im_end|>`, `user`, `assistant`; Llama-3 headers and `<|eot_id|>`);
+  `mse_st_template` / `log2_mse_st_template` on every template special and role-name token
+  (`steer.positions`, `system` included); `system` and the first token also have their own rows in
+  `mse_by_token_type`;
 - `l0`, `explained_variance` (1 - SSE / total sum of squares around the mean residual), the same for a
   zero-feature SAE that outputs `b_dec` (`explained_variance_bdec_only`), `dead_share` (never fired on the
   held-out tokens), `dense_share` (fired on more than `dense_threshold` of them);
@@ -104,21 +107,41 @@ class _Tokens:
     real: torch.Tensor  # [B, T] bool: not padding
     seq: torch.Tensor  # [N] row of each real token
     keep: torch.Tensor  # [N] bool: scored (and spliced); False at position 0 when it is left out
-    special: torch.Tensor  # [N] bool: special-token positions
+    special: torch.Tensor  # [N] bool: the paper's Table 11 special-token positions (`paper_st_tokens`)
+    template: torch.Tensor  # [N] bool: every template special and role-name position
     labels: torch.Tensor  # [N] token-type indices
 
     @classmethod
     def of(
-        cls, batch: Batch, special: SpecialTokens, labeller: _TokenLabels, skip_first: bool, device
+        cls,
+        batch: Batch,
+        template: SpecialTokens,
+        paper: SpecialTokens,
+        labeller: _TokenLabels,
+        skip_first: bool,
+        device,
     ) -> _Tokens:
         real = batch.attention_mask.to(device).bool()
         rows, length = real.shape
         seq = torch.arange(rows, device=device).unsqueeze(1).expand(rows, length)[real]
         pos = torch.arange(length, device=device).expand(rows, length)[real]
-        marked = special.mask(batch.input_ids, batch.attention_mask).to(device)
+        marked = template.mask(batch.input_ids, batch.attention_mask).to(device)
+        primary = paper.mask(batch.input_ids, batch.attention_mask).to(device)
         labels = labeller(batch.input_ids.to(device), marked)
         keep = pos > 0 if skip_first else torch.ones_like(pos, dtype=torch.bool)
-        return cls(real, seq, keep, marked[real], labels[real])
+        return cls(real, seq, keep, primary[real], marked[real], labels[real])
+
+
+def paper_st_tokens(template: SpecialTokens, tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+    """The paper's Table 11 MSE_st set, by token id: the template's special tokens except a
+    begin-of-text token (one that a rendered chat holds only at position 0, e.g. Llama-3's
+    `<|begin_of_text|>`), and the `user` and `assistant` role names (not `system`). ChatML:
+    `<|im_start|>`, `<|im_end|>`, `user`, `assistant`; Llama-3: the header tokens and `<|eot_id|>`."""
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
+    ids = list(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    opening = {ids[0]} if ids and ids.count(ids[0]) == 1 else set()
+    keep = [i for i in template.special_ids if i not in opening]
+    return template.subset(keep, ("user", "assistant"))
 
 
 class _Accumulator:
@@ -130,6 +153,7 @@ class _Accumulator:
 
         self.seq_mse: list[torch.Tensor] = []
         self.seq_mse_st: list[torch.Tensor] = []
+        self.seq_mse_st_template: list[torch.Tensor] = []
         self.sse, self.sse_bdec, self.sum_sq = zeros(), zeros(), zeros()
         self.sum_x = zeros(d_in)
         self.l0_sum, self.tokens = zeros(dtype=torch.long), zeros(dtype=torch.long)
@@ -148,6 +172,8 @@ class _Accumulator:
         self.seq_mse.append(self._per_row_mean(err, tokens.seq, keep, rows)[0])
         st_mean, n_st = self._per_row_mean(err, tokens.seq, keep & tokens.special, rows)
         self.seq_mse_st.append(st_mean[n_st > 0])
+        st_mean, n_st = self._per_row_mean(err, tokens.seq, keep & tokens.template, rows)
+        self.seq_mse_st_template.append(st_mean[n_st > 0])
         xk, rk = x[keep].double(), recon[keep].double()
         self.sse += (rk - xk).pow(2).sum()
         self.sse_bdec += (xk - b_dec.double()).pow(2).sum()
@@ -188,14 +214,18 @@ class _Accumulator:
         )
         sst = sum_sq - self.sum_x.pow(2).sum().item() / tokens
         mse = torch.cat(self.seq_mse).mean().item()
-        st = torch.cat(self.seq_mse_st)
-        mse_st = st.mean().item() if len(st) else float("nan")
+        mse_st, mse_st_template = (
+            st.mean().item() if len(st) else float("nan")
+            for st in (torch.cat(self.seq_mse_st), torch.cat(self.seq_mse_st_template))
+        )
         freq = self.fired.double() / tokens
         out = {
             "mse": mse,
             "log2_mse": math.log2(mse) if mse > 0 else float("-inf"),
             "mse_st": mse_st,
             "log2_mse_st": math.log2(mse_st) if mse_st > 0 else float("nan"),
+            "mse_st_template": mse_st_template,
+            "log2_mse_st_template": math.log2(mse_st_template) if mse_st_template > 0 else float("nan"),
             "l0": self.l0_sum.item() / tokens,
             "explained_variance": 1.0 - sse / sst,
             "explained_variance_bdec_only": 1.0 - sse_bdec / sst,
@@ -305,6 +335,7 @@ def evaluate_sae(
     seqs = fast_sequences(list(conversations)[: cfg.max_conversations], tokenizer, max_len=cfg.max_len)
     batches = bucket_batches(seqs, cfg.token_budget, tokenizer.pad_token_id, seed=None)
     sae_device = sae.W_enc.device
+    paper = paper_st_tokens(special, tokenizer)
     labeller = _TokenLabels(special)
     acc = _Accumulator(sae.d_in, sae.d_sae, len(labeller.names), sae_device)
     b_dec = sae.b_dec.detach().float()
@@ -312,7 +343,7 @@ def evaluate_sae(
     bar = tqdm(total=sum(b.n_tokens for b in batches), unit="tok", unit_scale=True, desc="eval",
                disable=not progress)  # fmt: skip
     for batch in batches:
-        tokens = _Tokens.of(batch, special, labeller, skip_first, sae_device)
+        tokens = _Tokens.of(batch, special, paper, labeller, skip_first, sae_device)
         if cfg.lm_loss:
             sae_out, ce, n_ce = _forward_with_splice(sae, model, layer, batch, tokens)
             acc.add_ce(ce[0], ce[1], n_ce)
@@ -324,7 +355,7 @@ def evaluate_sae(
     return EvalResult(
         metrics=acc.metrics(cfg.dense_threshold),
         mse_by_token_type=acc.by_type(labeller.names),
-        special_tokens=special.to_dict(),
+        special_tokens={**special.to_dict(), "paper_table_11": paper.to_dict()},
         n_sequences=len(seqs),
         n_tokens=int(acc.tokens),
         layer=layer,
@@ -404,8 +435,9 @@ def format_table(result: EvalResult) -> str:
     rows = [
         ("MSE (per element, per sequence)", m["mse"]),
         ("log2 MSE", m["log2_mse"]),
-        ("MSE_st (special tokens)", m["mse_st"]),
+        ("MSE_st (paper's Table 11 set)", m["mse_st"]),
         ("log2 MSE_st", m["log2_mse_st"]),
+        ("MSE_st, every template token", m["mse_st_template"]),
         ("L0", m["l0"]),
         ("explained variance", m["explained_variance"]),
         ("  b_dec-only baseline", m["explained_variance_bdec_only"]),
@@ -428,7 +460,9 @@ def format_table(result: EvalResult) -> str:
         lines.append("first token of each conversation left out (as in training); see 'first token' below")
     lines += [f"{name:<{width}}  {value:>12.5g}" for name, value in rows]
     st = result.special_tokens
-    lines.append(f"special-token set: {st['special_tokens']} + role names {st['role_tokens']}")
+    paper = st["paper_table_11"]
+    lines.append(f"MSE_st set (Table 11): {paper['special_tokens']} + role names {paper['role_tokens']}")
+    lines.append(f"template set: {st['special_tokens']} + role names {st['role_tokens']}")
     lines.append("MSE by token type:")
     tw = max(len(k) for k in result.mse_by_token_type)
     for label, v in result.mse_by_token_type.items():

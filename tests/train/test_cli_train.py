@@ -62,7 +62,7 @@ def test_sweep_then_eval_with_plots(tiny_setup, tmp_path, one_thread):
         main, ["eval", str(out), "--data", str(data), "--plot", str(tmp_path / "png"), "--quiet"]
     )
     assert res.exit_code == 0, res.output
-    assert "MSE_st" in res.output and "special-token set" in res.output
+    assert "MSE_st" in res.output and "MSE_st set (Table 11): ['<|im_start|>', '<|im_end|>']" in res.output
     assert "held-out split:" in res.output and "of 120 conversations (fraction 0.2)" in res.output
     for name in names:
         ev = json.loads((out / name / "eval.json").read_text())

@@ -71,7 +71,7 @@ def test_metrics_match_direct_computation(setup):
     assert res.n_sequences == 6 and res.n_tokens == x.shape[0]
     assert m["mse"] == pytest.approx(sum(seq_mse) / 6, rel=1e-4)
     assert m["log2_mse"] == pytest.approx(math.log2(m["mse"]))
-    assert m["mse_st"] == pytest.approx(sum(seq_st) / 6, rel=1e-4)
+    assert m["mse_st_template"] == pytest.approx(sum(seq_st) / 6, rel=1e-4)
     ev = 1 - (r - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert m["explained_variance"] == pytest.approx(ev.item(), rel=1e-4)
     assert m["l0"] == pytest.approx((sae.encode(x) > 0).sum(-1).float().mean().item(), rel=1e-5)
@@ -142,8 +142,9 @@ def _reference_metrics(sae, model, tok, convs, layer, max_len, skip_first) -> di
     """The metrics from one conversation at a time: a clean forward, then a second forward with the SAE's
     reconstruction spliced in after `layer` (the definitions of the module docstring, written out)."""
     special = resolve_special_tokens(tok)
+    table_11 = special.subset(special.special_ids, ("user", "assistant"))  # ChatML: no begin-of-text token
     block = decoder_layers(model)[layer]
-    seq_mse, seq_st, xs, recons, feats, by_type = [], [], [], [], [], {}
+    seq_mse, seq_st, seq_st_template, xs, recons, feats, by_type = [], [], [], [], [], [], {}
     ce_clean = ce_spliced = 0.0
     n_ce = 0
     for ids in fast_sequences(convs, tok, max_len=max_len):
@@ -162,11 +163,12 @@ def _reference_metrics(sae, model, tok, convs, layer, max_len, skip_first) -> di
             key = "first token" if pos == 0 else (label or "other tokens")
             s, n = by_type.get(key, (0.0, 0))
             by_type[key] = (s + err[pos].item(), n + 1)
-        mask = special.mask(ids_t[0])
         start = 1 if skip_first else 0
         seq_mse.append(err[start:].mean().item())
-        if mask[start:].any():
-            seq_st.append(err[start:][mask[start:]].mean().item())
+        for tokens, out_list in ((table_11, seq_st), (special, seq_st_template)):
+            mask = tokens.mask(ids_t[0])
+            if mask[start:].any():
+                out_list.append(err[start:][mask[start:]].mean().item())
         xs.append(x[start:])
         recons.append(r[start:])
         feats.append(f[start:])
@@ -193,6 +195,7 @@ def _reference_metrics(sae, model, tok, convs, layer, max_len, skip_first) -> di
         "metrics": {
             "mse": sum(seq_mse) / len(seq_mse),
             "mse_st": sum(seq_st) / len(seq_st),
+            "mse_st_template": sum(seq_st_template) / len(seq_st_template),
             "l0": (f > 0).sum(-1).double().mean().item(),
             "explained_variance": 1 - ((r - x).double().pow(2).sum() / sst).item(),
             "explained_variance_bdec_only": 1 - ((x - sae.b_dec).double().pow(2).sum() / sst).item(),
@@ -271,3 +274,16 @@ def test_cuda_evaluation_equals_cpu(setup):
     for name, value in cpu.metrics.items():
         assert cuda.metrics[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
     assert cuda.mse_by_token_type.keys() == cpu.mse_by_token_type.keys()
+
+
+@pytest.mark.integration
+def test_paper_table_11_set_on_smollm2(default_model):
+    """ChatML on SmolLM2: <|im_start|>, <|im_end|>, user and ass+istant; not system (reported apart)."""
+    from train.evaluate import paper_st_tokens
+
+    _, tok = default_model
+    template = resolve_special_tokens(tok)
+    paper = paper_st_tokens(template, tok).to_dict()
+    assert paper["special_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    assert paper["role_tokens"] == {"assistant": ["ass", "istant"], "user": ["user"]}
+    assert "system" in template.to_dict()["roles"]
