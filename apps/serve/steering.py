@@ -70,20 +70,17 @@ class Steering:
         items = value if isinstance(value, list) else [value]
         if not items:
             return None
-        specs, data = [], []
-        for i, item in enumerate(items):
-            where = f"{param}[{i}]" if isinstance(value, list) else param
-            spec = self._intervention(item, where)
-            specs.append(spec)
-            data.append(spec.with_sae(item["sae"]).to_dict())  # the name, not the SAE's own reference
+        wheres = [f"{param}[{i}]" for i in range(len(items))] if isinstance(value, list) else [param]
+        specs = [self._intervention(item, where) for item, where in zip(items, wheres, strict=True)]
+        # the names, not the SAEs' own references
+        data = [spec.with_sae(item["sae"]).to_dict() for spec, item in zip(specs, items, strict=True)]
         key = json.dumps(data, sort_keys=True)
         with self._lock:
             if key in self._compiled:
                 self._compiled.move_to_end(key)
                 return self._compiled[key]
         compiled = []
-        for i, spec in enumerate(specs):
-            where = f"{param}[{i}]" if isinstance(value, list) else param
+        for spec, where in zip(specs, wheres, strict=True):
             try:
                 compiled.append(self.sm.compile(spec))
             except SpecError as exc:
