@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from apps.serve.rows import LogprobEntry
+from apps.serve.rows import INCOMPLETE_CHAR, LogprobEntry
 
 
 @dataclass
@@ -109,4 +109,6 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 def _token(text: str, logprob: float) -> dict[str, Any]:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    """A chat logprob entry; `bytes` is null for a token that holds part of a character (text U+FFFD)."""
+    raw = None if INCOMPLETE_CHAR in text else list(text.encode("utf-8"))
+    return {"token": text, "logprob": logprob, "bytes": raw}
