@@ -191,10 +191,9 @@ async def _stream(
             if isinstance(event, Failure):
                 yield sse({"error": {"message": event.message, "type": "server_error", "param": None}})
                 return
-            offset = len(choice.text)
             _apply(choice, event)
             text, entries = (event.text, list(event.logprobs)) if isinstance(event, Delta) else ("", [])
-            yield fmt.chunk(choice, text, entries, not started[index], offset)  # new text, or the finish
+            yield fmt.chunk(choice, text, entries, not started[index])  # new text, or the finish
             started[index] = True
         if include_usage:
             yield fmt.usage_chunk(choices)

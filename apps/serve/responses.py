@@ -42,7 +42,7 @@ class ResponseFormat:
             "model": self.model,
         }
 
-    def _logprobs(self, entries: list[LogprobEntry], offset: int = 0) -> dict[str, Any] | None:
+    def _logprobs(self, entries: list[LogprobEntry]) -> dict[str, Any] | None:
         if not self.want_logprobs:
             return None
         if self.chat:
@@ -52,19 +52,15 @@ class ResponseFormat:
                     for e in entries
                 ]
             }
-        offsets, at = [], offset
-        for e in entries:
-            offsets.append(at)
-            at += len(e.token)
         return {
             "tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [dict(e.top) for e in entries],
-            "text_offset": offsets,
+            "text_offset": [e.offset for e in entries],
         }
 
     def _choice(
-        self, c: Choice, text: str, entries: list[LogprobEntry], chunk: bool, first: bool, offset: int = 0
+        self, c: Choice, text: str, entries: list[LogprobEntry], chunk: bool, first: bool
     ) -> dict[str, Any]:
         out: dict[str, Any] = {"index": c.index}
         if self.chat and chunk:
@@ -75,7 +71,7 @@ class ResponseFormat:
             out["message"] = {"role": "assistant", "content": text}
         else:
             out["text"] = text
-        out["logprobs"] = self._logprobs(entries, offset)
+        out["logprobs"] = self._logprobs(entries)
         out["finish_reason"] = c.finish_reason
         if c.label is not None:
             out["label"] = c.label
@@ -89,9 +85,9 @@ class ResponseFormat:
             "steering": steering,
         }
 
-    def chunk(self, c: Choice, text: str, entries: list[LogprobEntry], first: bool, offset: int = 0) -> str:
+    def chunk(self, c: Choice, text: str, entries: list[LogprobEntry], first: bool) -> str:
         """One server-sent event with one choice's new text (and its finish reason once it is done)."""
-        return sse(self._envelope(True) | {"choices": [self._choice(c, text, entries, True, first, offset)]})
+        return sse(self._envelope(True) | {"choices": [self._choice(c, text, entries, True, first)]})
 
     def usage_chunk(self, choices: list[Choice]) -> str:
         return sse(self._envelope(True) | {"choices": [], "usage": usage(choices)})

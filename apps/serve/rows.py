@@ -22,9 +22,10 @@ INCOMPLETE_CHAR = "\ufffd"
 
 @dataclass(frozen=True)
 class LogprobEntry:
-    """A generated token's text, log-probability and the top alternatives (text, logprob)."""
+    """A generated token's text, where it starts in the reply, log-probability and the top alternatives."""
 
     token: str
+    offset: int
     logprob: float
     top: tuple[tuple[str, float], ...]
 
@@ -89,7 +90,7 @@ class RowDecoder:
         start = len(self.text)
         self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if logprob is not None:
-            self.pending.append((start, len(self.text), self._entry(token, logprob)))
+            self.pending.append((start, len(self.text), self._entry(token, start, logprob)))
         cut = min(
             (i for i in (self.text.find(s, max(0, start - len(s))) for s in self.row.params.stop) if i >= 0),
             default=-1,
@@ -124,6 +125,6 @@ class RowDecoder:
             self.row.sink(Delta(self.text[self.sent : max(upto, self.sent)], entries))
             self.sent = max(upto, self.sent)
 
-    def _entry(self, token: int, logprob: TokenLogprob) -> LogprobEntry:
+    def _entry(self, token: int, offset: int, logprob: TokenLogprob) -> LogprobEntry:
         top = tuple((self.tokenizer.decode([t]), lp) for t, lp in logprob.top)
-        return LogprobEntry(self.tokenizer.decode([token]), logprob.logprob, top)
+        return LogprobEntry(self.tokenizer.decode([token]), offset, logprob.logprob, top)

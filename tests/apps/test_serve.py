@@ -130,6 +130,10 @@ def test_text_completions(cl):
                                 logprobs=2)  # fmt: skip
     choice = out.choices[0]
     assert "".join(choice.logprobs.tokens) == choice.text and len(choice.logprobs.top_logprobs[0]) == 2
+    offsets = choice.logprobs.text_offset
+    assert offsets[0] == 0 and all(
+        choice.text[o:].startswith(t) for o, t in zip(offsets, choice.logprobs.tokens, strict=True)
+    )
     steered = cl.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
                                     temperature=0, extra_body={"steering": {**STRONG, "positions": "all"}})  # fmt: skip
     assert steered.choices[0].text != choice.text
