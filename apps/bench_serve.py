@@ -97,10 +97,10 @@ def run_bench(cfg: BenchServeConfig) -> dict:
     from apps.serve.schemas import Limits
     from apps.serve.server import BackgroundServer, make_service
     from apps.serve.steering import NamedSAE
-    from hub import load_model
+    from hub import load_model, resolve_device
     from steer import SAEConfig, build_sae
 
-    device = cfg.device
+    device = resolve_device(cfg.device)  # again: `bench all` invokes commands without option callbacks
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
     model, tokenizer = loaded
     n_layers = model.config.get_text_config().num_hidden_layers
