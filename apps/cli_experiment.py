@@ -1,4 +1,5 @@
-"""`fast-steer experiment reproduce` (FAST vs BT(F) vs BT(P)) and `fast-steer experiment sweep` (steering)."""
+"""`fast-steer experiment reproduce` (FAST vs BT(F) vs BT(P)), `sweep` (steering) and `steer-eval`
+(the steering evaluation: IFEval dev/test, ARC-Easy, controls, paired bootstrap CIs)."""
 
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mml
     out = out_dir or default_out()
     try:
         settings = _settings(out)
-        sae_dir = sae_dir or _fast_standard_sae(out)
+        sae_dir = sae_dir or _standard_sae(out, "fast", "--sae")
         conversations = _conversations(out, list(data) or settings.get("chat_data"), n_conversations)
         cfg = SweepConfig(
             sae_dir=sae_dir,
@@ -169,18 +170,95 @@ def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mml
     click.echo(f"wrote {cfg.out}/sweep.{{json,md,png}} in {result.wall_s:.0f} s", err=True)
 
 
+@experiment_group.command("steer-eval")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The reproduce folder; results go to OUT/steer_eval.  [default: <fast-steer cache>/experiments/reproduce]")  # fmt: skip
+@click.option("--fast-sae", type=click.Path(file_okay=False, path_type=Path),
+              help="FAST SAE folder.  [default: the FAST standard SAE of OUT]")  # fmt: skip
+@click.option("--btf-sae", type=click.Path(file_okay=False, path_type=Path),
+              help="BT(F) SAE folder.  [default: the BT(F) standard SAE of OUT]")  # fmt: skip
+@click.option(
+    "--model", "model_ref", help="Model reference.  [default: the one in OUT/experiment.json, or 'default']"
+)
+@click.option("--strengths", default="15,25,50,100,150,200", show_default=True,
+              help="Comma-separated positive strengths, in %% of the median special-token residual norm.")  # fmt: skip
+@click.option(
+    "--dev", "n_dev", type=int, default=100, show_default=True, help="IFEval dev prompts (strength choice)."
+)
+@click.option(
+    "--test", "n_test", type=int, default=200, show_default=True, help="IFEval test prompts (reported)."
+)
+@click.option("--arc", "n_arc", type=int, default=200, show_default=True, help="ARC-Easy test items.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="IFEval reply length limit.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Split, random-direction and bootstrap seed."
+)
+@click.option("--resamples", type=int, default=2000, show_default=True, help="Bootstrap resamples.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--conversations", "n_conversations", type=int, default=100, show_default=True,
+              help="Held-out conversations for feature discovery and the norm scale.")  # fmt: skip
+@click.option("--data", multiple=True, type=click.Path(exists=True),
+              help="Conversations for the held-out split when OUT has no heldout.jsonl.  [default: ../shared/data/chat]")  # fmt: skip
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder with ifeval_input_data.jsonl and arc_easy_*.jsonl.  [default: ../shared/data/eval]")  # fmt: skip
+@click.option("--dtype", "model_dtype", default="auto", show_default=True, help="Model dtype.")
+@device_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def steer_eval_command(out_dir, fast_sae, btf_sae, model_ref, strengths, n_dev, n_test, n_arc, max_new_tokens, seed,
+                       resamples, batch_size, n_conversations, data, eval_data, model_dtype, device, quiet) -> None:  # fmt: skip
+    """Plain, prompt-only, FAST / BT(F) top <|im_start|> feature and a random direction: strength chosen on
+    an IFEval dev split, IFEval and ARC-Easy reported on test with paired bootstrap CIs (steer_eval.{json,md,png}).
+    Finished cells are reused."""
+    from apps.steer_eval import SteerEvalConfig, run_steer_eval
+    from apps.steering_sweep import DEFAULT_EVAL_DATA
+    from hub import load_model
+
+    out = out_dir or default_out()
+    try:
+        settings = _settings(out)
+        cfg = SteerEvalConfig(
+            fast_sae=fast_sae or _standard_sae(out, "fast", "--fast-sae"),
+            btf_sae=btf_sae or _standard_sae(out, "bt-f", "--btf-sae"),
+            out=out / "steer_eval",
+            strengths=_numbers(strengths),
+            dev=n_dev,
+            test=n_test,
+            arc=n_arc,
+            max_new_tokens=max_new_tokens,
+            eval_data=eval_data or DEFAULT_EVAL_DATA,
+            batch_size=batch_size,
+            seed=seed,
+            resamples=resamples,
+        )
+        conversations = _conversations(out, list(data) or settings.get("chat_data"), n_conversations)
+        ref = model_ref or settings.get("model", "default")
+        model, tok = load_model(ref, dtype=model_dtype, device=device)
+        report = run_steer_eval(cfg, model, tok, conversations, model_ref=ref, progress=not quiet)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo((cfg.out / "steer_eval.md").read_text(encoding="utf-8"))
+    cells = report["cells"]
+    click.echo(
+        f"cells computed: {len(cells['computed'])}, reused: {len(cells['reused'])}; "
+        f"wrote {cfg.out}/steer_eval.{{json,md,png}} in {report['wall_s']:.0f} s",
+        err=True,
+    )
+
+
 def _settings(out: Path) -> dict:
     path = out / "experiment.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _fast_standard_sae(out: Path) -> Path:
-    folders = sorted(p.parent for p in (out / "runs" / "fast").glob("**/sae_weights.safetensors"))
+def _standard_sae(out: Path, method: str, option: str) -> Path:
+    """The standard-architecture SAE folder of `method` under `out/runs/`."""
+    folders = sorted(p.parent for p in (out / "runs" / method).glob("**/sae_weights.safetensors"))
     standard = [f for f in folders if json.loads((f / "cfg.json").read_text())["architecture"] == "standard"]
     if not standard:
+        name = {"fast": "FAST", "bt-f": "BT(F)", "bt-p": "BT(P)"}[method]
         raise FileNotFoundError(
-            f"no FAST standard SAE under {out / 'runs' / 'fast'}: run `fast-steer experiment reproduce --out {out}` "
-            "first, or pass --sae DIR"
+            f"no {name} standard SAE under {out / 'runs' / method}: run `fast-steer experiment reproduce --out {out}` "
+            f"first, or pass {option} DIR"
         )
     return standard[0]
 
@@ -201,7 +279,10 @@ def _conversations(out: Path, data: list[str] | None, n: int) -> list:
 
 def _numbers(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+        if not values:
+            raise ValueError
+        return values
     except ValueError:
         raise click.BadParameter(
             f"{text!r}: expected comma-separated numbers like 0,15,25", param_hint="--strengths"

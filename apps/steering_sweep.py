@@ -128,6 +128,11 @@ def special_residual_norm(
     return float(values.median())
 
 
+def added_norm(strength: float, norm: float) -> float:
+    """The norm that strength `strength` (in % of the special-position residual norm `norm`) adds."""
+    return strength / 100.0 * norm
+
+
 def top_anchor_feature(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -158,6 +163,29 @@ def distinct_3gram_share(texts: list[str]) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
+def lm_eval_run(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: Intervention | None,
+    tasks: list[str],
+    task_manager: Any,
+    batch_size: int,
+    **options: Any,
+) -> dict:
+    """lm-eval's `simple_evaluate` of `tasks` (0-shot, chat template applied) through the `fast-steer`
+    model with `spec` active; `options` go to `simple_evaluate` (`limit`, `samples`, `log_samples`,
+    `system_instruction`, `gen_kwargs`...)."""
+    from lm_eval import simple_evaluate
+
+    from apps.lm_eval_model import FastSteerLM
+
+    lm = FastSteerLM(pretrained=model, tokenizer=tokenizer, spec=spec, batch_size=batch_size)
+    settings = {"log_samples": False, "bootstrap_iters": 0, "verbosity": "WARNING", **options}
+    return simple_evaluate(
+        model=lm, tasks=tasks, num_fewshot=0, task_manager=task_manager, apply_chat_template=True, **settings
+    )
+
+
 def mmlu_score(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -168,22 +196,7 @@ def mmlu_score(
     batch_size: int,
 ) -> tuple[float, float, int]:
     """(accuracy, stderr, items) over `tasks` (0-shot, chat template applied) with `spec` active."""
-    from lm_eval import simple_evaluate
-
-    from apps.lm_eval_model import FastSteerLM
-
-    lm = FastSteerLM(pretrained=model, tokenizer=tokenizer, spec=spec, batch_size=batch_size)
-    out = simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=0,
-        limit=limit,
-        task_manager=task_manager,
-        apply_chat_template=True,
-        log_samples=False,
-        bootstrap_iters=0,
-        verbosity="WARNING",
-    )
+    out = lm_eval_run(model, tokenizer, spec, tasks, task_manager, batch_size, limit=limit)
     correct = n = 0.0
     for task in tasks:
         res = out["results"][task]
@@ -242,7 +255,7 @@ def run_sweep(
             raise ValueError(f"MMLU subjects not in {cfg.eval_data}: {', '.join(missing)}")
         task_manager = TaskManager(include_path=str(local.include_path), include_defaults=False)
         for strength in cfg.strengths:
-            alpha = strength / 100.0 * norm
+            alpha = added_norm(strength, norm)
             spec = (
                 Intervention(layer=layer, sae=sae, edits=[Edit(feature, "add", alpha)]) if strength else None
             )

@@ -1,8 +1,9 @@
-"""lm-eval task definitions for local benchmark files (MMLU, GSM8K), materialised per data folder.
+"""lm-eval task definitions for local benchmark files (MMLU, GSM8K, IFEval, ARC-Easy), materialised per data folder.
 
 The shipped YAMLs name their data files as `__EVAL_DATA__/<file>.jsonl`; `materialize_tasks`
 writes a task folder (for lm-eval's `--include_path`) with that placeholder replaced by the
 user's data folder and one task per MMLU subject found in the data, plus the group `mmlu_local`.
+IFEval's checkers read NLTK's `punkt_tab` from `nltk_data/` beside the data folder.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ TEMPLATE_DIR = Path(__file__).resolve().parent
 PLACEHOLDER = "__EVAL_DATA__"
 MMLU_FILES = ("mmlu_test.jsonl", "mmlu_val.jsonl", "mmlu_dev.jsonl")
 GSM8K_FILES = ("gsm8k_test.jsonl", "gsm8k_train.jsonl")
+IFEVAL_FILES = ("ifeval_input_data.jsonl",)
+ARC_EASY_FILES = ("arc_easy_train.jsonl", "arc_easy_validation.jsonl", "arc_easy_test.jsonl")
+NLTK_PLACEHOLDER = "__NLTK_DATA__"
+IFEVAL_TASK = "ifeval_local"
+ARC_EASY_TASK = "arc_easy_local"
 MMLU_TEMPLATE = "_mmlu_local_template.yaml"
 MMLU_GROUP = "mmlu_local"
 
@@ -33,7 +39,9 @@ def materialize_tasks(eval_data: str | Path, dest: str | Path) -> LocalTasks:
     """Write the local task YAMLs for the benchmark files in `eval_data` into folder `dest`.
 
     MMLU tasks are written when all of `mmlu_{test,val,dev}.jsonl` exist, GSM8K when
-    `gsm8k_{test,train}.jsonl` exist; at least one of the two sets must be there.
+    `gsm8k_{test,train}.jsonl` exist, IFEval when `ifeval_input_data.jsonl` and the NLTK folder
+    `<eval_data>/../nltk_data` exist, ARC-Easy when `arc_easy_{train,validation,test}.jsonl` exist;
+    at least one set must be there.
     """
     data = Path(eval_data).expanduser().resolve()
     if not data.is_dir():
@@ -57,9 +65,22 @@ def materialize_tasks(eval_data: str | Path, dest: str | Path) -> LocalTasks:
     if all((data / name).is_file() for name in GSM8K_FILES):
         _write_filled(TEMPLATE_DIR / "gsm8k_local.yaml", out / "gsm8k_local.yaml", data)
         tasks.append("gsm8k_local")
+    nltk_data = data.parent / "nltk_data"
+    if all((data / name).is_file() for name in IFEVAL_FILES) and nltk_data.is_dir():
+        _write_filled(TEMPLATE_DIR / f"{IFEVAL_TASK}.yaml", out / f"{IFEVAL_TASK}.yaml", data)
+        utils = (TEMPLATE_DIR / "ifeval_utils.py").read_text(encoding="utf-8")
+        (out / "ifeval_utils.py").write_text(
+            utils.replace(NLTK_PLACEHOLDER, str(nltk_data)), encoding="utf-8"
+        )
+        tasks.append(IFEVAL_TASK)
+    if all((data / name).is_file() for name in ARC_EASY_FILES):
+        _write_filled(TEMPLATE_DIR / f"{ARC_EASY_TASK}.yaml", out / f"{ARC_EASY_TASK}.yaml", data)
+        tasks.append(ARC_EASY_TASK)
     if not tasks:
+        expected = (MMLU_FILES, GSM8K_FILES, IFEVAL_FILES, ARC_EASY_FILES)
         raise FileNotFoundError(
-            f"no benchmark files in {data}: expected {', '.join(MMLU_FILES)} and/or {', '.join(GSM8K_FILES)}"
+            f"no benchmark files in {data}: expected any of the sets "
+            + "; ".join(", ".join(files) for files in expected)
         )
     return LocalTasks(include_path=out, tasks=tasks, groups=groups)
 

@@ -73,7 +73,8 @@ def test_local_tasks_materialize(local_tasks, tmp_path):
     with open(EVAL_DATA / "mmlu_test.jsonl", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     subjects = {row["subject"] for row in rows}
-    assert len(subjects) == 57 and set(local.tasks) == {f"mmlu_local_{s}" for s in subjects} | {"gsm8k_local"}
+    local_names = {"gsm8k_local", "ifeval_local", "arc_easy_local"}
+    assert len(subjects) == 57 and set(local.tasks) == {f"mmlu_local_{s}" for s in subjects} | local_names
     assert local.groups == ["mmlu_local"]
     assert str(EVAL_DATA.resolve()) in (local.include_path / "_mmlu_local_template_yaml").read_text()
     tasks = tm.load([MMLU_TASK, "gsm8k_local"])["tasks"]
