@@ -1,6 +1,13 @@
 """Artifacts that persist or move: models, SAE folders, the Hugging Face Hub."""
 
-from hub.model import LoadedModel, ModelResolutionError, describe_model, fast_dtype, load_model, resolve_device
+from hub.model import (
+    LoadedModel,
+    ModelResolutionError,
+    describe_model,
+    fast_dtype,
+    load_model,
+    resolve_device,
+)
 from hub.remote import HubUnavailableError
 from hub.sae_io import list_sae_ids, load_sae, sae_layer, sae_metadata, save_sae
 from hub.validate import SAEFormatError
