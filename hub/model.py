@@ -48,7 +48,9 @@ def resolve_device(name: str | torch.device = "auto") -> str:
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device; use cpu or auto")
+            raise ValueError(
+                f"device {name!r} asked for, but this machine has no CUDA device; use cpu or auto"
+            )
         if index and int(index) >= count:
             raise ValueError(f"device {name!r} asked for, but this machine has CUDA devices 0..{count - 1}")
     if kind == "mps" and not torch.backends.mps.is_available():

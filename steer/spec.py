@@ -292,6 +292,18 @@ def split_sae_ref(ref: SAERef) -> tuple[str, str | None]:
     return ref.get("path") or ref["repo"], ref.get("sae_id")
 
 
+def sae_ref_key(ref: SAERef | None) -> str:
+    """A comparable form of a reference: the resolved SAE folder (sub-folder included), or the Hub repo,
+    sub-folder and revision; "" for None."""
+    if ref is None:
+        return ""
+    source, sae_id = split_sae_ref(ref)
+    path = Path(source).expanduser()
+    if isinstance(ref, str) or ref.get("path") or path.exists():
+        return str((path / (sae_id or "")).resolve())
+    return json.dumps({"repo": source, "sae_id": sae_id or "", "revision": ref.get("revision") or ""})
+
+
 def parse_sae_ref(text: str | Path, sae_id: str | None = None) -> SAERef:
     """The reference a user typed: an existing folder, `owner/name`, or `owner/name:sub/folder`.
 

@@ -27,18 +27,10 @@ from steer.positions import resolve_special_tokens
 from steer.sae import SAE
 from steer.spec import SAERef
 from steer.steered_model import SteeredModel
+from train.feature_table import TopFeature
 from train.features import feature_activations
 from train.harvest import Harvester
 from train.sequences import make_batch
-
-
-@dataclass(frozen=True)
-class TopFeature:
-    """One row of the feature-discovery table."""
-
-    token: str
-    feature: int
-    mean_max: float
 
 
 @dataclass

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from apps.demo.backend import DemoSAE, TopFeature, check_fits
+from apps.demo.backend import DemoSAE, check_fits
 from steer.spec import SAERef, load_sae_reference, sae_ref_name
-from train.features import FeatureReport, discover_features
-
-FEATURES_FILE = "features.json"
+from train.feature_table import TopFeature, top_features
+from train.features import discover_features
 
 
 def load_demo_sae(ref: SAERef, model, name: str | None = None) -> DemoSAE:
@@ -26,15 +22,6 @@ def load_demo_sae(ref: SAERef, model, name: str | None = None) -> DemoSAE:
     return DemoSAE(name=name, sae=sae)
 
 
-def top_features(report: FeatureReport, per_token: int = 5) -> list[TopFeature]:
-    """The first `per_token` features of every token type of a discovery report, as table rows."""
-    return [
-        TopFeature(entry.token, stat.feature, stat.mean_max_activation)
-        for entry in report.token_types
-        for stat in entry.top[:per_token]
-    ]
-
-
 def discover(
     model, tokenizer, demo_sae: DemoSAE, conversations, per_token: int = 5, progress: bool = True
 ) -> list[TopFeature]:
@@ -43,20 +30,3 @@ def discover(
         model, tokenizer, demo_sae.sae, demo_sae.layer, conversations, top_k=per_token, progress=progress
     )
     return top_features(report, per_token)
-
-
-def save_top_features(features: list[TopFeature], path: Path) -> None:
-    path.write_text(
-        json.dumps([f.__dict__ for f in features], indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-
-
-def read_top_features(path: Path) -> list[TopFeature]:
-    """Rows written by `save_top_features` (a ValueError naming the file if it is malformed)."""
-    try:
-        return [
-            TopFeature(str(r["token"]), int(r["feature"]), float(r["mean_max"]))
-            for r in json.loads(path.read_text())
-        ]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} is not a feature table written by fast-steer: {exc}") from None

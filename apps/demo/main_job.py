@@ -18,11 +18,11 @@ from pathlib import Path
 
 import click
 
-from apps.demo.backend import DemoBackend, DemoSAE, TopFeature
+from apps.demo.backend import DemoBackend, DemoSAE
 from apps.demo.edits import EditRow
-from apps.demo.loading import FEATURES_FILE, read_top_features, save_top_features, top_features
 from apps.demo.settings import DemoLimits
 from hub.cache import cache_dir, hub_reachable
+from train.feature_table import FEATURES_FILE, TopFeature, read_top_features, save_top_features, top_features
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_CHAT = REPO_ROOT.parent / "shared" / "data" / "chat"

@@ -8,26 +8,14 @@ never loads an SAE: the spec's `sae` reference must name one the server was star
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apps.demo.edits import EditRow
 from apps.demo.settings import DemoInputError
-from steer.spec import Edit, Intervention, SAERef, SpecError, dump_interventions
+from steer.spec import Edit, Intervention, SpecError, dump_interventions, sae_ref_key
 
 if TYPE_CHECKING:
     from apps.demo.backend import DemoSAE
-
-
-def ref_key(ref: SAERef | None) -> str:
-    """A comparable form of an SAE reference: resolved folder path, or repo + sub-folder (+ revision)."""
-    if isinstance(ref, str):
-        return str(Path(ref).expanduser().resolve())
-    if isinstance(ref, dict):
-        if ref.get("path"):
-            return str(Path(ref["path"]).expanduser().resolve())
-        return json.dumps({k: ref.get(k) or "" for k in ("repo", "sae_id", "revision")}, sort_keys=True)
-    return ""
 
 
 def build_interventions(sae: DemoSAE, rows: list[EditRow]) -> list[Intervention]:
@@ -62,13 +50,13 @@ def import_spec(text: str, saes: list[DemoSAE]) -> tuple[str, list[EditRow]]:
     items = data if isinstance(data, list) else [data]
     if not items:
         raise DemoInputError("the spec holds no interventions")
-    by_key = {ref_key(s.ref): s for s in saes}
+    by_key = {sae_ref_key(s.ref): s for s in saes}
     chosen: DemoSAE | None = None
     rows: list[EditRow] = []
     for i, item in enumerate(items, start=1):
         if not isinstance(item, dict):
             raise DemoInputError(f"intervention {i} must be a JSON object, got {type(item).__name__}")
-        sae = by_key.get(ref_key(item.get("sae")))
+        sae = by_key.get(sae_ref_key(item.get("sae")))
         if sae is None:
             loaded = "; ".join(f"{s.name}: {json.dumps(s.ref)}" for s in saes)
             raise DemoInputError(

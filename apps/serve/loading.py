@@ -8,10 +8,10 @@ from typing import Any
 
 from apps.serve.steering import NamedSAE
 from steer import SpecError, load_interventions
-from steer.spec import SAERef, load_sae_reference, parse_sae_ref, sae_ref_name, split_sae_ref
+from steer.spec import SAERef, load_sae_reference, parse_sae_ref, sae_ref_key, sae_ref_name, split_sae_ref
+from train.feature_table import FEATURES_FILE, read_top_features
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-FEATURES_FILE = "features.json"  # = apps.demo.loading.FEATURES_FILE (that module imports gradio)
 
 
 def parse_named_ref(text: str) -> tuple[str, SAERef]:
@@ -48,8 +48,6 @@ def read_features(folder: Path) -> tuple[dict[str, Any], ...] | None:
     path = folder / FEATURES_FILE
     if not path.is_file():
         return None
-    from apps.demo.loading import read_top_features  # only when there is a table to read (gradio is slow)
-
     return tuple(
         {"token": f.token, "feature": f.feature, "mean_max_activation": f.mean_max}
         for f in read_top_features(path)
@@ -63,7 +61,7 @@ def default_steering(path: str | Path, saes: list[NamedSAE], device, d_model: in
     export write them); a reference that no `--sae` names is loaded and added to `saes` (the operator's file,
     never a client's).
     """
-    by_source = {_key(s.sae.source): s.name for s in saes if s.sae.source is not None}
+    by_source = {sae_ref_key(s.sae.source): s.name for s in saes if s.sae.source is not None}
     names = {s.name for s in saes}
     out = []
     for spec in load_interventions(path):
@@ -71,22 +69,13 @@ def default_steering(path: str | Path, saes: list[NamedSAE], device, d_model: in
         if isinstance(ref, str) and ref in names:
             name = ref
         else:
-            name = by_source.get(_key(ref))
+            name = by_source.get(sae_ref_key(ref))
             if name is None:
                 if isinstance(ref, str):
                     ref = parse_sae_ref(ref)  # an error that says what the text is not
                 name = _name_for(ref)
                 saes.append(load_named_sae(name, ref, device, d_model))
-                by_source[_key(ref)] = name
+                by_source[sae_ref_key(ref)] = name
                 names.add(name)
         out.append(spec.with_sae(name).to_dict())
     return out
-
-
-def _key(ref: SAERef) -> tuple[str, str | None]:
-    """A comparable form of a reference: the resolved SAE folder, or the Hub repo and sub-folder."""
-    source, sae_id = split_sae_ref(ref)
-    path = Path(source).expanduser()
-    if path.exists():
-        return str((path / (sae_id or "")).resolve()), None
-    return source, sae_id

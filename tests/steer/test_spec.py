@@ -191,3 +191,17 @@ def test_spec_files_and_sae_loading_through_hub(tmp_path):
     too_big = Intervention(layer=1, sae=str(tmp_path / "saes" / "l1"), edits=[Edit(48)])
     with pytest.raises(SpecError, match="out of range for an SAE with d_sae=48"):
         too_big.load_sae()
+
+
+def test_sae_ref_key_compares_references_by_what_they_name(tmp_path):
+    from steer.spec import sae_ref_key
+
+    (tmp_path / "sweep" / "topk").mkdir(parents=True)
+    folder = str(tmp_path / "sweep" / "topk")
+    assert sae_ref_key(folder) == sae_ref_key({"path": str(tmp_path / "sweep"), "sae_id": "topk"})
+    assert sae_ref_key({"path": str(tmp_path / "sweep"), "sae_id": "topk"}) != sae_ref_key(
+        str(tmp_path / "sweep")
+    )
+    hub = {"repo": "owner/name", "sae_id": "a"}
+    assert sae_ref_key(hub) != sae_ref_key({"repo": "owner/name", "sae_id": "b"})
+    assert sae_ref_key(hub) != sae_ref_key({**hub, "revision": "v2"}) and sae_ref_key(None) == ""
