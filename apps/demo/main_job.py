@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -181,7 +181,7 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
     if eval_path.is_file():
         echo(f"[3/5] evaluation (cached in {eval_path})")
         stored = json.loads(eval_path.read_text())
-        result = EvalResult(**{f.name: stored[f.name] for f in fields(EvalResult)})
+        result = EvalResult.from_dict(stored)
     else:
         echo(f"[3/5] evaluating on {cfg.eval_conversations} held-out conversations")
         result = evaluate_sae(
