@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -309,7 +308,6 @@ def run_steer_eval(
 
     start = time.perf_counter()
     nltk_data = cfg.eval_data.resolve().parent / "nltk_data"
-    os.environ.setdefault("NLTK_DATA", str(nltk_data))
     fast = load_sae(cfg.fast_sae, device=model.device)
     btf = load_sae(cfg.btf_sae, device=model.device)
     layer = sae_layer(fast)
@@ -526,11 +524,13 @@ def write_report(report: dict, out: Path) -> dict[str, Path]:
     return paths
 
 
-def report_markdown(report: dict) -> str:
-    """The test table (with paired CIs against plain), the dev sweep, the sweet-spot verdicts and examples."""
+def report_markdown(report: dict, level: int = 1) -> str:
+    """The test table (with paired CIs against plain), the dev sweep, the sweet-spot verdicts and examples;
+    `level` is the heading level of the title (sections one below), to embed it in another document."""
     s, conds = report["settings"], report["conditions"]
+    h = "#" * (level + 1)
     lines = [
-        "# Steering evaluation: IFEval (dev-chosen strength, test reported) and ARC-Easy\n",
+        f"{'#' * level} Steering evaluation: IFEval (dev-chosen strength, test reported) and ARC-Easy\n",
         f"- model `{s['model']}`, layer {s['layer']}; FAST SAE `{s['fast_sae']}`, BT(F) SAE `{s['btf_sae']}`",
         f"- IFEval: {s['ifeval_dev']} dev / {s['ifeval_test']} test prompts (disjoint, seed {report['split']['seed']}), "
         f"greedy, at most {s['max_new_tokens']} new tokens; ARC-Easy: {s['arc_easy_test_items']} test items",
@@ -540,7 +540,7 @@ def report_markdown(report: dict) -> str:
         f"- strength choice: {s['selection']}; CIs: paired percentile bootstrap, "
         f"{s['bootstrap']['resamples']} resamples, 95%",
         f"- wall time {report['wall_s']:.0f} s\n",
-        "## Test split\n",
+        f"{h} Test split\n",
         "| condition | strength | prompt strict | Δ vs plain [95% CI] | prompt loose | inst strict | inst loose "
         "| ARC-Easy | Δ ARC [95% CI] | tokens | distinct-1 | distinct-2 | repetition | ended |",
         "|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
@@ -561,11 +561,11 @@ def report_markdown(report: dict) -> str:
                 f"| {arc_cells} | {r['mean_tokens']:.0f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} "
                 f"| {r['repetition']:.3f} | {r['ended']:.2f} |"
             )
-    lines += ["", "## Sweet spot (test)\n"]
+    lines += ["", f"{h} Sweet spot (test)\n"]
     lines += [f"- {c['label']}: {c['sweet_spot']['statement']}" for c in conds.values() if "sweet_spot" in c]
     lines += [
         "",
-        "## Dev split (prompt-level strict accuracy, Δ vs plain with 95% CI)\n",
+        f"{h} Dev split (prompt-level strict accuracy, Δ vs plain with 95% CI)\n",
         "| condition | strength | prompt strict | Δ vs plain [95% CI] |",
         "|---|---:|---:|---|",
     ]
@@ -579,9 +579,9 @@ def report_markdown(report: dict) -> str:
                 f"{row['metrics']['prompt_level_strict_acc']['estimate']:.3f} "
                 f"| {_fmt(row['diff_vs_plain']['prompt_level_strict_acc'])} |"
             )
-    lines += ["", "## Example replies (test, chosen strength)\n"]
+    lines += ["", f"{h} Example replies (test, chosen strength)\n"]
     for c in conds.values():
-        lines.append(f"### {c['label']} (s={c['chosen_strength']:g})\n")
+        lines.append(f"{h}# {c['label']} (s={c['chosen_strength']:g})\n")
         lines += [
             f"- **{_one_line(e['prompt'])[:120]}** → {_one_line(e['reply'])[:400]}"
             for e in c["test"][0]["examples"]
