@@ -207,6 +207,16 @@ def random_direction_sae(d_in: int, layer: int, seed: int, folder: Path, model_r
     return save_sae(sae, folder)
 
 
+def folder_digest(folder: str | Path) -> str:
+    """SHA-256 over an SAE folder's `cfg.json` and weight files, so a retrained SAE invalidates its cells."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.name == "cfg.json" or path.suffix in (".safetensors", ".pt", ".bin"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 class CellRunner:
     """Runs cells through lm-eval, or reads them back from `cells/` when their settings match."""
 
@@ -228,6 +238,7 @@ class CellRunner:
             **self.key,
             "condition": condition.name,
             "sae_dir": condition.sae_dir,
+            "sae_sha256": folder_digest(condition.sae_dir) if condition.sae_dir else None,
             "feature": condition.feature,
             "system": condition.system,
             "alpha": alpha,
@@ -535,6 +546,9 @@ def report_markdown(report: dict, level: int = 1) -> str:
         f"- IFEval: {s['ifeval_dev']} dev / {s['ifeval_test']} test prompts (disjoint, seed {report['split']['seed']}), "
         f"greedy, at most {s['max_new_tokens']} new tokens; ARC-Easy: {s['arc_easy_test_items']} test items",
         f"- scaling: {s['scaling']}",
+        f"- steered features: FAST {conds['fast']['feature']} (mean max activation on `<|im_start|>` "
+        f"{conds['fast']['feature_mean_max_activation']:.3f}), BT(F) {conds['btf']['feature']} "
+        f"({conds['btf']['feature_mean_max_activation']:.3f})",
         f"- random direction: a seeded (seed {s['random_direction_seed']}) random unit vector stored as the "
         f"one-feature SAE `{s['random_direction_sae']}`, steered with the same op, strengths and positions",
         f"- strength choice: {s['selection']}; CIs: paired percentile bootstrap, "
