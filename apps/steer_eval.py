@@ -34,7 +34,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from apps.bootstrap import RESAMPLES, Interval, bootstrap_ratio, paired_difference
-from apps.lm_eval_tasks import ARC_EASY_TASK, IFEVAL_FILES, IFEVAL_TASK, materialize_tasks
+from apps.lm_eval_tasks import ARC_EASY_FILES, ARC_EASY_TASK, IFEVAL_FILES, IFEVAL_TASK, materialize_tasks
 from apps.steering_sweep import (
     DEFAULT_EVAL_DATA,
     added_norm,
@@ -327,7 +327,10 @@ def run_steer_eval(
             f"the FAST SAE ({cfg.fast_sae}, layer {layer}) and the BT(F) SAE ({cfg.btf_sae}, layer "
             f"{sae_layer(btf)}) must name the same residual-stream layer in their metadata"
         )
-    n_ifeval = sum(1 for line in (cfg.eval_data / IFEVAL_FILES[0]).open(encoding="utf-8") if line.strip())
+    n_ifeval = _count_lines(cfg.eval_data / IFEVAL_FILES[0])
+    n_arc = _count_lines(cfg.eval_data / ARC_EASY_FILES[-1])
+    if cfg.arc > n_arc:
+        raise ValueError(f"--arc {cfg.arc} exceeds the {n_arc} ARC-Easy test items in {cfg.eval_data}")
     dev_ids, test_ids = split_items(n_ifeval, cfg.dev, cfg.test, cfg.seed)
     norm = special_residual_norm(model, tokenizer, layer, conversations)
     random_dir = random_direction_sae(
@@ -416,6 +419,14 @@ def run_steer_eval(
     }
     write_report(report, cfg.out)
     return report
+
+
+def _count_lines(path: Path) -> int:
+    """Non-empty lines of a JSONL file (0 when it does not exist)."""
+    if not path.is_file():
+        return 0
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 def _run_cells(cfg: SteerEvalConfig, cell: Callable[[str, float, str], Cell]) -> dict[str, dict]:

@@ -183,11 +183,14 @@ def test_steer_eval_end_to_end_and_reuse(tiny_setup):
         (["--strengths", "0,50"], "distinct positive numbers"),
         (["--strengths", "x"], "expected comma-separated numbers"),
         (["--dev", "0"], "dev must be a positive integer"),
+        (["--dev", "4", "--test", "3", "--arc", "4"], "exceed the 6 IFEval prompts"),
+        (["--arc", "5"], "--arc 5 exceeds the 4 ARC-Easy test items"),
     ],
 )
-def test_steer_eval_bad_input(tmp_path, tiny_setup, extra, message):
+def test_steer_eval_bad_input(tiny_setup, extra, message):
     root, saes, eval_data = tiny_setup
-    args = ["experiment", "steer-eval", "--out", str(tmp_path / "x"), "--fast-sae", str(saes["fast"]),
+    args = ["experiment", "steer-eval", "--out", str(root / "exp"), "--model", str(root / "model"),
+            "--dtype", "float32", "--quiet", "--fast-sae", str(saes["fast"]),
             "--btf-sae", str(saes["btf"]), "--eval-data", str(eval_data), *extra]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and message in result.output
