@@ -619,38 +619,62 @@ def _one_line(text: str) -> str:
     return text.replace("\n", " ⏎ ").replace("|", "\\|") or "(empty)"
 
 
+COLORS = {
+    "plain": "grey",
+    "prompt": "tab:green",
+    "fast": "tab:blue",
+    "random": "tab:orange",
+    "btf": "tab:red",
+}
+
+
 def plot_report(report: dict, path: Path) -> None:
-    """Dev IFEval prompt-level strict accuracy against strength (95% bootstrap bands), baselines as lines."""
+    """Left: dev IFEval prompt-level strict accuracy against strength (95% bootstrap bands), baselines as
+    lines. Right: each condition's test difference from plain at its chosen strength, with its paired CI."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     conds = report["conditions"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     strengths = report["settings"]["strengths"]
     for name, style in (("plain", ":"), ("prompt", "--")):
         m = conds[name]["dev"][0]["metrics"][SELECTION_METRIC]
-        line = ax.axhline(
-            m["estimate"], linestyle=style, linewidth=1, color="grey" if name == "plain" else "tab:green"
-        )
-        ax.axhspan(
-            m["low"], m["high"], color=line.get_color(), alpha=0.12, label=f"{conds[name]['label']} (dev)"
-        )
+        ax.axhline(m["estimate"], linestyle=style, linewidth=1, color=COLORS[name])
+        ax.axhspan(m["low"], m["high"], color=COLORS[name], alpha=0.1, label=f"{conds[name]['label']}")
     for name in STEERED:
-        rows = conds[name]["dev"]
-        est = [r["metrics"][SELECTION_METRIC] for r in rows]
-        (line,) = ax.plot(strengths, [e["estimate"] for e in est], marker="o", label=conds[name]["label"])
+        est = [r["metrics"][SELECTION_METRIC] for r in conds[name]["dev"]]
+        ax.plot(
+            strengths,
+            [e["estimate"] for e in est],
+            marker="o",
+            color=COLORS[name],
+            label=conds[name]["label"],
+        )
         ax.fill_between(
-            strengths, [e["low"] for e in est], [e["high"] for e in est], color=line.get_color(), alpha=0.15
+            strengths, [e["low"] for e in est], [e["high"] for e in est], color=COLORS[name], alpha=0.15
         )
     ax.set_xlabel("strength s (% of median special-token residual norm)")
     ax.set_ylabel("IFEval prompt-level strict accuracy (dev)")
-    ax.set_title(
-        f"{report['settings']['model']} layer {report['settings']['layer']}: add at special tokens",
+    ax.legend(fontsize=7)
+    names = [n for n in conds if n != "plain"]
+    for i, name in enumerate(names):
+        d = conds[name]["test"][0]["diff_vs_plain"][SELECTION_METRIC]
+        ax2.errorbar(
+            [d["estimate"]], [i], xerr=[[d["estimate"] - d["low"]], [d["high"] - d["estimate"]]],
+            fmt="o", color=COLORS[name], capsize=3,
+        )  # fmt: skip
+    ax2.axvline(0, color="grey", linewidth=1)
+    ax2.set_yticks(
+        range(len(names)), [f"{conds[n]['label']} (s={conds[n]['chosen_strength']:g})" for n in names]
+    )
+    ax2.set_xlabel("test Δ prompt-level strict vs plain (95% paired CI)")
+    s = report["settings"]
+    fig.suptitle(
+        f"{s['model']} layer {s['layer']}: add at special tokens (IFEval {s['ifeval_dev']} dev / {s['ifeval_test']} test)",
         fontsize=10,
     )
-    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
