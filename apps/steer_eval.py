@@ -243,6 +243,7 @@ class CellRunner:
             "system": condition.system,
             "alpha": alpha,
             "split": split,
+            "max_new_tokens": None if split == "arc" else self.cfg.max_new_tokens,
             "doc_ids_sha256": hashlib.sha256(json.dumps(doc_ids).encode()).hexdigest(),
         }
         if path.is_file():
@@ -346,7 +347,6 @@ def run_steer_eval(
     key = {
         "model": model_ref,
         "layer": layer,
-        "max_new_tokens": cfg.max_new_tokens,
         "eval_data": str(cfg.eval_data.resolve()),
     }
     with tempfile.TemporaryDirectory(prefix="fast-steer-steer-eval-tasks-") as tmp:

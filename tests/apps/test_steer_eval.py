@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from apps.bootstrap import bootstrap_ratio, paired_difference, ratio
 from apps.cli import main
-from apps.steer_eval import choose_strength, reply_stats, split_items
+from apps.steer_eval import choose_strength, folder_digest, reply_stats, split_items
 from hub.sae_io import sae_metadata, save_sae
 from tests.conftest import EVAL_DATA, SHARED_DATA, build_tiny_model, read_conversations
 from tests.steer.helpers import random_sae
@@ -85,6 +85,12 @@ def test_reply_stats_known_answers(chatml_tokenizer):
     assert stats["repetition"] == pytest.approx(1 / 4)  # abc bca cab abc
     assert stats["mean_words"] == 6 and stats["ended"] == 1.0
     assert reply_stats(["a b c a b c"], chatml_tokenizer, max_new_tokens=1)["ended"] == 0.0
+
+
+def test_folder_digest_follows_the_weights(tmp_path):
+    first = folder_digest(save_sae(random_sae(16, d_sae=8, seed=0), tmp_path / "a"))
+    assert folder_digest(save_sae(random_sae(16, d_sae=8, seed=0), tmp_path / "b")) == first
+    assert folder_digest(save_sae(random_sae(16, d_sae=8, seed=1), tmp_path / "a")) != first
 
 
 @pytest.fixture
