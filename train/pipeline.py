@@ -86,6 +86,23 @@ def train(
     `out_dir/<spec name>` (a sweep). `loaded` reuses an already loaded (model, tokenizer)."""
     dist = dist or DistContext.current(resolve_device(cfg.device))
     stream, model_source = open_stream(cfg, dist, loaded)
+    return fit_stream(cfg, stream, model_source, out_dir, resume=resume, progress=progress, dist=dist,
+                      created_by=created_by)  # fmt: skip
+
+
+def fit_stream(
+    cfg: RunConfig,
+    stream: Stream,
+    model_source: str,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    dist: DistContext | None = None,
+    created_by: str = "fast-steer train",
+) -> TrainResult:
+    """The training half of `train`, on a stream `open_stream(cfg, ...)` opened (benchmarks time it alone)."""
+    dist = dist or DistContext.current(resolve_device(cfg.device))
     trainer = SAETrainer(
         cfg.training,
         stream.d_in,

@@ -49,6 +49,8 @@ LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
 CKPT_DIR = "checkpoints"
 # Settings that may change between a killed run and its resume; everything else must match.
+# Steps between heap trims (a trim costs up to ~10 ms; every step, that was ~5% of a CPU step).
+_TRIM_EVERY = 16
 _RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "gsnr_every", "gsnr_micro_batches"}
 
 
@@ -293,7 +295,8 @@ class SAETrainer:
                 break
             x = self._check_batch(x)
             metrics = self.train_step(x * self.scale if self.scale != 1.0 else x)
-            release_free_memory()
+            if self.step % _TRIM_EVERY == 0:
+                release_free_memory()
             bar.update(x.shape[0] * self.dist.world_size)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
                 rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
