@@ -58,7 +58,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     from train.distributed import DistContext
     from train.harvest import Harvester, harvest_throughput
     from train.memory import peak_memory_mib, reset_peak_memory, resident_memory_mib
-    from train.pipeline import fit_stream, harvest_dtype, open_stream, train
+    from train.pipeline import fit_stream, open_stream, train
     from train.run_config import DataConfig, RunConfig, StreamSettings
     from train.trainer import SAETrainer
 
@@ -68,7 +68,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
                       checkpoint_every=0, log_every=10**9, autocast=autocast)  # fmt: skip
     run = RunConfig(layer=layer, training=cfg, model=model_ref, device=device, model_dtype=dtype,
                     data=DataConfig(chat=list(data)), stream=StreamSettings(buffer_tokens=buffer_tokens))  # fmt: skip
-    loaded = load_model(model_ref, dtype=harvest_dtype(run, device), device=device)
+    loaded = load_model(model_ref, dtype=dtype, device=device)
     model = loaded.model
     d_in = model.config.get_text_config().hidden_size
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from steer.sae import dtype_from_name
 from train.activations import ActivationStream, stream_statistics
 from train.buffer import BufferedStream, MixingBuffer, check_identity
+from train.harvest import drop_norm_outliers
 from train.run_config import RunConfig
 
 MANIFEST = "harvest.json"
@@ -108,10 +109,6 @@ def write_cache(
     bar.close()
     if not shards:
         raise ValueError("the stream produced no tokens to harvest")
-    provenance = stream.provenance()
-    for key in list(stats) + ["tokens_yielded", "tokens_harvested", "excluded_first", "excluded_norm",
-                              "dropped_tokens", "padding_share", "epochs_started"]:  # fmt: skip
-        provenance.pop(key, None)
     manifest = {
         "format_version": FORMAT_VERSION,
         "run": stream.run.to_dict(),
@@ -119,7 +116,7 @@ def write_cache(
         "layer": stream.layer,
         "d_in": stream.d_in,
         "dtype": dtype,
-        "provenance": provenance,
+        "provenance": stream.description(),
         "stats": stream_statistics(stats),
         "tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
@@ -146,6 +143,7 @@ class CachedActivationStream(BufferedStream):
     def __init__(self, run: RunConfig, rank: int = 0, world_size: int = 1, chunk_tokens: int | None = None):
         self.folder = Path(run.data.activations)
         self.manifest = read_manifest(self.folder)
+        self.cache_sha256 = hashlib.sha256((self.folder / MANIFEST).read_bytes()).hexdigest()
         harvested = RunConfig.from_dict(self.manifest["run"])
         mismatched = {
             name: (theirs, ours)
@@ -159,17 +157,13 @@ class CachedActivationStream(BufferedStream):
         if mismatched:
             listed = ", ".join(f"{k}: cache {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
             raise ValueError(f"{self.folder} was harvested with other settings ({listed})")
-        if run.training.batch_size % world_size:
-            raise ValueError(
-                f"batch_size {run.training.batch_size} must be divisible by {world_size} processes"
-            )
         shards = self.manifest["shards"]
         if len(shards) < world_size:
             raise ValueError(f"{self.folder} has {len(shards)} shards, fewer than the {world_size} processes")
         self.run, self.settings, self.rank, self.world_size = run, run.stream, rank, world_size
         self.layer, self.seed = run.layer, run.data.seed
         self.d_in = int(self.manifest["d_in"])
-        self.batch_size = run.training.batch_size // world_size
+        self.batch_size = run.training.local_batch_size(world_size)
         self.chunk_tokens = chunk_tokens or max(1, run.stream.buffer_tokens // 2)
         self.model_source = self.manifest["model_source"]
         self.buffer = MixingBuffer(run.stream.buffer_tokens, self.d_in, seed=self.seed * 1009 + rank)
@@ -209,11 +203,8 @@ class CachedActivationStream(BufferedStream):
             first = position == 0
             self.stats["excluded_first"] += int(first.sum())
             x = x[~first]
-        if self.settings.max_norm_multiple is not None and len(x):
-            norms = x.norm(dim=-1)
-            ok = norms <= self.settings.max_norm_multiple * norms.median()
-            self.stats["excluded_norm"] += int((~ok).sum())
-            x = x[ok]
+        x, n_norm = drop_norm_outliers(x, self.settings.max_norm_multiple)
+        self.stats["excluded_norm"] += n_norm
         self.buffer.push(x)
         self.stats["tokens_harvested"] += len(x)
         self.offset = end
@@ -222,9 +213,8 @@ class CachedActivationStream(BufferedStream):
 
     # -- state ---------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        manifest_text = (self.folder / MANIFEST).read_bytes()
         return {
-            "cache_sha256": hashlib.sha256(manifest_text).hexdigest(),
+            "cache_sha256": self.cache_sha256,
             "batch_size": self.batch_size,
             "seed": self.seed,
             "rank": self.rank,

@@ -100,13 +100,9 @@ class ActivationStream(BufferedStream):
             raise ValueError(
                 f"rank must be in [0, world_size), got rank={self.rank} world_size={self.world_size}"
             )
-        if run.training.batch_size % self.world_size:
-            raise ValueError(
-                f"batch_size {run.training.batch_size} must be divisible by the number of processes {self.world_size}"
-            )
         self.run, self.settings = run, run.stream
         self.layer, self.method, self.seed = run.layer, run.data.method, run.data.seed
-        self.batch_size = run.training.batch_size // self.world_size
+        self.batch_size = run.training.local_batch_size(self.world_size)
         self.max_len = run.stream.max_len or default_max_len(model)
         expected_kind = "text" if self.method == "bt-p" else "chat"
         if corpus.kind != expected_kind:
@@ -287,8 +283,12 @@ class ActivationStream(BufferedStream):
     # ------------------------------------------------------------ provenance
 
     def provenance(self) -> dict[str, Any]:
-        """What the SAE's metadata records of this stream: method, data, dtype, template hash, lengths and
-        the statistics of the data seen so far (call it after training)."""
+        """What the SAE's metadata records of this stream: its `description` and the statistics of the data
+        seen so far (call it after training)."""
+        return {**self.description(), "epochs_started": self.epoch + 1, **stream_statistics(self.stats)}
+
+    def description(self) -> dict[str, Any]:
+        """What the stream reads and how: method, data, dtype, template hash, special ids, lengths."""
         tok = self.tokenizer
         return {
             "method": METHOD_LABELS[self.method],
@@ -303,8 +303,6 @@ class ActivationStream(BufferedStream):
             "pad_token_id": self.pad_id,
             "context_size": self.max_len if self.method == "fast" else self.settings.block_len,
             "world_size": self.world_size,
-            "epochs_started": self.epoch + 1,
-            **stream_statistics(self.stats),
         }
 
 

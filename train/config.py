@@ -132,6 +132,14 @@ class TrainConfig:
     def total_steps(self) -> int:
         return math.ceil(self.total_tokens / self.batch_size)
 
+    def local_batch_size(self, world_size: int) -> int:
+        """Tokens per step in each of `world_size` processes (the batch must split evenly)."""
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by the number of processes {world_size}"
+            )
+        return self.batch_size // world_size
+
     @property
     def lr_warmup_steps(self) -> int:
         return round(self.lr_warmup_fraction * self.total_steps)

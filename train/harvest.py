@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 from steer.hooks import decoder_layers
 from train.sequences import Batch
 
-__all__ = ["Harvester", "decoder_layers", "harvest_throughput", "hook_name"]
+__all__ = ["Harvester", "decoder_layers", "drop_norm_outliers", "harvest_throughput", "hook_name"]
 
 
 class _StopForward(Exception):
@@ -118,13 +118,7 @@ class Harvester:
         n_real = int(keep.sum())
         if self.exclude_first_token:
             keep[:, 0] = False
-        x = h[keep].float()
-        n_norm = 0
-        if self.max_norm_multiple is not None and len(x):
-            norms = x.norm(dim=-1)
-            ok = norms <= self.max_norm_multiple * norms.median()
-            n_norm = int((~ok).sum())
-            x = x[ok]
+        x, n_norm = drop_norm_outliers(h[keep].float(), self.max_norm_multiple)
         self.last_stats = {
             "real": n_real,
             "padded": batch.n_padded,
@@ -133,6 +127,16 @@ class Harvester:
             "kept": len(x),
         }
         return x
+
+
+def drop_norm_outliers(x: torch.Tensor, max_norm_multiple: float | None) -> tuple[torch.Tensor, int]:
+    """The rows of `x [n, d]` whose norm is at most `max_norm_multiple` x their median norm (all rows for
+    None), and how many were dropped."""
+    if max_norm_multiple is None or not len(x):
+        return x, 0
+    norms = x.norm(dim=-1)
+    ok = norms <= max_norm_multiple * norms.median()
+    return x[ok], int((~ok).sum())
 
 
 def _bare_forward(model: PreTrainedModel, layer: int, batches: list[Batch]) -> None:

@@ -10,20 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hub import LoadedModel, fast_dtype, load_model, resolve_device, sae_metadata
+import torch
+
+from hub import LoadedModel, load_model, resolve_device, sae_metadata
 from train.activation_cache import CachedActivationStream
 from train.activations import ActivationStream
 from train.data import load_conversations, load_texts
 from train.distributed import DistContext
 from train.run_config import RunConfig
-from train.trainer import SAETrainer, TrainResult
+from train.trainer import SAETrainer, TrainResult, norm_scaling_factor
 
 Stream = ActivationStream | CachedActivationStream
-
-
-def harvest_dtype(cfg: RunConfig, device: str) -> str:
-    """The model dtype for harvesting: `cfg.model_dtype`, or (auto) bfloat16 on CUDA, float32 on most CPUs."""
-    return fast_dtype(device) if cfg.model_dtype == "auto" else cfg.model_dtype
 
 
 def open_stream(
@@ -34,7 +31,7 @@ def open_stream(
         stream = CachedActivationStream(cfg, dist.rank, dist.world_size)
         return stream, stream.model_source
     if loaded is None:
-        loaded = load_model(cfg.model, dtype=harvest_dtype(cfg, dist.device), device=dist.device)
+        loaded = load_model(cfg.model, dtype=cfg.model_dtype, device=dist.device)  # auto: hub.fast_dtype
     model, tok = loaded
     loader = load_texts if cfg.data.method == "bt-p" else load_conversations
     corpus = loader(cfg.data.sources, split="train", held_out_fraction=cfg.data.held_out_fraction)
@@ -45,13 +42,11 @@ def open_stream(
 
 
 def estimate_norm_scaling_factor(stream: Stream, n_tokens: int) -> float:
-    """sqrt(d_in) / the mean residual norm over the stream's first `n_tokens` tokens (whole batches)."""
-    rows, norms = 0, 0.0
-    while rows < max(n_tokens, 1):
-        x = next(stream)
-        norms += float(x.norm(dim=-1).sum())
-        rows += len(x)
-    return stream.d_in**0.5 / max(norms / rows, 1e-12)
+    """The trainer's `norm_scaling_factor` over the stream's first `n_tokens` tokens (whole batches)."""
+    batches = [next(stream)]
+    while sum(map(len, batches)) < n_tokens:
+        batches.append(next(stream))
+    return norm_scaling_factor(torch.cat(batches))
 
 
 def run_metadata(cfg: RunConfig, stream: Stream, model_source: str, created_by: str) -> dict[str, Any]:

@@ -81,6 +81,11 @@ class TrainResult:
     resumed_from_step: int | None = None
 
 
+def norm_scaling_factor(x: torch.Tensor) -> float:
+    """sqrt(d_in) / the mean norm of the rows of `x [n, d_in]` (SAELens `expected_average_only_in`)."""
+    return float(x.shape[-1] ** 0.5 / x.float().norm(dim=-1).mean().clamp_min(1e-12))
+
+
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points [n, d]`."""
     points = points.double()
@@ -113,11 +118,7 @@ class SAETrainer:
         self.metadata = metadata or {}
         self.dist = dist or DistContext.current()
         self.progress = progress
-        if cfg.batch_size % self.dist.world_size:
-            raise ValueError(
-                f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.dist.world_size}"
-            )
-        self.local_batch = cfg.batch_size // self.dist.world_size
+        self.local_batch = cfg.local_batch_size(self.dist.world_size)
         self.specs: list[SAETrainSpec] = cfg.resolved_specs()
         torch.manual_seed(cfg.seed)
         self.objectives: list[Objective] = [self._build(spec) for spec in self.specs]
@@ -184,7 +185,7 @@ class SAETrainer:
             self.cfg.normalize_activations == "expected_average_only_in"
             and self.cfg.norm_scaling_factor is None
         ):
-            self.scale = float(self.d_in**0.5 / points.norm(dim=-1).mean().clamp_min(1e-12))
+            self.scale = norm_scaling_factor(points)
         median = geometric_median(points * self.scale)
         for sae in self.saes:
             sae.b_dec.copy_(median.to(sae.b_dec))

@@ -149,16 +149,16 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
     from train.data import load_conversations
     from train.evaluate import EVAL_FILE, EvalConfig, EvalResult, evaluate_sae, format_table, write_eval
     from train.features import discover_features
-    from train.pipeline import harvest_dtype, train
+    from train.pipeline import train
     from train.trainer import CKPT_DIR, finished_run
 
     start = time.perf_counter()
     data = resolve_data(cfg.data)
     run = run_config(cfg, data)
     device = resolve_device(cfg.device)
-    dtype = harvest_dtype(run, device)
+    model, tok = loaded = load_model(cfg.model, dtype=run.model_dtype, device=device)
+    dtype = str(model.dtype).removeprefix("torch.")
     echo(f"[1/5] model {cfg.model!r} ({dtype} on {device} for harvesting) and data {data}")
-    model, tok = loaded = load_model(cfg.model, dtype=dtype, device=device)
     n_layers = model.config.get_text_config().num_hidden_layers
     if cfg.layer >= n_layers:
         raise click.ClickException(
