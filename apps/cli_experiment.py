@@ -109,6 +109,22 @@ def reproduce_command(model_ref, device, layer, tokens, out_dir, data, pretrain_
     click.echo("wrote " + ", ".join(str(p) for p in result.paths.values()), err=True)
 
 
+def _steering_run_options(fn):
+    """Options `sweep` and `steer-eval` share: the held-out conversations, the model's dtype and device."""
+    options = [
+        click.option("--conversations", "n_conversations", type=int, default=100, show_default=True,
+                     help="Held-out conversations for feature discovery and the norm scale."),
+        click.option("--data", multiple=True, type=click.Path(exists=True),
+                     help="Conversations for the held-out split when OUT has no heldout.jsonl.  [default: ../shared/data/chat]"),
+        click.option("--dtype", "model_dtype", default="auto", show_default=True, help="Model dtype."),
+        device_option,
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @experiment_group.command("sweep")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="The reproduce folder; results go to OUT/sweep.  [default: <fast-steer cache>/experiments/reproduce]")  # fmt: skip
@@ -128,15 +144,9 @@ def reproduce_command(model_ref, device, layer, tokens, out_dir, data, pretrain_
 @click.option(
     "--max-new-tokens", type=int, default=48, show_default=True, help="Length of the greedy replies."
 )
-@click.option("--conversations", "n_conversations", type=int, default=100, show_default=True,
-              help="Held-out conversations for feature discovery and the norm scale.")  # fmt: skip
-@click.option("--data", multiple=True, type=click.Path(exists=True),
-              help="Conversations for the held-out split when OUT has no heldout.jsonl.  [default: ../shared/data/chat]")  # fmt: skip
 @click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with mmlu_{test,val,dev}.jsonl.  [default: ../shared/data/eval]")  # fmt: skip
-@click.option("--dtype", "model_dtype", default="auto", show_default=True, help="Model dtype.")
-@device_option
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_steering_run_options
 def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mmlu_limit, max_new_tokens,
                   n_conversations, data, eval_data, model_dtype, device, quiet) -> None:  # fmt: skip
     """Add the top <|im_start|> feature of the FAST SAE at special positions at several strengths: greedy
@@ -195,15 +205,9 @@ def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mml
 )
 @click.option("--resamples", type=int, default=2000, show_default=True, help="Bootstrap resamples.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--conversations", "n_conversations", type=int, default=100, show_default=True,
-              help="Held-out conversations for feature discovery and the norm scale.")  # fmt: skip
-@click.option("--data", multiple=True, type=click.Path(exists=True),
-              help="Conversations for the held-out split when OUT has no heldout.jsonl.  [default: ../shared/data/chat]")  # fmt: skip
 @click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder with ifeval_input_data.jsonl and arc_easy_*.jsonl.  [default: ../shared/data/eval]")  # fmt: skip
-@click.option("--dtype", "model_dtype", default="auto", show_default=True, help="Model dtype.")
-@device_option
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_steering_run_options
 def steer_eval_command(out_dir, fast_sae, btf_sae, model_ref, strengths, n_dev, n_test, n_arc, max_new_tokens, seed,
                        resamples, batch_size, n_conversations, data, eval_data, model_dtype, device, quiet) -> None:  # fmt: skip
     """Plain, prompt-only, FAST / BT(F) top <|im_start|> feature and a random direction: strength chosen on
