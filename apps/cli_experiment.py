@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -49,6 +51,18 @@ def experiment_group() -> None:
 @click.option(
     "--l0", "l0_coefficient", type=float, help="L0 coefficient of jumprelu SAEs.  [default: the preset's]"
 )
+@click.option("--l1-grid", default="", help="More L1 coefficients (comma-separated) for the L0-matched "
+              "frontier, trained in the first variant.")  # fmt: skip
+@click.option("--l0-grid", default="", help="More L0 coefficients (comma-separated) for the L0-matched "
+              "frontier, trained in the first variant.")  # fmt: skip
+@click.option("--threshold-grid", default="", help="More jumprelu initial thresholds (comma-separated) at the "
+              "fixed --l0, trained in the first variant (on CPU budgets the start sets jumprelu's L0).")  # fmt: skip
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["all", "no-first"]),
+              help="Training variants: every token (as in the paper) or position 0 left out; the first carries "
+              "the grids.  [default: all]")  # fmt: skip
+@click.option("--autocast", is_flag=True, help="bf16 autocast of the SAE matmuls (~3x faster on AMX CPUs).")
+@click.option("--gsnr-every", type=int, default=0, show_default=True,
+              help="Steps between gradient signal-to-noise measurements (0: off).")  # fmt: skip
 @click.option("--buffer-tokens", type=int, default=65536, show_default=True, help="Mixing buffer size.")
 @click.option(
     "--max-len", type=int, default=8192, show_default=True, help="FAST truncation per conversation."
@@ -69,10 +83,11 @@ def experiment_group() -> None:
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def reproduce_command(model_ref, device, layer, tokens, out_dir, data, pretrain_data, methods, archs, expansion, preset,
-                      batch_size, l1_coefficient, l0_coefficient, buffer_tokens, max_len, held_out_fraction, eval_conversations, model_dtype, seed,
+                      batch_size, l1_coefficient, l0_coefficient, l1_grid, l0_grid, threshold_grid, variants, autocast, gsnr_every, buffer_tokens, max_len, held_out_fraction, eval_conversations, model_dtype, seed,
                       quiet) -> None:  # fmt: skip
-    """Train FAST, BT(F) and BT(P) SAEs with identical settings, evaluate them on the same held-out
-    conversations, and write results.{json,md,png}. Finished runs are reused, unfinished ones resumed."""
+    """Harvest FAST, BT(F) and BT(P) activations once each, train every SAE from them with identical
+    settings, evaluate them on the same held-out conversations, and write results.{json,md,png} and
+    frontier.png. Finished runs are reused, unfinished ones resumed."""
     from train.experiment import ReproduceConfig, reproduce
 
     defaults = ReproduceConfig.__dataclass_fields__
@@ -91,6 +106,12 @@ def reproduce_command(model_ref, device, layer, tokens, out_dir, data, pretrain_
             batch_size=batch_size,
             l1_coefficient=l1_coefficient,
             l0_coefficient=l0_coefficient,
+            l1_grid=_numbers(l1_grid, "--l1-grid") if l1_grid else (),
+            l0_grid=_numbers(l0_grid, "--l0-grid") if l0_grid else (),
+            threshold_grid=_numbers(threshold_grid, "--threshold-grid") if threshold_grid else (),
+            variants=tuple(variants) or defaults["variants"].default,
+            autocast=autocast,
+            gsnr_every=gsnr_every,
             buffer_tokens=buffer_tokens,
             max_len=max_len,
             held_out_fraction=held_out_fraction,
@@ -98,10 +119,14 @@ def reproduce_command(model_ref, device, layer, tokens, out_dir, data, pretrain_
             eval_conversations=eval_conversations,
             seed=seed,
         )
-        result = reproduce(cfg, progress=not quiet)
+        result = reproduce(cfg, progress=not quiet, command=command_line())
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
-    reused = [m for m in cfg.methods if m not in result.trained]
+    from train.experiment import plan_runs
+
+    reused = [
+        f"{r.method}/{r.variant}" for r in plan_runs(cfg) if f"{r.method}/{r.variant}" not in result.trained
+    ]
     click.echo(
         f"trained: {', '.join(result.trained) or 'none'}; reused: {', '.join(reused) or 'none'}", err=True
     )
@@ -237,7 +262,9 @@ def steer_eval_command(out_dir, fast_sae, btf_sae, model_ref, strengths, n_dev, 
         conversations = _conversations(out, list(data) or settings.get("chat_data"), n_conversations)
         ref = model_ref or settings.get("model", "default")
         model, tok = load_model(ref, dtype=model_dtype, device=device)
-        report = run_steer_eval(cfg, model, tok, conversations, model_ref=ref, progress=not quiet)
+        report = run_steer_eval(
+            cfg, model, tok, conversations, model_ref=ref, progress=not quiet, command=command_line()
+        )
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo((cfg.out / "steer_eval.md").read_text(encoding="utf-8"))
@@ -255,16 +282,17 @@ def _settings(out: Path) -> dict:
 
 
 def _standard_sae(out: Path, method: str, option: str) -> Path:
-    """The standard-architecture SAE folder of `method` under `out/runs/`."""
-    folders = sorted(p.parent for p in (out / "runs" / method).glob("**/sae_weights.safetensors"))
-    standard = [f for f in folders if json.loads((f / "cfg.json").read_text())["architecture"] == "standard"]
-    if not standard:
+    """The standard SAE of `method` that `reproduce` trained into `out` (`train.experiment.steering_sae`)."""
+    from train.experiment import steering_sae
+
+    folder = steering_sae(out, method)
+    if folder is None:
         name = {"fast": "FAST", "bt-f": "BT(F)", "bt-p": "BT(P)"}[method]
         raise FileNotFoundError(
             f"no {name} standard SAE under {out / 'runs' / method}: run `fast-steer experiment reproduce --out {out}` "
             f"first, or pass {option} DIR"
         )
-    return standard[0]
+    return folder
 
 
 def _conversations(out: Path, data: list[str] | None, n: int) -> list:
@@ -281,7 +309,12 @@ def _conversations(out: Path, data: list[str] | None, n: int) -> list:
     return items[:n]
 
 
-def _numbers(text: str) -> tuple[float, ...]:
+def command_line() -> str:
+    """The command as the user ran it (recorded in the results files)."""
+    return shlex.join(["fast-steer", *sys.argv[1:]])
+
+
+def _numbers(text: str, option: str = "--strengths") -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
         if not values:
@@ -289,7 +322,7 @@ def _numbers(text: str) -> tuple[float, ...]:
         return values
     except ValueError:
         raise click.BadParameter(
-            f"{text!r}: expected comma-separated numbers like 0,15,25", param_hint="--strengths"
+            f"{text!r}: expected comma-separated numbers like 0,15,25", param_hint=option
         ) from None
 
 

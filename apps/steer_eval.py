@@ -45,6 +45,7 @@ from apps.steering_sweep import (
 )
 from steer import Edit, Intervention
 from steer.sae import SAE
+from train.experiment import run_environment
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +312,10 @@ def run_steer_eval(
     conversations: list[list[dict[str, str]]],
     model_ref: str = "default",
     progress: bool = True,
+    command: str | None = None,
 ) -> dict:
-    """The whole evaluation; writes `steer_eval.{json,md,png}` (and `cells/`) into `cfg.out`."""
+    """The whole evaluation; writes `steer_eval.{json,md,png}` (and `cells/`) into `cfg.out`.
+    `command`: the command line, recorded in the settings."""
     from lm_eval.tasks import TaskManager
     from tqdm.auto import tqdm
 
@@ -406,6 +409,8 @@ def run_steer_eval(
                 f"position 0 left out, over {len(conversations)} held-out conversations) along the unit decoder "
                 "direction, op add, at special positions"
             ),
+            "command": command,
+            "environment": run_environment(str(model.device)),
         },
         "split": {
             "seed": cfg.seed,

@@ -4,6 +4,8 @@ Metrics (`EvalResult.metrics`):
 - `mse`: squared error per element, averaged over each sequence's tokens, then over sequences; `log2_mse`;
 - `mse_st`, `log2_mse_st`: the same on the paper's Table 11 special-token positions (`paper_st_tokens`:
   ChatML `<|im_start|>`, `<|im_end|>`, `user`, `assistant`; Llama-3 headers and `<|eot_id|>`);
+  `mse_st_after_first` / `log2_mse_st_after_first` on those positions after position 0 (the attention
+  sink, whose norm is ~100x the rest on SmolLM2), whether or not position 0 is scored;
   `mse_st_template` / `log2_mse_st_template` on every template special and role-name token
   (`steer.positions`, `system` included); `system` and the first token also have their own rows in
   `mse_by_token_type`;
@@ -15,7 +17,8 @@ Metrics (`EvalResult.metrics`):
 
 One forward per batch: blocks 0..L run once on the B clean rows; a hook on block L encodes and decodes
 their real tokens with the SAE and hands on 2B rows (clean, then spliced), so the later blocks give the
-clean and the spliced logits together. The LM head runs only on the positions whose next token is real
+clean and the spliced logits together. `evaluate_saes` does the same for k SAEs of one layer with
+(k + 1)B rows, sharing blocks 0..L and the clean rows. The LM head runs only on the positions whose next token is real
 (not on padding), and the cross-entropy is taken in row chunks. Batches are right-padded and run without
 an attention mask (a real token never attends to padding on its right; see `train.harvest`), so the other
 inputs of the later blocks (positions, rotary tables) are shared by all rows; a batch-sized one (an eager
@@ -112,6 +115,7 @@ class _Tokens:
     real: torch.Tensor  # [B, T] bool: not padding
     seq: torch.Tensor  # [N] row of each real token
     keep: torch.Tensor  # [N] bool: scored (and spliced); False at position 0 when it is left out
+    later: torch.Tensor  # [N] bool: after position 0
     special: torch.Tensor  # [N] bool: the paper's Table 11 special-token positions (`paper_st_tokens`)
     template: torch.Tensor  # [N] bool: every template special and role-name position
     labels: torch.Tensor  # [N] token-type indices
@@ -134,7 +138,7 @@ class _Tokens:
         primary = paper.mask(batch.input_ids, batch.attention_mask).to(device)
         labels = labeller(batch.input_ids.to(device), marked)
         keep = pos > 0 if skip_first else torch.ones_like(pos, dtype=torch.bool)
-        return cls(real, seq, keep, primary[real], marked[real], labels[real])
+        return cls(real, seq, keep, pos > 0, primary[real], marked[real], labels[real])
 
 
 def paper_st_tokens(template: SpecialTokens, tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
@@ -159,6 +163,7 @@ class _Accumulator:
         self.seq_mse: list[torch.Tensor] = []
         self.seq_mse_st: list[torch.Tensor] = []
         self.seq_mse_st_template: list[torch.Tensor] = []
+        self.seq_mse_st_after_first: list[torch.Tensor] = []
         self.sse, self.sse_bdec, self.sum_sq = zeros(), zeros(), zeros()
         self.sum_x = zeros(d_in)
         self.l0_sum, self.tokens = zeros(dtype=torch.long), zeros(dtype=torch.long)
@@ -179,6 +184,8 @@ class _Accumulator:
         self.seq_mse_st.append(st_mean[n_st > 0])
         st_mean, n_st = self._per_row_mean(err, tokens.seq, keep & tokens.template, rows)
         self.seq_mse_st_template.append(st_mean[n_st > 0])
+        st_mean, n_st = self._per_row_mean(err, tokens.seq, tokens.later & tokens.special, rows)
+        self.seq_mse_st_after_first.append(st_mean[n_st > 0])
         xk, rk = x[keep].double(), recon[keep].double()
         self.sse += (rk - xk).pow(2).sum()
         self.sse_bdec += (xk - b_dec.double()).pow(2).sum()
@@ -219,9 +226,13 @@ class _Accumulator:
         )
         sst = sum_sq - self.sum_x.pow(2).sum().item() / tokens
         mse = torch.cat(self.seq_mse).mean().item()
-        mse_st, mse_st_template = (
+        mse_st, mse_st_template, mse_st_after_first = (
             st.mean().item() if len(st) else float("nan")
-            for st in (torch.cat(self.seq_mse_st), torch.cat(self.seq_mse_st_template))
+            for st in (
+                torch.cat(self.seq_mse_st),
+                torch.cat(self.seq_mse_st_template),
+                torch.cat(self.seq_mse_st_after_first),
+            )
         )
         freq = self.fired.double() / tokens
         out = {
@@ -231,6 +242,10 @@ class _Accumulator:
             "log2_mse_st": math.log2(mse_st) if mse_st > 0 else float("nan"),
             "mse_st_template": mse_st_template,
             "log2_mse_st_template": math.log2(mse_st_template) if mse_st_template > 0 else float("nan"),
+            "mse_st_after_first": mse_st_after_first,
+            "log2_mse_st_after_first": math.log2(mse_st_after_first)
+            if mse_st_after_first > 0
+            else float("nan"),
             "l0": self.l0_sum.item() / tokens,
             "explained_variance": 1.0 - sse / sst,
             "explained_variance_bdec_only": 1.0 - sse_bdec / sst,
@@ -262,28 +277,29 @@ def _clean_and_spliced(
     model: PreTrainedModel,
     layer: int,
     rows: int,
-    splice: Callable[[torch.Tensor], torch.Tensor],
+    splice: Callable[[torch.Tensor], list[torch.Tensor]],
     heads: torch.Tensor,
 ) -> Iterator[None]:
-    """While active, block `layer` hands on `[clean; splice(clean)]` (2 x `rows` rows), the later blocks see
-    every other batch-sized input (an eager attention mask) repeated to match, and the LM head runs only on
-    the positions where `heads` ([2 x rows, T] bool) is set: the logits come out as [n, V]."""
+    """While active, block `layer` hands on `[clean; *splice(clean)]` (k x `rows` rows), the later blocks
+    see every other batch-sized input (an eager attention mask) repeated to match, and the LM head runs
+    only on the positions where `heads` ([k x rows, T] bool) is set: the logits come out as [n, V]."""
     layers = decoder_layers(model)
     lm_head = model.get_output_embeddings()
     if lm_head is None:
         raise ValueError(
             f"{type(model).__name__} has no output embeddings (LM head) to compute the LM loss with"
         )
+    copies = heads.shape[0] // rows
 
     def stack(_module, _args, output):
         clean = _hidden(output)
         if clean.shape[0] != rows:
             raise RuntimeError(f"block {layer} saw {clean.shape[0]} rows, expected the batch's {rows}")
-        return _replace_hidden(output, torch.cat([clean, splice(clean)]))
+        return _replace_hidden(output, torch.cat([clean, *splice(clean)]))
 
     def widen(value: Any) -> Any:
         if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == rows:
-            return value.repeat(2, *([1] * (value.dim() - 1)))
+            return value.repeat(copies, *([1] * (value.dim() - 1)))
         if isinstance(value, tuple):
             return tuple(widen(v) for v in value)
         return value
@@ -298,7 +314,7 @@ def _clean_and_spliced(
         return (hidden[heads], *args[1:])
 
     handles = [layers[layer].register_forward_hook(stack), lm_head.register_forward_pre_hook(select)]
-    if rows > 1:  # a single row's inputs broadcast over both
+    if rows > 1:  # a single row's inputs broadcast over all copies
         handles += [m.register_forward_pre_hook(widen_inputs, with_kwargs=True) for m in layers[layer + 1 :]]
     try:
         yield
@@ -318,7 +334,6 @@ def _check_inputs(sae: SAE, model: PreTrainedModel, layer: int, conversations: S
         raise ValueError("no held-out conversations to evaluate on")
 
 
-@torch.no_grad()
 def evaluate_sae(
     sae: SAE,
     model: PreTrainedModel,
@@ -331,70 +346,110 @@ def evaluate_sae(
 ) -> EvalResult:
     """Evaluate `sae` on the residuals after decoder block `layer` of `model` on `conversations` (the first
     `cfg.max_conversations` of them). The SAE may sit on another device than the model."""
+    return evaluate_saes([sae], model, tokenizer, conversations, layer, cfg, special, progress)[0]
+
+
+@torch.no_grad()
+def evaluate_saes(
+    saes: Sequence[SAE],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[list[dict[str, str]]],
+    layer: int,
+    cfg: EvalConfig | None = None,
+    special: SpecialTokens | None = None,
+    progress: bool = True,
+) -> list[EvalResult]:
+    """`evaluate_sae` for several SAEs of one layer in one pass: blocks 0..L and the clean logits run once
+    per batch, and each SAE adds only its spliced rows (so k SAEs cost far less than k evaluations).
+    Each batch holds `cfg.token_budget` x 2 / (k + 1) padded tokens, so a forward carries as many rows
+    as one SAE's would."""
     cfg = cfg or EvalConfig()
-    _check_inputs(sae, model, layer, conversations)
+    if not saes:
+        raise ValueError("no SAEs to evaluate")
+    for sae in saes:
+        _check_inputs(sae, model, layer, conversations)
     special = special or resolve_special_tokens(tokenizer, extra=cfg.extra_special_tokens)
-    skip_first = cfg.exclude_first_token
-    if skip_first is None:
-        skip_first = bool(sae.metadata.get("exclude_first_token", False))
+    skips = [
+        bool(sae.metadata.get("exclude_first_token", False))
+        if cfg.exclude_first_token is None
+        else cfg.exclude_first_token
+        for sae in saes
+    ]
     seqs = fast_sequences(list(conversations)[: cfg.max_conversations], tokenizer, max_len=cfg.max_len)
-    batches = bucket_batches(seqs, cfg.token_budget, tokenizer.pad_token_id, seed=None)
-    sae_device = sae.W_enc.device
+    budget = max(1, 2 * cfg.token_budget // (len(saes) + 1)) if cfg.lm_loss else cfg.token_budget
+    batches = bucket_batches(seqs, budget, tokenizer.pad_token_id, seed=None)
     paper = paper_st_tokens(special, tokenizer)
     labeller = _TokenLabels(special)
-    acc = _Accumulator(sae.d_in, sae.d_sae, len(labeller.names), sae_device)
-    b_dec = sae.b_dec.detach().float()
+    accs = [_Accumulator(sae.d_in, sae.d_sae, len(labeller.names), sae.W_enc.device) for sae in saes]
     harvester = Harvester(model, layer)
     bar = tqdm(total=sum(b.n_tokens for b in batches), unit="tok", unit_scale=True, desc="eval",
                disable=not progress)  # fmt: skip
     for batch in batches:
-        tokens = _Tokens.of(batch, special, paper, labeller, skip_first, sae_device)
+        tokens = [
+            _Tokens.of(batch, special, paper, labeller, skip, sae.W_enc.device)
+            for sae, skip in zip(saes, skips, strict=True)
+        ]
         if cfg.lm_loss:
-            sae_out, ce, n_ce = _forward_with_splice(sae, model, layer, batch, tokens)
-            acc.add_ce(ce[0], ce[1], n_ce)
+            outs, ces, n_ce = _forward_with_splice(saes, model, layer, batch, tokens)
+            for acc, ce in zip(accs, ces, strict=True):
+                acc.add_ce(ce[0].to(acc.sse.device), ce[1].to(acc.sse.device), n_ce.to(acc.sse.device))
         else:  # the forward stops after block L
-            sae_out = _sae_pass(sae, harvester.residuals(batch), tokens.real)
-        acc.add_batch(sae_out["x"], sae_out["recon"], sae_out["feats"], b_dec, tokens)
+            residuals = harvester.residuals(batch)
+            outs = [_sae_pass(sae, residuals, t.real) for sae, t in zip(saes, tokens, strict=True)]
+        for acc, out, sae, t in zip(accs, outs, saes, tokens, strict=True):
+            acc.add_batch(out["x"], out["recon"], out["feats"], sae.b_dec.detach().float(), t)
         bar.update(batch.n_tokens)
     bar.close()
-    return EvalResult(
-        metrics=acc.metrics(cfg.dense_threshold),
-        mse_by_token_type=acc.by_type(labeller.names),
-        special_tokens={**special.to_dict(), "paper_table_11": paper.to_dict()},
-        n_sequences=len(seqs),
-        n_tokens=int(acc.tokens),
-        layer=layer,
-        config={**asdict(cfg), "exclude_first_token": skip_first},
-    )
+    return [
+        EvalResult(
+            metrics=acc.metrics(cfg.dense_threshold),
+            mse_by_token_type=acc.by_type(labeller.names),
+            special_tokens={**special.to_dict(), "paper_table_11": paper.to_dict()},
+            n_sequences=len(seqs),
+            n_tokens=int(acc.tokens),
+            layer=layer,
+            config={**asdict(cfg), "exclude_first_token": skip},
+        )
+        for acc, skip in zip(accs, skips, strict=True)
+    ]
 
 
 def _forward_with_splice(
-    sae: SAE, model: PreTrainedModel, layer: int, batch: Batch, tokens: _Tokens
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """One forward of `batch`: the SAE pass on its clean residuals after block `layer`, and the summed clean
-    and spliced next-token cross-entropies over the positions whose target is real (float64 [2], on the
-    SAE's device) with their count. The reconstruction replaces the residual at the kept tokens only."""
+    saes: Sequence[SAE], model: PreTrainedModel, layer: int, batch: Batch, tokens: Sequence[_Tokens]
+) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], torch.Tensor]:
+    """One forward of `batch`: each SAE's pass on the clean residuals after block `layer`, and per SAE the
+    summed clean and spliced next-token cross-entropies over the positions whose target is real (float64
+    [2]) with their count. Each reconstruction replaces the residual at its SAE's kept tokens only."""
     device = next(model.parameters()).device
     ids = batch.input_ids.to(device)
-    real = tokens.real.to(device)
-    spliced_at = real.clone()
-    spliced_at[real] = tokens.keep.to(device)
+    real = tokens[0].real.to(device)
     has_target = torch.zeros_like(real)
     has_target[:, :-1] = real[:, 1:]
-    sae_out: dict[str, torch.Tensor] = {}
+    outs: list[dict[str, torch.Tensor]] = []
 
-    def splice(clean: torch.Tensor) -> torch.Tensor:
-        sae_out.update(_sae_pass(sae, clean, real))
-        spliced = clean.clone()
-        spliced[spliced_at] = sae_out["recon"][tokens.keep].to(device, clean.dtype)
-        return spliced
+    def splice(clean: torch.Tensor) -> list[torch.Tensor]:
+        spliced_rows = []
+        for sae, t in zip(saes, tokens, strict=True):
+            out = _sae_pass(sae, clean, real)
+            outs.append(out)
+            at = real.clone()
+            at[real] = t.keep.to(device)
+            spliced = clean.clone()
+            spliced[at] = out["recon"][t.keep].to(device, clean.dtype)
+            spliced_rows.append(spliced)
+        return spliced_rows
 
-    with _clean_and_spliced(model, layer, len(ids), splice, has_target.repeat(2, 1)):
+    with _clean_and_spliced(model, layer, len(ids), splice, has_target.repeat(len(saes) + 1, 1)):
         logits = model(input_ids=ids, use_cache=False).logits
     targets = ids[:, 1:][real[:, 1:]]
     n = len(targets)
-    ce = torch.stack([_summed_ce(logits[:n], targets), _summed_ce(logits[n:], targets)])
-    return sae_out, ce.to(sae.W_enc.device), torch.tensor(n, device=sae.W_enc.device)
+    clean_ce = _summed_ce(logits[:n], targets)
+    ces = [
+        torch.stack([clean_ce, _summed_ce(logits[(i + 1) * n : (i + 2) * n], targets)])
+        for i in range(len(saes))
+    ]
+    return outs, ces, torch.tensor(n)
 
 
 def _summed_ce(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -442,6 +497,7 @@ def format_table(result: EvalResult) -> str:
         ("log2 MSE", m["log2_mse"]),
         ("MSE_st (paper's Table 11 set)", m["mse_st"]),
         ("log2 MSE_st", m["log2_mse_st"]),
+        ("MSE_st, after position 0", m["mse_st_after_first"]),
         ("MSE_st, every template token", m["mse_st_template"]),
         ("L0", m["l0"]),
         ("explained variance", m["explained_variance"]),

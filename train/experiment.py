@@ -1,13 +1,21 @@
 """`reproduce`: FAST vs BT(F) vs BT(P) SAEs with identical settings, evaluated on the same held-out chats.
 
+Each method's activations are harvested once into a cache; every SAE trains from it. Two views:
+- the paper's: one fixed sparsity coefficient per architecture (`l1_coefficient`, `l0_coefficient`), in
+  every training variant (`all`: every token, as in the paper; `no-first`: position 0 left out);
+- an L0-matched one: the first variant also trains the `l1_grid` / `l0_grid` coefficients, so that the
+  methods can be compared on the MSE-L0 and Δ LM loss-L0 frontiers (`train.results_table`).
+
 Layout of the output folder (re-running reuses finished runs and resumes unfinished ones):
 
-    OUT/experiment.json              the settings (a rerun with other settings is refused)
-    OUT/heldout.jsonl                the held-out conversations every SAE is evaluated on
-    OUT/runs/<method>/               one trainer run per method: one activation stream feeds all archs
-    OUT/runs/<method>/<sae>/         an SAE folder (cfg.json + sae_weights.safetensors) + eval.json
-    OUT/runs/<method>/timing.json    wall seconds spent training / evaluating (summed over resumes)
-    OUT/results.{json,md,png}        the table
+    OUT/experiment.json                    the settings (a rerun with other settings is refused)
+    OUT/heldout.jsonl                      the held-out conversations every SAE is evaluated on
+    OUT/activation_scale.json              the one activation scale of every run (normalising presets)
+    OUT/cache/<method>/                    the method's harvested activations (`fast-steer harvest` format)
+    OUT/runs/<method>/<variant>/           one trainer run: every SAE of the variant on one cached stream
+    OUT/runs/<method>/<variant>/<sae>/     an SAE folder (cfg.json + sae_weights.safetensors) + eval.json
+    OUT/runs/<method>/<variant>/timing.json  wall seconds spent training / evaluating (summed over resumes)
+    OUT/results.{json,md}, frontier.png    the tables and plots
 
 A run is finished when every SAE folder of it has its weights and `eval.json`.
 """
@@ -17,8 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hub import fast_dtype
 from train.config import SAETrainSpec, TrainConfig, preset_config
-from train.results_table import ResultRow, check_metrics, write_results
+from train.results_table import ResultRow, check_metrics, mean_gsnr, write_results
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 METHODS = ("fast", "bt-f", "bt-p")
 ARCHS = ("standard", "jumprelu")
-# ~1 hour end to end for the three methods on an idle 2-core CPU (SmolLM2-135M, layer 15, bf16 harvesting).
+# training variant -> exclude_first_token
+VARIANTS = {"all": False, "no-first": True}
 DEFAULT_TOKENS = 1_500_000
 EVAL_FILE = "eval.json"
 TIMING_FILE = "timing.json"
@@ -59,11 +69,20 @@ class ReproduceConfig:
     expansion: int = 8
     preset: str = "default"
     batch_size: int | None = None  # tokens per step; None = the preset's
-    l1_coefficient: float | None = None  # standard SAEs; None = the preset's
-    l0_coefficient: float | None = None  # jumprelu SAEs; None = the preset's
+    l1_coefficient: float | None = None  # standard SAEs (the paper's view); None = the preset's
+    l0_coefficient: float | None = None  # jumprelu SAEs (the paper's view); None = the preset's
+    l1_grid: tuple[float, ...] = ()  # more L1 coefficients, trained in the first variant (frontier)
+    l0_grid: tuple[float, ...] = ()  # more L0 coefficients, trained in the first variant (frontier)
+    # more jumprelu initial thresholds (at the fixed L0 coefficient), trained in the first variant: on CPU
+    # budgets the threshold moves little from its start, so the start is what spreads jumprelu's L0
+    threshold_grid: tuple[float, ...] = ()
+    variants: tuple[str, ...] = ("all",)  # keys of VARIANTS; the first one carries the grids
     buffer_tokens: int = 65536  # mixing buffer (at least 2 x batch size)
     max_len: int = 8192  # FAST truncation of a conversation
     model_dtype: str = "auto"  # harvesting dtype (hub.fast_dtype; the SAEs train in float32)
+    cache_dtype: str = "bfloat16"  # dtype of the harvested activations on disk
+    autocast: bool = False  # bf16 autocast of the SAE matmuls (~3x faster on CPUs with AMX)
+    gsnr_every: int = 0  # steps between GSNR measurements (a multiple of the preset's log_every; 0: off)
     device: str = "auto"
     eval_conversations: int = 200
     held_out_fraction: float = 0.05
@@ -71,7 +90,9 @@ class ReproduceConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).expanduser()
-        self.methods, self.archs = tuple(self.methods), tuple(self.archs)
+        self.methods, self.archs, self.variants = tuple(self.methods), tuple(self.archs), tuple(self.variants)
+        self.l1_grid, self.l0_grid = tuple(self.l1_grid), tuple(self.l0_grid)
+        self.threshold_grid = tuple(self.threshold_grid)
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(
@@ -79,6 +100,11 @@ class ReproduceConfig:
             )
         if not self.archs:
             raise ValueError("at least one SAE architecture is needed")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ValueError(
+                f"variants must be distinct values of {', '.join(VARIANTS)}; got {list(self.variants)}"
+            )
         if self.tokens <= 0 or self.eval_conversations <= 0:
             raise ValueError(
                 f"tokens and eval_conversations must be positive (got {self.tokens}, {self.eval_conversations})"
@@ -87,28 +113,60 @@ class ReproduceConfig:
             missing = [p for p in paths if not Path(p).expanduser().exists()]
             if missing:
                 raise FileNotFoundError(f"{label} not found: {', '.join(missing)}")
-        self.train_config()  # validates the architectures, expansion and preset
+        for variant in self.variants:
+            self.train_config(variant)  # validates the architectures, expansion, grids and preset
 
-    def train_config(self) -> TrainConfig:
-        """The one `TrainConfig` every method uses."""
-        specs = [SAETrainSpec(arch=arch, expansion=self.expansion) for arch in self.archs]
+    def base_config(self) -> TrainConfig:
+        """The preset with this experiment's overrides (its coefficients are the paper view's)."""
         return preset_config(
             self.preset,
             total_tokens=self.tokens,
             batch_size=self.batch_size,
             l1_coefficient=self.l1_coefficient,
             l0_coefficient=self.l0_coefficient,
+            gsnr_every=self.gsnr_every or None,
+            autocast=self.autocast or None,
             seed=self.seed,
-            saes=specs,
         )
 
-    def run_config(self, method: str, norm_scaling_factor: float | None = None):
-        """The pipeline's `RunConfig` of one method: identical settings, only the data differs."""
-        from dataclasses import replace
+    def specs(self, arch: str, variant: str) -> list[SAETrainSpec]:
+        """The SAEs `variant` trains for `arch`: first the fixed (paper-view) one, then, in the first
+        variant only, the frontier's: each other grid coefficient, and for jumprelu each other initial
+        threshold (at the fixed coefficient)."""
+        base = self.base_config()
+        fixed_coefficient = {"standard": base.l1_coefficient, "jumprelu": base.l0_coefficient}.get(arch)
+        fixed = SAETrainSpec(arch=arch, expansion=self.expansion, sparsity_coefficient=fixed_coefficient)
+        if variant != self.variants[0] or fixed_coefficient is None:
+            return [fixed]
+        grid = {"standard": self.l1_grid, "jumprelu": self.l0_grid}[arch]
+        out = [fixed, *(replace(fixed, sparsity_coefficient=c) for c in grid if c != fixed_coefficient)]
+        if arch == "jumprelu":
+            out += [
+                replace(fixed, jumprelu_init_threshold=t)
+                for t in self.threshold_grid
+                if t != base.jumprelu_init_threshold
+            ]
+        return out
 
+    def train_config(self, variant: str) -> TrainConfig:
+        """The `TrainConfig` of one variant: the same for every method."""
+        specs = [spec for arch in self.archs for spec in self.specs(arch, variant)]
+        return replace(self.base_config(), saes=specs)
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens harvested per method: the budget, plus room for the tokens a variant leaves out."""
+        return self.tokens + self.tokens // 50 + self.buffer_tokens
+
+    def cache_dir(self, method: str) -> Path:
+        return self.out / "cache" / method
+
+    def run_config(self, method: str, variant: str | None = None, norm_scaling_factor: float | None = None):
+        """The pipeline's `RunConfig` of one method: identical settings, only the data differs. With a
+        `variant`, it trains from the method's cache; without, it harvests from the model."""
         from train.run_config import DataConfig, RunConfig, StreamSettings
 
-        training = self.train_config()
+        training = self.train_config(variant or self.variants[0])
         if norm_scaling_factor is not None:
             training = replace(training, norm_scaling_factor=norm_scaling_factor)
         return RunConfig(
@@ -123,8 +181,13 @@ class ReproduceConfig:
                 pretrain=list(self.pretrain_data),
                 held_out_fraction=self.held_out_fraction,
                 seed=self.seed,
+                activations=None if variant is None else str(self.cache_dir(method)),
             ),
-            stream=StreamSettings(buffer_tokens=self.buffer_tokens, max_len=self.max_len),
+            stream=StreamSettings(
+                buffer_tokens=self.buffer_tokens,
+                max_len=self.max_len,
+                exclude_first_token=VARIANTS[variant] if variant else False,
+            ),
         )
 
     def settings(self) -> dict[str, Any]:
@@ -132,17 +195,21 @@ class ReproduceConfig:
         out = asdict(self)
         out["out"] = str(self.out)
         out.pop("device")  # where it runs does not change what it computes
-        out["methods"], out["archs"] = list(self.methods), list(self.archs)
+        for key in ("methods", "archs", "variants", "l1_grid", "l0_grid", "threshold_grid"):
+            out[key] = list(getattr(self, key))
         # the resolved optimisation settings, so that a changed preset is noticed instead of retraining
-        out["train_config"] = json.loads(json.dumps(self.train_config().to_dict()))
+        out["train_config"] = {
+            v: json.loads(json.dumps(self.train_config(v).to_dict())) for v in self.variants
+        }
         return out
 
 
 @dataclass
 class RunStatus:
-    """One method's trainer run: where it lives and what is already done."""
+    """One (method, variant) trainer run: where it lives and what is already done."""
 
     method: str
+    variant: str
     run_dir: Path
     sae_dirs: list[Path]
 
@@ -160,13 +227,14 @@ def _has_weights(folder: Path) -> bool:
 
 
 def plan_runs(cfg: ReproduceConfig) -> list[RunStatus]:
-    """The runs of `cfg`, one per method, with their SAE folders (named as the trainer names them)."""
-    names = [spec.name for spec in cfg.train_config().resolved_specs()]
+    """The runs of `cfg`, one per method and variant, with their SAE folders (named as the trainer names them)."""
     runs = []
     for method in cfg.methods:
-        run_dir = cfg.out / "runs" / method
-        dirs = [run_dir / name for name in names] if len(names) > 1 else [run_dir]
-        runs.append(RunStatus(method, run_dir, dirs))
+        for variant in cfg.variants:
+            names = [spec.name for spec in cfg.train_config(variant).resolved_specs()]
+            run_dir = cfg.out / "runs" / method / variant
+            dirs = [run_dir / name for name in names] if len(names) > 1 else [run_dir]
+            runs.append(RunStatus(method, variant, run_dir, dirs))
     return runs
 
 
@@ -207,17 +275,87 @@ def held_out_conversations(cfg: ReproduceConfig) -> list[list[dict[str, str]]]:
 
 def _add_timing(run_dir: Path, key: str, seconds: float) -> None:
     path = run_dir / TIMING_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     timing = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     timing[key] = timing.get(key, 0.0) + seconds
     path.write_text(json.dumps(timing, indent=2) + "\n", encoding="utf-8")
 
 
-def shared_scale(
-    cfg: ReproduceConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
-) -> float | None:
-    """One activation scale for every method (None where the preset trains on raw activations):
-    sqrt(d_in) / mean norm over the FAST stream's initialisation tokens, frozen in OUT/activation_scale.json."""
-    if cfg.train_config().normalize_activations == "none":
+def run_environment(device: str) -> dict[str, Any]:
+    """Where a result was computed: software versions, CPU and device (recorded beside the results)."""
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+        "device": device,
+        "load average at the end (1/5/15 min)": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+
+
+def load_config(out: Path) -> ReproduceConfig | None:
+    """The `ReproduceConfig` recorded in OUT/experiment.json (None if there is none)."""
+    from dataclasses import fields
+
+    path = Path(out) / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return ReproduceConfig(**{f.name: saved[f.name] for f in fields(ReproduceConfig) if f.name in saved})
+
+
+def steering_sae(out: Path, method: str, arch: str = "standard") -> Path | None:
+    """The SAE that the steering experiments use for `method`: `arch` at the fixed (paper-view)
+    coefficient, from the `no-first` variant where it was trained (steering edits positions after
+    position 0, and that SAE spends no capacity on the sink), else from the first variant."""
+    cfg = load_config(out)
+    if cfg is None or method not in cfg.methods:
+        return None
+    runs = {r.variant: r for r in plan_runs(cfg) if r.method == method}
+    run = runs.get("no-first") or runs[cfg.variants[0]]
+    if arch not in cfg.archs:
+        return None
+    folder = run.sae_dirs[[s.arch for s in cfg.train_config(run.variant).saes].index(arch)]
+    return folder if _has_weights(folder) else None
+
+
+def harvest_method(
+    cfg: ReproduceConfig,
+    method: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    progress: bool = True,
+) -> None:
+    """Harvest `cfg.cache_tokens` of `method`'s activations into its cache (a half-written one is redone)."""
+    from train.activation_cache import MANIFEST, write_cache
+    from train.distributed import DistContext
+    from train.pipeline import open_stream
+
+    folder = cfg.cache_dir(method)
+    if (folder / MANIFEST).is_file():
+        return
+    if folder.exists():
+        shutil.rmtree(folder)
+    start = time.perf_counter()
+    stream, source = open_stream(
+        cfg.run_config(method), DistContext.current(str(model.device)), (model, tokenizer)
+    )
+    write_cache(stream, folder, model_source=source, dtype=cfg.cache_dtype, max_tokens=cfg.cache_tokens,
+                progress=progress)  # fmt: skip
+    _add_timing(cfg.out / "cache", f"{method}_harvest_s", time.perf_counter() - start)
+
+
+def shared_scale(cfg: ReproduceConfig) -> float | None:
+    """One activation scale for every method and variant (None where the preset trains on raw
+    activations): sqrt(d_in) / mean norm over the initialisation tokens of the FAST cache read as the
+    first variant reads it, frozen in OUT/activation_scale.json."""
+    if cfg.base_config().normalize_activations == "none":
         return None
     path = cfg.out / SCALE_FILE
     if path.is_file():
@@ -225,36 +363,31 @@ def shared_scale(
     from train.distributed import DistContext
     from train.pipeline import estimate_norm_scaling_factor, open_stream
 
-    run = cfg.run_config("fast")
-    stream, _ = open_stream(run, DistContext.current(str(model.device)), (model, tokenizer))
+    run = cfg.run_config("fast", cfg.variants[0])
+    stream, _ = open_stream(run, DistContext.current("cpu"))
     scale = estimate_norm_scaling_factor(stream, run.init_tokens)
     path.write_text(
-        json.dumps({"norm_scaling_factor": scale, "estimated_on": "fast"}) + "\n", encoding="utf-8"
+        json.dumps({"norm_scaling_factor": scale, "estimated_on": f"fast cache, variant {cfg.variants[0]}"})
+        + "\n",
+        encoding="utf-8",
     )
     return scale
 
 
-def train_run(
-    run: RunStatus,
-    cfg: ReproduceConfig,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    progress: bool = True,
-) -> None:
-    """Train every architecture of one method on one activation stream (resuming a checkpoint if any)."""
+def train_run(run: RunStatus, cfg: ReproduceConfig, progress: bool = True) -> None:
+    """Train every SAE of one (method, variant) from the method's cache (resuming a checkpoint if any)."""
     from train.pipeline import train
 
     start = time.perf_counter()
     result = train(
-        cfg.run_config(run.method, shared_scale(cfg, model, tokenizer)),
+        cfg.run_config(run.method, run.variant, shared_scale(cfg)),
         run.run_dir,
-        loaded=(model, tokenizer),
         resume=(run.run_dir / "checkpoints").is_dir(),
         progress=progress,
         created_by="fast-steer experiment reproduce",
     )
     _add_timing(run.run_dir, "train_s", time.perf_counter() - start)
-    log.info("%s: %d tokens at %.0f tokens/s", run.method, result.tokens, result.tokens_per_s)
+    log.info("%s/%s: %d tokens at %.0f tokens/s", run.method, run.variant, result.tokens, result.tokens_per_s)
 
 
 def evaluate_run(
@@ -265,34 +398,46 @@ def evaluate_run(
     conversations: list[list[dict[str, str]]],
     progress: bool = True,
 ) -> None:
-    """Write `eval.json` into every SAE folder of `run` that lacks one (same held-out chats for all)."""
+    """Write `eval.json` into every SAE folder of `run` that lacks one (same held-out chats for all; the
+    run's SAEs share one pass, `evaluate_saes`)."""
     from hub.sae_io import load_sae
-    from train.evaluate import EvalConfig, evaluate_sae, write_eval
+    from train.evaluate import EvalConfig, evaluate_saes, write_eval
 
+    todo = [d for d in run.sae_dirs if not (d / EVAL_FILE).is_file()]
+    if not todo:
+        return
+    start = time.perf_counter()
+    saes = [load_sae(d) for d in todo]
     eval_cfg = EvalConfig(max_conversations=len(conversations))
-    for sae_dir in run.sae_dirs:
-        if (sae_dir / EVAL_FILE).is_file():
-            continue
-        start = time.perf_counter()
-        sae = load_sae(sae_dir)
-        result = evaluate_sae(sae, model, tokenizer, conversations, cfg.layer, eval_cfg, progress=progress)
-        tmp = write_eval(
-            result, sae_dir / (EVAL_FILE + ".tmp"), {"sae_dir": str(sae_dir), "method": run.method}
-        )
+    results = evaluate_saes(saes, model, tokenizer, conversations, cfg.layer, eval_cfg, progress=progress)
+    for sae_dir, result in zip(todo, results, strict=True):
+        extra = {"sae_dir": str(sae_dir), "method": run.method, "variant": run.variant}
+        tmp = write_eval(result, sae_dir / (EVAL_FILE + ".tmp"), extra)
         tmp.replace(sae_dir / EVAL_FILE)
-        _add_timing(run.run_dir, "eval_s", time.perf_counter() - start)
+    _add_timing(run.run_dir, "eval_s", time.perf_counter() - start)
 
 
-def collect_rows(runs: list[RunStatus]) -> list[ResultRow]:
-    """One `ResultRow` per SAE folder, from its `eval.json` and `cfg.json`."""
+def collect_rows(cfg: ReproduceConfig, runs: list[RunStatus]) -> list[ResultRow]:
+    """One `ResultRow` per SAE folder, from its `eval.json`, `cfg.json` and the run's training log."""
+    from train.plots import read_log
+
     rows = []
     for run in runs:
-        for sae_dir in run.sae_dirs:
+        timing_path = run.run_dir / TIMING_FILE
+        timing = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else {}
+        log_records = read_log(run.run_dir / "train_log.jsonl")
+        config = cfg.train_config(run.variant)
+        specs = config.resolved_specs()
+        fixed = {
+            spec.name
+            for spec in replace(
+                config, saes=[cfg.specs(a, run.variant)[0] for a in cfg.archs]
+            ).resolved_specs()
+        }
+        for spec, sae_dir in zip(specs, run.sae_dirs, strict=True):
             report = json.loads((sae_dir / EVAL_FILE).read_text(encoding="utf-8"))
             meta = json.loads((sae_dir / "cfg.json").read_text(encoding="utf-8"))
             training = meta.get("metadata", {}).get("training", {})
-            timing_path = run.run_dir / TIMING_FILE
-            timing = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else {}
             rows.append(
                 ResultRow(
                     method=run.method,
@@ -300,9 +445,14 @@ def collect_rows(runs: list[RunStatus]) -> list[ResultRow]:
                     metrics=check_metrics(report.get("metrics", {}), str(sae_dir / EVAL_FILE)),
                     sae_dir=str(sae_dir),
                     tokens=training.get("tokens_trained"),
+                    variant=run.variant,
+                    coefficient=spec.sparsity_coefficient,
+                    init_threshold=spec.jumprelu_init_threshold,
+                    paper_view=spec.name in fixed,
                     extra={
                         "run_train_s": timing.get("train_s"),
                         "run_eval_s": timing.get("eval_s"),
+                        "gsnr": mean_gsnr(log_records, spec.name if len(specs) > 1 else None),
                         "mse_by_token_type": {
                             k: v["mse"] for k, v in report.get("mse_by_token_type", {}).items()
                         },
@@ -316,8 +466,8 @@ def collect_rows(runs: list[RunStatus]) -> list[ResultRow]:
 class ReproduceResult:
     rows: list[ResultRow]
     paths: dict[str, Path]
-    trained: list[str]  # methods trained (or resumed) by this invocation
-    evaluated: list[str]  # methods with at least one SAE evaluated by this invocation
+    trained: list[str]  # "method/variant" runs trained (or resumed) by this invocation
+    evaluated: list[str]  # "method/variant" runs with at least one SAE evaluated by this invocation
 
 
 def reproduce(
@@ -325,11 +475,11 @@ def reproduce(
     model: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     progress: bool = True,
+    command: str | None = None,
 ) -> ReproduceResult:
-    """Train (or resume, or reuse) every method's SAEs, evaluate them, and write the results table.
-
-    `model`/`tokenizer`: an already-loaded model (tests); otherwise `cfg.model` is loaded in `cfg.model_dtype`.
-    """
+    """Harvest each method's cache, train (or resume, or reuse) every SAE from it, evaluate them, and
+    write the results. `model`/`tokenizer`: an already-loaded model (tests); otherwise `cfg.model` is
+    loaded in `cfg.model_dtype`. `command`: the command line, recorded in the results."""
     check_settings(cfg)
     runs = plan_runs(cfg)
     todo_train = [r for r in runs if not r.trained]
@@ -338,26 +488,35 @@ def reproduce(
         from hub import load_model
 
         model, tokenizer = load_model(cfg.model, dtype=cfg.model_dtype, device=cfg.device)
-    for run in todo_train:
-        log.info("training %s -> %s", run.method, run.run_dir)
-        train_run(run, cfg, model, tokenizer, progress=progress)
+    for run in todo_train:  # method by method, so that a method's SAEs are ready before the next harvest
+        harvest_method(cfg, run.method, model, tokenizer, progress=progress)
+        log.info("training %s/%s -> %s", run.method, run.variant, run.run_dir)
+        train_run(run, cfg, progress=progress)
     if todo_eval:
         conversations = held_out_conversations(cfg)
         for run in todo_eval:
             evaluate_run(run, cfg, model, tokenizer, conversations, progress=progress)
-    rows = collect_rows(runs)
+    rows = collect_rows(cfg, runs)
+    base = cfg.base_config()
     header = {
         "model": cfg.model,
         "layer": cfg.layer,
-        "tokens per SAE": cfg.train_config().final_tokens,
+        "tokens per SAE": base.final_tokens,
         "preset": cfg.preset,
-        "batch size": cfg.train_config().batch_size,
+        "batch size": base.batch_size,
         "expansion": cfg.expansion,
+        "variants": list(cfg.variants),
+        "activation scale": shared_scale(cfg),
         "harvest dtype": fast_dtype() if cfg.model_dtype == "auto" else cfg.model_dtype,
+        "cache dtype": cfg.cache_dtype,
         "held-out conversations": len(held_out_conversations(cfg)),
         "chat data": cfg.chat_data,
         "pretraining data": cfg.pretrain_data,
         "written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "environment": run_environment(str(model.device) if model is not None else cfg.device),
     }
+    if command:
+        header["command"] = command
     paths = write_results(rows, cfg.out, header)
-    return ReproduceResult(rows, paths, [r.method for r in todo_train], [r.method for r in todo_eval])
+    label = [f"{r.method}/{r.variant}" for r in todo_train], [f"{r.method}/{r.variant}" for r in todo_eval]
+    return ReproduceResult(rows, paths, *label)

@@ -15,7 +15,7 @@ CURVES = (
 )
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +37,7 @@ def plot_training(log_path: str | Path, out_dir: str | Path) -> Path:
     records = read_log(log_path)
     if not records:
         raise ValueError(f"{log_path} holds no log records yet")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
     tokens = [r["tokens"] for r in records]
     for ax, (key, title) in zip(axes, CURVES, strict=True):
@@ -59,7 +59,7 @@ def plot_training(log_path: str | Path, out_dir: str | Path) -> Path:
 def plot_mse_by_token_type(result: EvalResult, out_dir: str | Path, top: int = 20) -> Path:
     """`mse_by_token_type.png`: per-element MSE of the most frequent token types (log scale)."""
     items = list(result.mse_by_token_type.items())[:top]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(items) + 2), 3.6))
     ax.bar(range(len(items)), [v["mse"] for _, v in items], color="tab:blue")
     ax.set_xticks(range(len(items)), [f"{k}\n({v['tokens']})" for k, v in items], rotation=60, fontsize=7)

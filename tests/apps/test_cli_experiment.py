@@ -32,11 +32,11 @@ def test_reproduce_then_reuse_then_sweep(tmp_path, tiny_model_dir):
     runner = CliRunner()
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
-    assert "trained: fast, bt-p; reused: none" in first.stderr
+    assert "trained: fast/all, bt-p/all; reused: none" in first.stderr
     assert "| FAST standard |" in first.stdout and "| BT(P) standard |" in first.stdout
     second = runner.invoke(main, args)
     assert second.exit_code == 0, second.output
-    assert "trained: none; reused: fast, bt-p" in second.stderr
+    assert "trained: none; reused: fast/all, bt-p/all" in second.stderr
     assert second.stdout.split("\n", 1)[1] == first.stdout.split("\n", 1)[1]  # same table (title line aside)
 
     sweep = runner.invoke(

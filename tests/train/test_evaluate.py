@@ -287,3 +287,24 @@ def test_paper_table_11_set_on_smollm2(default_model):
     assert paper["special_tokens"] == ["<|im_start|>", "<|im_end|>"]
     assert paper["role_tokens"] == {"assistant": ["ass", "istant"], "user": ["user"]}
     assert "system" in template.to_dict()["roles"]
+
+
+def test_several_saes_in_one_pass_match_one_at_a_time(setup):
+    """`evaluate_saes` shares blocks 0..L and the clean logits; each SAE's numbers are its own evaluation's,
+    also when one SAE leaves position 0 out and the other does not."""
+    from train.evaluate import evaluate_saes
+
+    model, tok, convs = setup
+    torch.manual_seed(1)
+    saes = [build_sae(SAEConfig(architecture="standard", d_in=64, d_sae=128)) for _ in range(3)]
+    saes[1].metadata["exclude_first_token"] = True
+    cfg = EvalConfig(max_len=120, token_budget=600)
+    together = evaluate_saes(saes, model, tok, convs, LAYER, cfg, progress=False)
+    assert [r.config["exclude_first_token"] for r in together] == [False, True, False]
+    for sae, joint in zip(saes, together, strict=True):
+        alone = evaluate_sae(sae, model, tok, convs, LAYER, cfg, progress=False)
+        assert joint.n_tokens == alone.n_tokens
+        for key, value in alone.metrics.items():
+            assert joint.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert together[0].metrics["delta_lm_loss"] != pytest.approx(together[2].metrics["delta_lm_loss"])
+    assert together[1].metrics["mse_st"] == pytest.approx(together[1].metrics["mse_st_after_first"])

@@ -55,7 +55,7 @@ def test_reproduce_six_saes_table_and_reuse(tmp_path, tiny):
     chat, pre = write_small_data(tmp_path)
     cfg = tiny_config(tmp_path, chat, pre)
     first = reproduce(cfg, model, tok, progress=False)
-    assert first.trained == ["fast", "bt-f", "bt-p"]
+    assert first.trained == ["fast/all", "bt-f/all", "bt-p/all"]
     assert {(r.method, r.arch) for r in first.rows} == {
         (m, a) for m in ("fast", "bt-f", "bt-p") for a in ("standard", "jumprelu")
     }
@@ -67,7 +67,7 @@ def test_reproduce_six_saes_table_and_reuse(tmp_path, tiny):
     assert len(saved["rows"]) == 6 and saved["layer"] == 1
     md = first.paths["markdown"].read_text()
     assert all(label in md for label in ("FAST standard", "BT(F) jumprelu", "BT(P) standard", "log2 MSE_st"))
-    assert "| FAST standard | " in md.split("by token type")[1]  # the per-token-type table follows
+    assert "| all | FAST standard | " in md.split("by token type")[1]  # the per-token-type table follows
     assert first.paths["plot"].stat().st_size > 5000
     # every SAE was evaluated on the same frozen held-out conversations
     assert len((cfg.out / "heldout.jsonl").read_text().splitlines()) == 4
@@ -93,8 +93,8 @@ def test_reproduce_finishes_only_what_is_missing(tmp_path, tiny):
     (fast_run.sae_dirs[0] / EVAL_FILE).unlink()  # evaluated no more: re-evaluate only
     (bt_run.sae_dirs[0] / "sae_weights.safetensors").unlink()  # killed before saving: train again
     again = reproduce(cfg, model, tok, progress=False)
-    assert again.trained == ["bt-f"]
-    assert again.evaluated == ["fast", "bt-f"]
+    assert again.trained == ["bt-f/all"]
+    assert again.evaluated == ["fast/all", "bt-f/all"]
     after = load_file(bt_run.sae_dirs[0] / "sae_weights.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)  # same seeds, same data order: same SAE
     timing = json.loads((bt_run.run_dir / "timing.json").read_text())
@@ -129,13 +129,14 @@ def _row(method: str, mse: float, mse_st: float, arch: str = "standard") -> Resu
         ("l0", "explained_variance", "dead_share", "delta_lm_loss", "delta_lm_loss_pct"), 0.5
     )
     metrics.update(mse=mse, log2_mse=math.log2(mse), mse_st=mse_st, log2_mse_st=math.log2(mse_st))
+    metrics["log2_mse_st_after_first"] = math.log2(mse_st)
     return ResultRow(method, arch, metrics, sae_dir=f"/x/{method}")
 
 
 def test_tables_order_methods_and_compute_ratios():
     rows = [_row("bt-p", 4.0, 32.0), _row("fast", 2.0, 2.0), _row("bt-f", 3.0, 4.0)]
     md = markdown_table(rows).splitlines()
-    assert [line.split("|")[1].strip() for line in md[2:]] == [
+    assert [line.split("|")[2].strip() for line in md[2:]] == [
         "FAST standard",
         "BT(F) standard",
         "BT(P) standard",
@@ -144,7 +145,71 @@ def test_tables_order_methods_and_compute_ratios():
     jump = markdown_table([_row("fast", 2.0, 2.0, "jumprelu")]).splitlines()[2]
     assert "-9.7604" in jump and "0.6468" not in jump  # each architecture's own reference value
     ratios = ratio_table(rows)
-    assert "| standard | BT(F) | 1.500 | 2.000 |" in ratios
-    assert "| standard | BT(P) | 2.000 | 16.000 |" in ratios
+    assert "| all | standard | BT(F) | 1.500 | 2.000 | 1.000 |" in ratios
+    assert "| all | standard | BT(P) | 2.000 | 16.000 | 1.000 |" in ratios
     with pytest.raises(KeyError, match="eval.json lacks metric.*delta_lm_loss_pct"):
         check_metrics({"mse": 1.0}, "eval.json")
+
+
+def test_reproduce_variants_grid_frontier_and_gsnr(tmp_path, tiny):
+    """Both variants from one cache per method; the first trains the grid; GSNR logged; one shared scale."""
+    from train.experiment import steering_sae
+    from train.results_table import rows_from_payload
+
+    chat, pre = write_small_data(tmp_path, n_chats=40)
+    cfg = tiny_config(tmp_path, chat, pre, methods=("fast", "bt-f"), variants=("all", "no-first"), tokens=1280,
+                      l1_coefficient=5.0, l1_grid=(1.0, 10.0), l0_grid=(0.1,), threshold_grid=(0.25,), gsnr_every=5)  # fmt: skip
+    result = reproduce(cfg, *tiny, progress=False)
+    assert result.trained == ["fast/all", "fast/no-first", "bt-f/all", "bt-f/no-first"]
+    for method in ("fast", "bt-f"):
+        manifest = json.loads((cfg.out / "cache" / method / "harvest.json").read_text())
+        assert manifest["tokens"] >= cfg.tokens and manifest["run"]["data"]["method"] == method
+    rows = rows_from_payload(json.loads(result.paths["json"].read_text()))
+    grid = {(r.method, r.variant, r.arch): sorted(x.coefficient for x in rows
+            if (x.method, x.variant, x.arch) == (r.method, r.variant, r.arch)) for r in rows}  # fmt: skip
+    assert grid[("fast", "all", "standard")] == [1.0, 5.0, 10.0]
+    assert grid[("fast", "no-first", "standard")] == [5.0]
+    assert grid[("bt-f", "all", "jumprelu")] == [0.01, 0.01, 0.1]
+    thresholds = sorted(
+        r.init_threshold for r in rows if (r.method, r.variant, r.arch) == ("fast", "all", "jumprelu")
+    )
+    assert thresholds == [0.25, 0.5, 0.5]
+    fixed = {(5.0, None), (0.01, 0.5)}
+    assert all(r.paper_view == ((r.coefficient, r.init_threshold) in fixed) for r in rows)
+    # the no-first SAEs left position 0 out of training and of their scores
+    for r in rows:
+        meta = json.loads((Path(r.sae_dir) / "cfg.json").read_text())["metadata"]
+        assert meta["exclude_first_token"] == (r.variant == "no-first")
+        report = json.loads((Path(r.sae_dir) / EVAL_FILE).read_text())
+        assert report["config"]["exclude_first_token"] == (r.variant == "no-first")
+        if r.variant == "no-first":  # position 0 is not scored: MSE_st is already the after-position-0 one
+            assert r.metrics["log2_mse_st"] == pytest.approx(r.metrics["log2_mse_st_after_first"])
+        assert r.extra["gsnr"]["W_enc"] > 0 and r.extra["gsnr"]["measurements"] == 2
+    scale = json.loads((cfg.out / "activation_scale.json").read_text())["norm_scaling_factor"]
+    runs = [json.loads((Path(r.sae_dir) / "cfg.json").read_text())["metadata"]["run"] for r in rows]
+    assert {run["training"]["norm_scaling_factor"] for run in runs} == {scale}
+    md = result.paths["markdown"].read_text()
+    assert "The L0-matched view" in md and "GSNR W_enc" in md
+    assert result.paths["frontier"].stat().st_size > 5000
+    assert steering_sae(cfg.out, "fast") == cfg.out / "runs" / "fast" / "no-first" / "standard-x2-l1_5"
+
+
+def test_matched_points_interpolate_inside_the_common_l0_range():
+    from train.results_table import interpolate, matched_points
+
+    assert interpolate([(10, 4.0), (100, 1.0)], 10**1.5, log_y=True) == pytest.approx(2.0)
+    assert interpolate([(10, 4.0), (100, 1.0)], 1000, log_y=True) is None
+
+    def row(method, l0, mse):
+        r = _row(method, mse, mse)
+        r.metrics["l0"], r.paper_view = l0, False
+        return r
+
+    rows = [row("fast", 10, 4.0), row("fast", 100, 1.0), row("bt-f", 20, 8.0), row("bt-f", 200, 2.0)]
+    matched = matched_points(rows)["standard"]
+    assert matched["l0"][0] == pytest.approx(20) and matched["l0"][-1] == pytest.approx(100)
+    fast, btf = matched["methods"]["fast"]["mse"], matched["methods"]["bt-f"]["mse"]
+    assert fast[-1] == pytest.approx(1.0) and btf[0] == pytest.approx(8.0)
+    assert all(b > f for f, b in zip(fast, btf, strict=True))
+    lone = matched_points([row("fast", 10, 4.0), row("bt-f", 20, 8.0)])["standard"]
+    assert lone["l0"] == [] and "two or more coefficients" in lone["why"]
