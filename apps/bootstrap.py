@@ -8,7 +8,7 @@ instruction-level accuracy is resampled by prompt, as the prompts (not the instr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -82,3 +82,9 @@ def _interval(estimate: float, stats: np.ndarray, level: float) -> Interval:
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])
     return Interval(estimate=float(estimate), low=float(low), high=float(high))
+
+
+def format_interval(interval: Interval | dict) -> str:
+    """`+0.012 [-0.030, +0.055]`: an estimate with its CI."""
+    i = interval if isinstance(interval, dict) else asdict(interval)
+    return f"{i['estimate']:+.3f} [{i['low']:+.3f}, {i['high']:+.3f}]"

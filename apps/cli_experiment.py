@@ -1,5 +1,6 @@
-"""`fast-steer experiment reproduce` (FAST vs BT(F) vs BT(P)), `sweep` (steering) and `steer-eval`
-(the steering evaluation: IFEval dev/test, ARC-Easy, controls, paired bootstrap CIs)."""
+"""`fast-steer experiment reproduce` (FAST vs BT(F) vs BT(P)), `sweep` (steering), `steer-eval`
+(the steering evaluation: IFEval dev/test, ARC-Easy, controls, paired bootstrap CIs) and `report`
+(docs/results.md from the JSON files those wrote)."""
 
 from __future__ import annotations
 
@@ -274,6 +275,26 @@ def steer_eval_command(out_dir, fast_sae, btf_sae, model_ref, strengths, n_dev, 
         f"wrote {cfg.out}/steer_eval.{{json,md,png}} in {report['wall_s']:.0f} s",
         err=True,
     )
+
+
+@experiment_group.command("report")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The reproduce folder (results.json; steer_eval/ if it exists).  [default: <fast-steer cache>/experiments/reproduce]")  # fmt: skip
+@click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/results.md"),
+              show_default=True, help="The document to write; the result files are copied beside it.")  # fmt: skip
+@click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Markdown prose (the reading of the results) placed after the computed verdicts.")  # fmt: skip
+def report_command(out_dir, doc, notes) -> None:
+    """Write docs/results.md from the JSON files that `reproduce` and `steer-eval` wrote (copied beside it)."""
+    from apps.results_doc import write_doc
+
+    out = out_dir or default_out()
+    steer = out / "steer_eval"
+    try:
+        path = write_doc(out, steer if (steer / "steer_eval.json").is_file() else None, doc, notes)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {path}", err=True)
 
 
 def _settings(out: Path) -> dict:

@@ -159,7 +159,7 @@ def test_reproduce_variants_grid_frontier_and_gsnr(tmp_path, tiny):
     chat, pre = write_small_data(tmp_path, n_chats=40)
     cfg = tiny_config(tmp_path, chat, pre, methods=("fast", "bt-f"), variants=("all", "no-first"), tokens=1280,
                       l1_coefficient=5.0, l1_grid=(1.0, 10.0), l0_grid=(0.1,), threshold_grid=(0.25,), gsnr_every=5)  # fmt: skip
-    result = reproduce(cfg, *tiny, progress=False)
+    result = reproduce(cfg, *tiny, progress=False, command="fast-steer experiment reproduce --tiny")
     assert result.trained == ["fast/all", "fast/no-first", "bt-f/all", "bt-f/no-first"]
     for method in ("fast", "bt-f"):
         manifest = json.loads((cfg.out / "cache" / method / "harvest.json").read_text())
@@ -192,6 +192,21 @@ def test_reproduce_variants_grid_frontier_and_gsnr(tmp_path, tiny):
     assert "The L0-matched view" in md and "GSNR W_enc" in md
     assert result.paths["frontier"].stat().st_size > 5000
     assert steering_sae(cfg.out, "fast") == cfg.out / "runs" / "fast" / "no-first" / "standard-x2-l1_5"
+
+    # docs/results.md is rendered from the copied results.json alone
+    from apps.results_doc import write_doc
+
+    doc = write_doc(cfg.out, None, tmp_path / "docs" / "results.md")
+    text = doc.read_text()
+    copied = json.loads((tmp_path / "docs" / "results" / "results.json").read_text())
+    assert copied["rows"] == json.loads(result.paths["json"].read_text())["rows"]
+    assert (tmp_path / "docs" / "results" / "frontier.png").is_file()
+    assert "fast-steer experiment reproduce --tiny" in text and "torch" in copied["environment"]
+    assert "## Verdicts" in text and "FAST vs BT(F)" in text
+    fast_jump = next(
+        r for r in rows if (r.method, r.variant, r.arch, r.paper_view) == ("fast", "all", "jumprelu", True)
+    )
+    assert f"| all | FAST jumprelu | 0.01 | {fast_jump.metrics['mse']:.4g} |" in text
 
 
 def test_matched_points_interpolate_inside_the_common_l0_range():
