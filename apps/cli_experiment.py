@@ -183,7 +183,7 @@ def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mml
     out = out_dir or default_out()
     try:
         settings = _settings(out)
-        sae_dir = sae_dir or _standard_sae(out, "fast", "--sae")
+        sae_dir = sae_dir or _steering_sae(out, "fast", "--sae")
         conversations = _conversations(out, list(data) or settings.get("chat_data"), n_conversations)
         cfg = SweepConfig(
             sae_dir=sae_dir,
@@ -210,9 +210,9 @@ def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mml
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="The reproduce folder; results go to OUT/steer_eval.  [default: <fast-steer cache>/experiments/reproduce]")  # fmt: skip
 @click.option("--fast-sae", type=click.Path(file_okay=False, path_type=Path),
-              help="FAST SAE folder.  [default: the FAST standard SAE of OUT]")  # fmt: skip
+              help="FAST SAE folder.  [default: OUT's FAST SAE for steering: fixed coefficient, no-first variant, lowest Δ LM loss]")  # fmt: skip
 @click.option("--btf-sae", type=click.Path(file_okay=False, path_type=Path),
-              help="BT(F) SAE folder.  [default: the BT(F) standard SAE of OUT]")  # fmt: skip
+              help="BT(F) SAE folder.  [default: chosen as for FAST]")  # fmt: skip
 @click.option(
     "--model", "model_ref", help="Model reference.  [default: the one in OUT/experiment.json, or 'default']"
 )
@@ -247,8 +247,8 @@ def steer_eval_command(out_dir, fast_sae, btf_sae, model_ref, strengths, n_dev, 
     try:
         settings = _settings(out)
         cfg = SteerEvalConfig(
-            fast_sae=fast_sae or _standard_sae(out, "fast", "--fast-sae"),
-            btf_sae=btf_sae or _standard_sae(out, "bt-f", "--btf-sae"),
+            fast_sae=fast_sae or _steering_sae(out, "fast", "--fast-sae"),
+            btf_sae=btf_sae or _steering_sae(out, "bt-f", "--btf-sae"),
             out=out / "steer_eval",
             strengths=_numbers(strengths),
             dev=n_dev,
@@ -302,15 +302,15 @@ def _settings(out: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _standard_sae(out: Path, method: str, option: str) -> Path:
-    """The standard SAE of `method` that `reproduce` trained into `out` (`train.experiment.steering_sae`)."""
+def _steering_sae(out: Path, method: str, option: str) -> Path:
+    """The SAE of `method` that `reproduce` trained into `out` for steering (`train.experiment.steering_sae`)."""
     from train.experiment import steering_sae
 
     folder = steering_sae(out, method)
     if folder is None:
         name = {"fast": "FAST", "bt-f": "BT(F)", "bt-p": "BT(P)"}[method]
         raise FileNotFoundError(
-            f"no {name} standard SAE under {out / 'runs' / method}: run `fast-steer experiment reproduce --out {out}` "
+            f"no trained {name} SAE under {out / 'runs' / method}: run `fast-steer experiment reproduce --out {out}` "
             f"first, or pass {option} DIR"
         )
     return folder

@@ -310,19 +310,29 @@ def load_config(out: Path) -> ReproduceConfig | None:
     return ReproduceConfig(**{f.name: saved[f.name] for f in fields(ReproduceConfig) if f.name in saved})
 
 
-def steering_sae(out: Path, method: str, arch: str = "standard") -> Path | None:
-    """The SAE that the steering experiments use for `method`: `arch` at the fixed (paper-view)
-    coefficient, from the `no-first` variant where it was trained (steering edits positions after
-    position 0, and that SAE spends no capacity on the sink), else from the first variant."""
+def steering_sae(out: Path, method: str) -> Path | None:
+    """The SAE that the steering experiments use for `method`: of its fixed-coefficient (paper-view) SAEs
+    in the `no-first` variant where it was trained (steering edits positions after position 0, and that
+    SAE spends no capacity on the sink), else in the first variant, the one with the lowest held-out
+    Δ LM loss (the first architecture while none is evaluated yet); None if it is not trained."""
     cfg = load_config(out)
     if cfg is None or method not in cfg.methods:
         return None
     runs = {r.variant: r for r in plan_runs(cfg) if r.method == method}
     run = runs.get("no-first") or runs[cfg.variants[0]]
-    if arch not in cfg.archs:
+    arch_of = [s.arch for s in cfg.train_config(run.variant).saes]
+    fixed = [run.sae_dirs[arch_of.index(arch)] for arch in cfg.archs]
+    trained = [d for d in fixed if _has_weights(d)]
+    if not trained:
         return None
-    folder = run.sae_dirs[[s.arch for s in cfg.train_config(run.variant).saes].index(arch)]
-    return folder if _has_weights(folder) else None
+
+    def delta_lm_loss(folder: Path) -> float:
+        path = folder / EVAL_FILE
+        if not path.is_file():
+            return float("inf")
+        return json.loads(path.read_text(encoding="utf-8"))["metrics"].get("delta_lm_loss", float("inf"))
+
+    return min(trained, key=delta_lm_loss)
 
 
 def harvest_method(

@@ -60,7 +60,7 @@ def test_reproduce_then_reuse_then_sweep(tmp_path, tiny_model_dir):
 def test_sweep_without_reproduce_output_says_what_to_run(tmp_path):
     result = CliRunner().invoke(main, ["experiment", "sweep", "--out", str(tmp_path)])
     assert result.exit_code != 0
-    assert "no FAST standard SAE" in result.output and "experiment reproduce" in result.output
+    assert "no trained FAST SAE" in result.output and "experiment reproduce" in result.output
 
 
 def test_reproduce_rejects_bad_token_count():

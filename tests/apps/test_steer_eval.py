@@ -204,7 +204,7 @@ def test_steer_eval_bad_input(tiny_setup, extra, message):
 
 def test_steer_eval_missing_sae_folders(tmp_path):
     result = CliRunner().invoke(main, ["experiment", "steer-eval", "--out", str(tmp_path)])
-    assert result.exit_code != 0 and "no FAST standard SAE" in result.output and "--fast-sae" in result.output
+    assert result.exit_code != 0 and "no trained FAST SAE" in result.output and "--fast-sae" in result.output
     result = CliRunner().invoke(
         main, ["experiment", "steer-eval", "--fast-sae", str(tmp_path), "--btf-sae", str(tmp_path)]
     )
