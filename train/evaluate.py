@@ -382,6 +382,7 @@ def evaluate_saes(
     paper = paper_st_tokens(special, tokenizer)
     labeller = _TokenLabels(special)
     accs = [_Accumulator(sae.d_in, sae.d_sae, len(labeller.names), sae.W_enc.device) for sae in saes]
+    b_decs = [sae.b_dec.detach().float() for sae in saes]
     harvester = Harvester(model, layer)
     bar = tqdm(total=sum(b.n_tokens for b in batches), unit="tok", unit_scale=True, desc="eval",
                disable=not progress)  # fmt: skip
@@ -397,8 +398,8 @@ def evaluate_saes(
         else:  # the forward stops after block L
             residuals = harvester.residuals(batch)
             outs = [_sae_pass(sae, residuals, t.real) for sae, t in zip(saes, tokens, strict=True)]
-        for acc, out, sae, t in zip(accs, outs, saes, tokens, strict=True):
-            acc.add_batch(out["x"], out["recon"], out["feats"], sae.b_dec.detach().float(), t)
+        for acc, out, b_dec, t in zip(accs, outs, b_decs, tokens, strict=True):
+            acc.add_batch(out["x"], out["recon"], out["feats"], b_dec, t)
         bar.update(batch.n_tokens)
     bar.close()
     return [
