@@ -148,6 +148,14 @@ class ReproduceConfig:
             ]
         return out
 
+    def paper_view_indices(self, variant: str) -> list[int]:
+        """Where each architecture's fixed-coefficient (paper-view) SAE sits among `variant`'s SAEs."""
+        starts, offset = [], 0
+        for arch in self.archs:
+            starts.append(offset)
+            offset += len(self.specs(arch, variant))
+        return starts
+
     def train_config(self, variant: str) -> TrainConfig:
         """The `TrainConfig` of one variant: the same for every method."""
         specs = [spec for arch in self.archs for spec in self.specs(arch, variant)]
@@ -320,8 +328,7 @@ def steering_sae(out: Path, method: str) -> Path | None:
         return None
     runs = {r.variant: r for r in plan_runs(cfg) if r.method == method}
     run = runs.get("no-first") or runs[cfg.variants[0]]
-    arch_of = [s.arch for s in cfg.train_config(run.variant).saes]
-    fixed = [run.sae_dirs[arch_of.index(arch)] for arch in cfg.archs]
+    fixed = [run.sae_dirs[i] for i in cfg.paper_view_indices(run.variant)]
     trained = [d for d in fixed if _has_weights(d)]
     if not trained:
         return None
@@ -363,8 +370,8 @@ def harvest_method(
 
 def shared_scale(cfg: ReproduceConfig) -> float | None:
     """One activation scale for every method and variant (None where the preset trains on raw
-    activations): sqrt(d_in) / mean norm over the initialisation tokens of the FAST cache read as the
-    first variant reads it, frozen in OUT/activation_scale.json."""
+    activations): sqrt(d_in) / mean norm over the initialisation tokens of the first method's cache (FAST
+    by default) read as the first variant reads it, frozen in OUT/activation_scale.json."""
     if cfg.base_config().normalize_activations == "none":
         return None
     path = cfg.out / SCALE_FILE
@@ -373,11 +380,14 @@ def shared_scale(cfg: ReproduceConfig) -> float | None:
     from train.distributed import DistContext
     from train.pipeline import estimate_norm_scaling_factor, open_stream
 
-    run = cfg.run_config("fast", cfg.variants[0])
+    method = cfg.methods[0]
+    run = cfg.run_config(method, cfg.variants[0])
     stream, _ = open_stream(run, DistContext.current("cpu"))
     scale = estimate_norm_scaling_factor(stream, run.init_tokens)
     path.write_text(
-        json.dumps({"norm_scaling_factor": scale, "estimated_on": f"fast cache, variant {cfg.variants[0]}"})
+        json.dumps(
+            {"norm_scaling_factor": scale, "estimated_on": f"{method} cache, variant {cfg.variants[0]}"}
+        )
         + "\n",
         encoding="utf-8",
     )
@@ -438,13 +448,8 @@ def collect_rows(cfg: ReproduceConfig, runs: list[RunStatus]) -> list[ResultRow]
         log_records = read_log(run.run_dir / "train_log.jsonl")
         config = cfg.train_config(run.variant)
         specs = config.resolved_specs()
-        fixed = {
-            spec.name
-            for spec in replace(
-                config, saes=[cfg.specs(a, run.variant)[0] for a in cfg.archs]
-            ).resolved_specs()
-        }
-        for spec, sae_dir in zip(specs, run.sae_dirs, strict=True):
+        fixed = cfg.paper_view_indices(run.variant)
+        for i, (spec, sae_dir) in enumerate(zip(specs, run.sae_dirs, strict=True)):
             report = json.loads((sae_dir / EVAL_FILE).read_text(encoding="utf-8"))
             meta = json.loads((sae_dir / "cfg.json").read_text(encoding="utf-8"))
             training = meta.get("metadata", {}).get("training", {})
@@ -458,7 +463,7 @@ def collect_rows(cfg: ReproduceConfig, runs: list[RunStatus]) -> list[ResultRow]
                     variant=run.variant,
                     coefficient=spec.sparsity_coefficient,
                     init_threshold=spec.jumprelu_init_threshold,
-                    paper_view=spec.name in fixed,
+                    paper_view=i in fixed,
                     extra={
                         "run_train_s": timing.get("train_s"),
                         "run_eval_s": timing.get("eval_s"),

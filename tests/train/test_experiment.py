@@ -117,6 +117,15 @@ def test_reproduce_refuses_other_settings_in_same_folder(tmp_path, tiny):
         reproduce(changed, *tiny, progress=False)
 
 
+def test_reproduce_without_fast_scales_on_the_first_method(tmp_path, tiny):
+    chat, pre = write_small_data(tmp_path, n_chats=30)
+    cfg = tiny_config(tmp_path, chat, pre, methods=("bt-p",), archs=("standard",), tokens=256)
+    result = reproduce(cfg, *tiny, progress=False)
+    assert result.trained == ["bt-p/all"] and not (cfg.out / "cache" / "fast").exists()
+    scale = json.loads((cfg.out / "activation_scale.json").read_text())
+    assert scale["estimated_on"] == "bt-p cache, variant all" and scale["norm_scaling_factor"] > 0
+
+
 def test_config_errors_are_specific(tmp_path):
     with pytest.raises(ValueError, match="methods must be a non-empty subset"):
         ReproduceConfig(out=tmp_path, methods=("fast", "bt-x"), chat_data=[str(CHAT_DATA)])
@@ -210,6 +219,18 @@ def test_reproduce_variants_grid_frontier_and_gsnr(tmp_path, tiny):
         r for r in rows if (r.method, r.variant, r.arch, r.paper_view) == ("fast", "all", "jumprelu", True)
     )
     assert f"| all | FAST jumprelu | 0.01 | {fast_jump.metrics['mse']:.4g} |" in text
+    assert "- main job recipe: FAST, no-first, fixed coefficients, Δ LM loss %: " in text
+    # rebuilt from its own copies (the source is the copy): the same document
+    assert write_doc(doc.parent / "results", None, doc).read_text() == text
+
+    # what the steer-eval records of the SAE it steers: training, held-out metrics, the training command
+    from apps.steer_eval.provenance import sae_provenance
+
+    record = sae_provenance(steering_sae(cfg.out, "fast"))
+    assert record["trained_by"] == "fast-steer experiment reproduce --tiny"
+    assert record["exclude_first_token"] is True and record["training_tokens"] == best.tokens
+    assert record["architecture"] == best.arch and record["held_out"]["l0"] == best.metrics["l0"]
+    assert record["held_out"]["delta_lm_loss_pct"] == best.metrics["delta_lm_loss_pct"]
 
 
 def test_matched_points_interpolate_inside_the_common_l0_range():
