@@ -67,4 +67,5 @@ def test_fast_dtype_follows_the_hardware():
 
     assert fast_dtype("cuda:0") == "bfloat16"
     flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    assert fast_dtype("cpu") == ("bfloat16" if "amx_bf16" in flags.split() else "float32")
+    native = {"amx_bf16", "avx512_bf16"} & set(flags.split())
+    assert fast_dtype("cpu") == ("bfloat16" if native else "float32")
