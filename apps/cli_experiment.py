@@ -282,14 +282,19 @@ def steer_eval_command(out_dir, fast_sae, btf_sae, model_ref, strengths, n_dev, 
               help="The reproduce folder (results.json; steer_eval/ if it exists).  [default: <fast-steer cache>/experiments/reproduce]")  # fmt: skip
 @click.option("--doc", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/results.md"),
               show_default=True, help="The document to write; the result files are copied beside it.")  # fmt: skip
+@click.option("--steer-eval", "steer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The steer-eval folder (steer_eval.json), when its SAEs came from another reproduce folder.  [default: OUT/steer_eval]")  # fmt: skip
 @click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Markdown prose (the reading of the results) placed after the computed verdicts.")  # fmt: skip
-def report_command(out_dir, doc, notes) -> None:
+def report_command(out_dir, doc, steer_dir, notes) -> None:
     """Write docs/results.md from the JSON files that `reproduce` and `steer-eval` wrote (copied beside it)."""
     from apps.results_doc import write_doc
 
     out = out_dir or default_out()
-    steer = out / "steer_eval"
+    steer = steer_dir or out / "steer_eval"
+    if steer_dir and not (steer / "steer_eval.json").is_file():
+        raise click.BadParameter(f"{steer} holds no steer_eval.json: run `fast-steer experiment steer-eval` first",
+                                 param_hint="--steer-eval")  # fmt: skip
     try:
         path = write_doc(out, steer if (steer / "steer_eval.json").is_file() else None, doc, notes)
     except (ValueError, FileNotFoundError, KeyError) as exc:

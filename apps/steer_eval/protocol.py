@@ -27,6 +27,7 @@ from apps.steer_eval.config import (
     choose_strength,
     split_items,
 )
+from apps.steer_eval.provenance import sae_provenance
 from apps.steer_eval.replies import reply_stats
 from apps.steer_eval.report import write_report
 from apps.steering_sweep import (
@@ -119,6 +120,7 @@ def run_steer_eval(
             "layer": layer,
             "fast_sae": str(cfg.fast_sae),
             "btf_sae": str(cfg.btf_sae),
+            "saes": {"fast": sae_provenance(cfg.fast_sae), "btf": sae_provenance(cfg.btf_sae)},
             "random_direction_sae": str(random_dir),
             "random_direction_seed": cfg.seed,
             "strengths": list(cfg.strengths),

@@ -42,6 +42,7 @@ def report_markdown(report: dict, level: int = 1) -> str:
         f"- strength choice: {s['selection']}; CIs: paired percentile bootstrap, "
         f"{s['bootstrap']['resamples']} resamples, 95%",
         f"- wall time {report['wall_s']:.0f} s\n",
+        *_sae_lines(s.get("saes"), conds, h),
         f"{h} Test split\n",
         "| condition | strength | prompt strict | Δ vs plain [95% CI] | prompt loose | inst strict | inst loose "
         "| ARC-Easy | Δ ARC [95% CI] | tokens | distinct-1 | distinct-2 | repetition | ended |",
@@ -90,6 +91,41 @@ def report_markdown(report: dict, level: int = 1) -> str:
         ]
         lines.append("")
     return "\n".join(lines)
+
+
+def _sae_lines(saes: dict | None, conds: dict, h: str) -> list[str]:
+    """The steered SAEs: how they were trained and how well they reconstruct held-out chats (when the
+    steer-eval recorded it)."""
+    if not saes:
+        return []
+    lines = [
+        f"{h} Steered SAEs\n",
+        "| condition | method | arch. | d_sae | training tokens | position 0 | held-out conv. | L0 | expl. var. "
+        "| MSE_st | Δ LM loss % |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    commands = []
+    for name, sae in saes.items():
+        held = sae.get("held_out", {})
+        cells = [_number(held.get(k)) for k in ("conversations", "l0", "explained_variance", "mse_st")]
+        first = {True: "left out", False: "kept"}.get(sae.get("exclude_first_token"), "–")
+        lines.append(
+            f"| {conds[name]['label']} | {sae.get('method') or '–'} | {sae.get('architecture') or '–'} "
+            f"| {sae.get('d_sae') or '–'} | {_number(sae.get('training_tokens'))} | {first} | "
+            + " | ".join(cells)
+            + f" | {_number(held.get('delta_lm_loss_pct'))} |"
+        )
+        if sae.get("trained_by"):
+            commands.append(f"- {conds[name]['label']}: `{sae['trained_by']}`")
+    if commands:
+        lines += ["", "Trained by:", "", *commands]
+    return [*lines, ""]
+
+
+def _number(value: float | int | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
 def _one_line(text: str) -> str:

@@ -173,6 +173,10 @@ def test_steer_eval_end_to_end_and_reuse(tiny_setup):
     assert random_cfg["d_sae"] == 1 and random_cfg["metadata"]["seed"] == 0
     assert (folder / "steer_eval.png").stat().st_size > 5000
     assert "| FAST top feature |" in first.stdout and "Sweet spot" in first.stdout
+    steered = report["settings"]["saes"]
+    assert steered["fast"]["folder"] == str(saes["fast"]) and steered["btf"]["d_sae"] == 32
+    assert steered["fast"]["trained_by"] is None and "held_out" not in steered["fast"]  # not from reproduce
+    assert "Steered SAEs" in first.stdout
     computed = report["cells"]["computed"]
     assert report["cells"]["reused"] == [] and len(computed) == len(set(computed))
 
