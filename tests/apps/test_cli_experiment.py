@@ -71,3 +71,14 @@ def test_reproduce_rejects_bad_token_count():
 def test_distinct_3gram_share():
     assert distinct_3gram_share(["a b c a b c"]) == pytest.approx(3 / 4)
     assert distinct_3gram_share(["hi"]) == 1.0
+
+
+def test_report_names_what_is_missing(tmp_path):
+    empty = tmp_path / "steer"
+    empty.mkdir()
+    result = CliRunner().invoke(
+        main, ["experiment", "report", "--out", str(tmp_path), "--steer-eval", str(empty)]
+    )
+    assert result.exit_code != 0 and "holds no steer_eval.json" in result.output
+    result = CliRunner().invoke(main, ["experiment", "report", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and f"{tmp_path / 'results.json'} is missing" in result.output
