@@ -144,7 +144,7 @@ def demo_command(
     help="Decoder block whose output the SAE reads.",
 )
 @click.option("--tokens", type=click.IntRange(1), default=400_000, show_default=True, help="Training tokens.")
-@click.option("--arch", type=click.Choice(["standard", "jumprelu"]), default="standard", show_default=True)
+@click.option("--arch", type=click.Choice(["standard", "jumprelu"]), default="jumprelu", show_default=True)
 @click.option("--expansion", type=click.IntRange(1), default=8, show_default=True, help="d_sae / d_model.")
 @click.option(
     "--batch-size", type=click.IntRange(1), default=1024, show_default=True, help="Tokens per step."

@@ -249,7 +249,10 @@ def _sweet_spot(test: list[Cell], plain: Cell, boot: dict) -> dict:
             "appears": False,
             "moderate_minus_plain": asdict(better),
             "largest_minus_moderate": None,
-            "statement": f"no: the largest strength ({chosen.strength:g}) was the best on dev, so nothing turns over",
+            "statement": (
+                f"no: the largest strength ({chosen.strength:g}) was the best on dev, so nothing turns over; "
+                f"s={chosen.strength:g} minus plain {format_interval(better)} (test {SELECTION_METRIC})"
+            ),
         }
     worse = paired_difference(test[1].metrics[SELECTION_METRIC], chosen.metrics[SELECTION_METRIC], **boot)
     appears = better.low > 0 and worse.high < 0

@@ -41,7 +41,9 @@ def report_markdown(report: dict, level: int = 1) -> str:
         f"one-feature SAE `{s['random_direction_sae']}`, steered with the same op, strengths and positions",
         f"- strength choice: {s['selection']}; CIs: paired percentile bootstrap, "
         f"{s['bootstrap']['resamples']} resamples, 95%",
-        f"- wall time {report['wall_s']:.0f} s\n",
+        *_environment_line(s.get("environment")),
+        f"- wall time {report['wall_s']:.0f} s for this invocation ({len(report['cells']['reused'])} cells reused); "
+        f"computing every cell took {_cell_seconds(conds):.0f} s\n",
         *_sae_lines(s.get("saes"), conds, h),
         f"{h} Test split\n",
         "| condition | strength | prompt strict | Δ vs plain [95% CI] | prompt loose | inst strict | inst loose "
@@ -93,6 +95,15 @@ def report_markdown(report: dict, level: int = 1) -> str:
     return "\n".join(lines)
 
 
+def _cell_seconds(conds: dict) -> float:
+    """The compute time of all the cells in the report (each cell appears once: dev, test and ARC rows)."""
+    return sum(row["wall_s"] for c in conds.values() for row in (*c["dev"], *c["test"], c["arc"]))
+
+
+def _environment_line(env: dict | None) -> list[str]:
+    return [f"- ran on: {', '.join(f'{k} {v}' for k, v in env.items())}"] if env else []
+
+
 def _sae_lines(saes: dict | None, conds: dict, h: str) -> list[str]:
     """The steered SAEs: how they were trained and how well they reconstruct held-out chats (when the
     steer-eval recorded it)."""
@@ -104,7 +115,7 @@ def _sae_lines(saes: dict | None, conds: dict, h: str) -> list[str]:
         "| MSE_st | Δ LM loss % |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    commands = []
+    commands: dict[str, list[str]] = {}  # command -> the conditions whose SAE it trained
     for name, sae in saes.items():
         held = sae.get("held_out", {})
         cells = [_number(held.get(k)) for k in ("conversations", "l0", "explained_variance", "mse_st")]
@@ -116,9 +127,10 @@ def _sae_lines(saes: dict | None, conds: dict, h: str) -> list[str]:
             + f" | {_number(held.get('delta_lm_loss_pct'))} |"
         )
         if sae.get("trained_by"):
-            commands.append(f"- {conds[name]['label']}: `{sae['trained_by']}`")
+            commands.setdefault(sae["trained_by"], []).append(conds[name]["label"])
     if commands:
-        lines += ["", "Trained by:", "", *commands]
+        lines += ["", "Trained by:", ""]
+        lines += [f"- {', '.join(labels)}: `{command}`" for command, labels in commands.items()]
     return [*lines, ""]
 
 

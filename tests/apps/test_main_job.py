@@ -33,7 +33,7 @@ TINY = [
 def test_main_job_trains_then_reuses_the_cached_sae(tmp_path):
     result = CliRunner().invoke(main, ["run", "--no-demo", "--cache-dir", str(tmp_path), *TINY])
     assert result.exit_code == 0, result.output
-    assert "[2/5] training a FAST standard SAE" in result.output
+    assert "[2/5] training a FAST jumprelu SAE" in result.output
     assert "explained variance" in result.output  # the evaluation table is printed
     assert "mean max act" in result.output  # and the feature table
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
