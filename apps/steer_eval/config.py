@@ -137,11 +137,12 @@ class Cell:
 
 
 def split_items(n_items: int, n_dev: int, n_test: int, seed: int) -> tuple[list[int], list[int]]:
-    """Disjoint dev and test document indices drawn from `range(n_items)` by a seeded permutation."""
+    """Disjoint dev and test document indices drawn from `range(n_items)` by a seeded permutation: test
+    first, so that the test set depends only on (`seed`, `n_test`) and a larger dev split keeps it."""
     if n_dev + n_test > n_items:
         raise ValueError(f"dev {n_dev} + test {n_test} prompts exceed the {n_items} IFEval prompts available")
     order = np.random.default_rng(seed).permutation(n_items)
-    return sorted(int(i) for i in order[:n_dev]), sorted(int(i) for i in order[n_dev : n_dev + n_test])
+    return sorted(int(i) for i in order[n_test : n_test + n_dev]), sorted(int(i) for i in order[:n_test])
 
 
 def choose_strength(scores: dict[float, float]) -> float:

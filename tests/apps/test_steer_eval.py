@@ -69,6 +69,8 @@ def test_split_items_disjoint_seeded_and_checked():
     assert all(0 <= i < 541 for i in dev + test) and dev == sorted(dev)
     assert split_items(541, 40, 80, seed=0) == (dev, test)
     assert split_items(541, 40, 80, seed=1) != (dev, test)
+    more_dev, same_test = split_items(541, 100, 80, seed=0)
+    assert same_test == test and set(dev) < set(more_dev)  # a larger dev split keeps the test set
     with pytest.raises(ValueError, match="exceed the 10 IFEval prompts"):
         split_items(10, 6, 5, seed=0)
 
