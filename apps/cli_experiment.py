@@ -292,11 +292,12 @@ def report_command(out_dir, doc, steer_dir, notes) -> None:
 
     out = out_dir or default_out()
     steer = steer_dir or out / "steer_eval"
-    if steer_dir and not (steer / "steer_eval.json").is_file():
+    has_steer = (steer / "steer_eval.json").is_file()
+    if steer_dir and not has_steer:
         raise click.BadParameter(f"{steer} holds no steer_eval.json: run `fast-steer experiment steer-eval` first",
                                  param_hint="--steer-eval")  # fmt: skip
     try:
-        path = write_doc(out, steer if (steer / "steer_eval.json").is_file() else None, doc, notes)
+        path = write_doc(out, steer if has_steer else None, doc, notes)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {path}", err=True)

@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from train.results_table import METHOD_LABELS, results_markdown, rows_from_payload
+from train.results_table import METHOD_LABELS, RESULTS_FILE, results_markdown, rows_from_payload
 
-RESULT_FILES = ("results.json", "results.png", "frontier.png")
+RESULT_FILES = (RESULTS_FILE, "results.png", "frontier.png")
 STEER_FILES = ("steer_eval.json", "steer_eval.png")
 
 
@@ -163,7 +163,7 @@ def steering_verdicts(steer: dict[str, Any]) -> list[str]:
 def write_doc(reproduce_dir: Path, steer_dir: Path | None, doc: Path, notes: Path | None = None) -> Path:
     """Copy the result files beside `doc` and write `doc` from the copies."""
     copies = copy_results(reproduce_dir, steer_dir, doc)
-    payload = json.loads(copies["results.json"].read_text(encoding="utf-8"))
+    payload = json.loads(copies[RESULTS_FILE].read_text(encoding="utf-8"))
     steer = json.loads(copies["steer_eval.json"].read_text(encoding="utf-8")) if steer_dir else None
     doc.write_text(
         render(payload, steer, notes.read_text(encoding="utf-8") if notes else ""), encoding="utf-8"

@@ -277,12 +277,15 @@ def matched_table(matched: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
+RESULTS_FILE = "results.json"  # the payload that `fast-steer experiment report` renders
+
+
 def write_results(rows: list[ResultRow], out_dir: Path, header: dict[str, Any]) -> dict[str, Path]:
     """Write `results.json`, `results.md`, `results.png` (paper view) and `frontier.png` into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = sort_rows(rows)
     paths = {
-        "json": out_dir / "results.json",
+        "json": out_dir / RESULTS_FILE,
         "markdown": out_dir / "results.md",
         "plot": out_dir / "results.png",
         "frontier": out_dir / "frontier.png",

@@ -120,7 +120,7 @@ def run_steer_eval(
             "layer": layer,
             "fast_sae": str(cfg.fast_sae),
             "btf_sae": str(cfg.btf_sae),
-            "saes": {"fast": sae_provenance(cfg.fast_sae), "btf": sae_provenance(cfg.btf_sae)},
+            "saes": {"fast": sae_provenance(fast, cfg.fast_sae), "btf": sae_provenance(btf, cfg.btf_sae)},
             "random_direction_sae": str(random_dir),
             "random_direction_seed": cfg.seed,
             "strengths": list(cfg.strengths),

@@ -8,23 +8,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+from steer.sae import SAE
 from train.experiment import EVAL_FILE, SETTINGS_FILE
+from train.results_table import RESULTS_FILE
 
 HELD_OUT_METRICS = ("l0", "explained_variance", "mse", "mse_st", "delta_lm_loss_pct")
-RESULTS_FILE = "results.json"
 
 
-def sae_provenance(folder: Path) -> dict[str, Any]:
-    """The SAE's method, architecture, width and training tokens (from `cfg.json`), its held-out metrics
-    (from `eval.json`, when it was evaluated) and the command that trained it (when `reproduce` did)."""
+def sae_provenance(sae: SAE, folder: Path) -> dict[str, Any]:
+    """The loaded `sae`'s method, architecture, width and training tokens (its config and metadata), the
+    held-out metrics in `folder`'s `eval.json` (when it was evaluated) and the command that trained it
+    (when `reproduce` did)."""
     folder = Path(folder)
-    cfg = json.loads((folder / "cfg.json").read_text(encoding="utf-8"))
-    meta = cfg.get("metadata", {})
+    meta = sae.cfg.metadata
     record: dict[str, Any] = {
         "folder": str(folder),
         "method": meta.get("method"),
-        "architecture": cfg.get("architecture"),
-        "d_sae": cfg.get("d_sae"),
+        "architecture": sae.cfg.architecture,
+        "d_sae": sae.cfg.d_sae,
         "training_tokens": meta.get("training_tokens"),
         "exclude_first_token": meta.get("exclude_first_token"),
         "trained_by": _reproduce_command(folder),

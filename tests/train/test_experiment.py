@@ -225,8 +225,10 @@ def test_reproduce_variants_grid_frontier_and_gsnr(tmp_path, tiny):
 
     # what the steer-eval records of the SAE it steers: training, held-out metrics, the training command
     from apps.steer_eval.provenance import sae_provenance
+    from hub.sae_io import load_sae
 
-    record = sae_provenance(steering_sae(cfg.out, "fast"))
+    folder = steering_sae(cfg.out, "fast")
+    record = sae_provenance(load_sae(folder), folder)
     assert record["trained_by"] == "fast-steer experiment reproduce --tiny"
     assert record["exclude_first_token"] is True and record["training_tokens"] == best.tokens
     assert record["architecture"] == best.arch and record["held_out"]["l0"] == best.metrics["l0"]
