@@ -39,7 +39,7 @@ def test_bench_steer_reports_paired_ratios(model_dir):
             assert len(figures["generate_seconds"]) == 2
             assert figures["decode_tokens_per_s"] > 0 and figures["generate_tokens_per_s"] > 0
             if name != "plain":
-                assert 0 < figures["ratio"] < 10 and 0 < figures["generate_ratio"] < 10
+                assert figures["ratio"] > 0 and figures["generate_ratio"] > 0
                 assert out["meets_targets"][key][name] == (figures["ratio"] >= out["targets"][name])
 
 
