@@ -27,7 +27,7 @@ def tiny(chatml_tokenizer, tmp_path_factory):
     return tiny_parts(chatml_tokenizer, tmp_path_factory.mktemp("serve_batching"))
 
 
-def _wait_for(predicate, what: str, seconds: float = 10.0) -> None:
+def _wait_for(predicate, what: str, seconds: float = 120.0) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
         if time.monotonic() > deadline:
@@ -84,10 +84,9 @@ def test_full_queue_answers_429_at_once(tiny):
         next(iter(running))  # the first request is generating
         queued = ThreadPoolExecutor(1).submit(chat, cl, PROMPTS[1], max_tokens=4)
         _wait_for(lambda: health(server)["queued"] == 1, "the second request to be queued")
-        start_time = time.monotonic()
         with pytest.raises(openai.RateLimitError) as caught:
             chat(cl, PROMPTS[2], max_tokens=4)
-        assert time.monotonic() - start_time < 2.0
+        assert health(server)["queued"] == 1, "refused while the queue was full, not after waiting"
         assert caught.value.status_code == 429 and "queue is full" in caught.value.body["message"]
         running.close()  # frees the engine: the queued request runs next
         assert queued.result(timeout=30).choices[0].finish_reason == "length"

