@@ -33,6 +33,8 @@ from train.sequences import bucket_batches, fast_sequences
 ANSI_HIGHLIGHT = "\033[1;31m"
 ANSI_RESET = "\033[0m"
 
+ANCHOR_TOKEN = "<|im_start|>"  # the special token whose top feature steering experiments add (App. F)
+
 
 @dataclass
 class FeatureStat:
@@ -257,3 +259,53 @@ def _harvest(
             for index, resid in zip(batch.indices, harvester.per_sequence(batch), strict=True):
                 yield index, sequences[index], resid
             bar.update(batch.n_tokens)
+
+
+def special_residual_norm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layer: int,
+    conversations: list[list[dict[str, str]]],
+    token_budget: int = 8192,
+) -> float:
+    """Median L2 norm of the layer-`layer` residual at special positions (position 0 left out)."""
+    from train.harvest import Harvester
+    from train.sequences import bucket_batches, fast_sequences
+
+    specials = resolve_special_tokens(tokenizer)
+    harvester = Harvester(model, layer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    norms: list[torch.Tensor] = []
+    sequences = fast_sequences(conversations, tokenizer, max_len=2048)
+    for batch in bucket_batches(sequences, token_budget, pad_id, seed=0):
+        for row, resid in enumerate(harvester.per_sequence(batch)):
+            ids = batch.input_ids[row, : batch.lengths[row]]
+            mask = specials.mask(ids)
+            mask[0] = False
+            norms.append(resid[mask].norm(dim=-1))
+    values = torch.cat(norms) if norms else torch.empty(0)
+    if values.numel() == 0:
+        raise ValueError("no special-token positions (besides position 0) in the conversations given")
+    return float(values.median())
+
+
+def top_anchor_feature(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sae: SAE,
+    layer: int,
+    conversations: list[list[dict[str, str]]],
+    progress: bool = True,
+) -> tuple[int, float]:
+    """The SAE feature with the largest mean max activation on `<|im_start|>` (App. F), and that value."""
+    from train.features import discover_features
+
+    report = discover_features(model, tokenizer, sae, layer, conversations, top_k=5, progress=progress)
+    top = report.top(ANCHOR_TOKEN)
+    if not top:
+        raise ValueError(
+            f"no feature of the SAE fires on {ANCHOR_TOKEN} outside position 0 in the {len(conversations)} "
+            "conversations given (it reconstructs those positions from b_dec alone); steer with another SAE "
+            "(--sae, e.g. the jumprelu one of the same run) or name a feature (--feature K)"
+        )
+    return top[0].feature, top[0].mean_max_activation

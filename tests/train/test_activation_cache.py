@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from apps.cli import main
+from tests.apps.cli.test_train import tiny_setup  # noqa: F401 - the module's fixture
 from tests.conftest import build_tiny_model, read_conversations
 from tests.train.kill import kill_after_first_checkpoint
 from tests.train.streams import stream_run
-from tests.train.test_cli_train import tiny_setup  # noqa: F401 - the module's fixture
 from train.activation_cache import CachedActivationStream, write_cache
 from train.activations import ActivationStream
 from train.data import Corpus

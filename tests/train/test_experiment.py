@@ -206,7 +206,7 @@ def test_reproduce_variants_grid_frontier_and_gsnr(tmp_path, tiny):
     assert len(fixed_no_first) == 2 and steering_sae(cfg.out, "fast") == Path(best.sae_dir)
 
     # docs/results.md is rendered from the copied results.json alone
-    from apps.results_doc import write_doc
+    from apps.evaluation.results_doc import write_doc
 
     doc = write_doc(cfg.out, None, tmp_path / "docs" / "results.md")
     text = doc.read_text()
@@ -224,7 +224,7 @@ def test_reproduce_variants_grid_frontier_and_gsnr(tmp_path, tiny):
     assert write_doc(doc.parent / "results", None, doc).read_text() == text
 
     # what the steer-eval records of the SAE it steers: training, held-out metrics, the training command
-    from apps.steer_eval.provenance import sae_provenance
+    from apps.evaluation.steer_eval.provenance import sae_provenance
     from hub.sae_io import load_sae
 
     folder = steering_sae(cfg.out, "fast")

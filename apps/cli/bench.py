@@ -1,0 +1,148 @@
+"""`fast-steer bench ...`: speed benchmarks that print JSON. Parts register themselves on `bench_group`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from apps.bench import eval as eval_bench
+from apps.bench import serve as serve_bench
+from apps.bench import steer as steer_bench
+from apps.bench import train as train_bench
+from apps.cli.options import device_option
+
+
+@click.group("bench")
+def bench_group() -> None:
+    """Speed benchmarks (JSON on stdout; ratios measured within one run)."""
+
+
+@bench_group.command("all")
+@click.pass_context
+def bench_all(ctx: click.Context) -> None:
+    """Run every benchmark part with its defaults, one after the other."""
+    for name, command in sorted(bench_group.commands.items()):
+        if name != "all":
+            click.echo(f"# bench {name}", err=True)
+            ctx.invoke(command)
+
+
+@bench_group.command("steer")
+@click.option("--model", default="default", show_default=True, help="Model reference.")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--layer", type=int, help="Hooked layer (default: the middle layer).")
+@click.option("--d-sae", type=int, default=4608, show_default=True)
+@click.option("--topk", type=int, default=64, show_default=True, help="k of the TopK SAE (full-SAE case).")
+@click.option("--new-tokens", type=int, default=16, show_default=True)
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+def bench_steer_command(**options) -> None:
+    """Tokens/s of plain vs steered generate (JSON on stdout)."""
+    try:
+        options["batch_sizes"] = tuple(int(b) for b in options["batch_sizes"].split(","))
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {options['batch_sizes']!r}"
+        ) from exc
+    if options["repeats"] < 1 or min(options["batch_sizes"]) < 1:
+        raise click.BadParameter("--repeats and batch sizes must be positive")
+    if options["new_tokens"] < 2:
+        raise click.BadParameter("--new-tokens must be at least 2 (the first forward is the prefill)")
+    click.echo(json.dumps(steer_bench.run_bench(steer_bench.BenchConfig(**options)), indent=2))
+
+
+@bench_group.command("serve")
+@click.option("--model", default="default", show_default=True, help="Model reference.")
+@click.option("--dtype", default="float32", show_default=True)
+@device_option
+@click.option("--layer", type=int, help="Steered layer (default: the middle layer).")
+@click.option("--d-sae", type=click.IntRange(1), default=4608, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True, help="Per request.")
+@click.option("--requests-per-client", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated client counts.")
+@click.option("--window-ms", type=click.FloatRange(0), default=10.0, show_default=True, help="Batch window.")
+def bench_serve_command(**options) -> None:
+    """Tokens/s and latency of the server, mixed steered/plain vs plain, batched vs one at a time (JSON)."""
+    try:
+        options["concurrency"] = tuple(int(c) for c in options["concurrency"].split(","))
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {options['concurrency']!r}"
+        ) from exc
+    if min(options["concurrency"]) < 1:
+        raise click.BadParameter("client counts must be positive", param_hint="--concurrency")
+    click.echo(json.dumps(serve_bench.run_bench(serve_bench.BenchServeConfig(**options)), indent=2))
+
+
+@bench_group.command("train")
+@click.option("--model", "model_ref", default="default", show_default=True)
+@click.option("--data", multiple=True, default=("../shared/data/chat",), show_default=True)
+@click.option("--layer", type=int, default=15, show_default=True)
+@click.option("--expansion", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=1024, show_default=True)
+@click.option("--tokens", type=int, default=16384, show_default=True, help="Tokens trained end to end.")
+@click.option(
+    "--buffer-tokens", type=int, default=4096, show_default=True, help="Mixing buffer (small: short runs)."
+)
+@click.option("--repeats", type=int, default=2, show_default=True)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32).",
+)
+@click.option("--autocast", is_flag=True, help="bf16 autocast for the SAE step (and SAELens).")
+@device_option
+@click.option("--vs-saelens", is_flag=True, help="Also train with SAELens 6.54 (.venv-saelens) and compare.")
+def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_tokens, repeats, dtype, autocast,
+                device, vs_saelens) -> None:  # fmt: skip
+    """Harvesting and end-to-end training throughput vs. the sequential limit (JSON)."""
+    if min(batch_size, tokens, buffer_tokens, repeats) < 1:
+        raise click.BadParameter("--batch-size, --tokens, --buffer-tokens and --repeats must be positive")
+    try:
+        out = train_bench.run_bench(model_ref, list(data), layer, expansion, batch_size, tokens, buffer_tokens, repeats,
+                        autocast, dtype, device)  # fmt: skip
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if vs_saelens:
+        from hub import load_model
+
+        model_dir = Path(load_model(model_ref).source)
+        sl = train_bench.run_saelens(model_dir, list(data), layer, expansion, batch_size, tokens, autocast)
+        out["saelens"] = sl
+        # both whole runs (start-up included), same model, layer, SAE, batch and token budget
+        out["end_to_end_over_saelens"] = out["end_to_end_tokens_per_s"] / sl["tokens_per_s"]
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+@bench_group.command("eval")
+@click.option("--model", "model_ref", default="default", show_default=True, help="Model reference.")
+@device_option
+@click.option("--dtype", default="float32", show_default=True, help="Model dtype (auto: bfloat16 on CUDA).")
+@click.option("--data", multiple=True, default=("../shared/data/chat",), show_default=True)
+@click.option("--layer", type=int, help="Layer the SAE reads (default: the middle layer).")
+@click.option("--conversations", type=int, default=48, show_default=True, help="Conversations evaluated.")
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--expansion", type=int, default=8, show_default=True, help="Random SAE width / model width.")
+def bench_eval(model_ref, device, dtype, data, layer, conversations, repeats, expansion) -> None:
+    """Evaluation tokens/s (with the delta LM loss) vs two bare full forwards (JSON)."""
+    if min(conversations, repeats, expansion) < 1:
+        raise click.BadParameter("--conversations, --repeats and --expansion must be positive")
+    try:
+        out = eval_bench.run_bench(
+            model_ref, device, dtype, list(data), layer, conversations, repeats, expansion
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(bench_group)

@@ -1,0 +1,224 @@
+"""`fast-steer demo` (the Gradio app) and `fast-steer run` (the main job: train or reuse an SAE, evaluate
+it, discover its features, open the demo with them preselected)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from apps.cli.options import device_option, model_option
+
+DEFAULT_PORT = 7860
+
+
+def _serve_options(fn):
+    fn = click.option(
+        "--host",
+        default="127.0.0.1",
+        show_default=True,
+        help="Address to bind. Anything but 127.0.0.1 exposes the model to your network.",
+    )(fn)
+    fn = click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")(
+        fn
+    )
+    fn = click.option(
+        "--max-new-tokens",
+        type=click.IntRange(1, 4096),
+        default=256,
+        show_default=True,
+        help="Most new tokens a reply may ask for.",
+    )(fn)
+    fn = click.option(
+        "--max-prompt-tokens",
+        type=click.IntRange(16, 65536),
+        default=2048,
+        show_default=True,
+        help="Longest conversation (in tokens) the page accepts.",
+    )(fn)
+    return fn
+
+
+def _limits(max_new_tokens: int, max_prompt_tokens: int):
+    from apps.demo import DemoLimits
+
+    return DemoLimits(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+
+
+def _start(backend, host: str, port: int) -> None:
+    from apps.demo import build_app, launch_app
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: binding {host}: anyone who can reach this address can use the model", err=True)
+    click.echo(f"demo on http://{host}:{port} (Ctrl+C stops it)")
+    launch_app(build_app(backend), backend, host=host, port=port)
+
+
+@click.command("demo")
+@model_option
+@device_option
+@click.option(
+    "--sae",
+    "sae_args",
+    multiple=True,
+    required=True,
+    metavar="DIR|REPO:ID",
+    help="SAE folder, or Hub repo and sub-folder; repeat for several.",
+)
+@click.option(
+    "--data",
+    default=None,
+    help="Chat data for feature discovery and contexts (default: the shared chat data).",
+)
+@click.option(
+    "--conversations",
+    type=click.IntRange(1, 1000),
+    default=32,
+    show_default=True,
+    help="Held-out conversations used for feature discovery.",
+)
+@click.option(
+    "--feature", "features", type=int, multiple=True, help="Preselect an `add` edit of this feature."
+)
+@click.option(
+    "--strength", type=float, default=None, help="Strength of preselected edits (default: the residual norm)."
+)
+@_serve_options
+def demo_command(
+    model_ref,
+    device,
+    sae_args,
+    data,
+    conversations,
+    features,
+    strength,
+    host,
+    port,
+    max_new_tokens,
+    max_prompt_tokens,
+) -> None:
+    """Chat with a model plain and steered through SAE features, side by side, in the browser."""
+    from apps.demo import DemoBackend, EditRow
+    from apps.demo.loading import discover, load_demo_sae
+    from apps.jobs.main_job import resolve_data, spread
+    from hub import ModelResolutionError, load_model
+    from steer.spec import parse_sae_ref
+    from train.data import load_conversations
+
+    try:
+        refs = [parse_sae_ref(arg) for arg in sae_args]
+        model, tok = load_model(model_ref, device=device)
+        saes = [load_demo_sae(ref, model) for ref in refs]
+        source = resolve_data(data)
+        sample = spread(load_conversations(source, split="held_out").items, conversations)
+        for s in saes:
+            click.echo(f"discovering special-token features of {s.name} on {len(sample)} conversations")
+            s.top_features = discover(model, tok, s, sample)
+        backend = DemoBackend(
+            model,
+            tok,
+            saes,
+            model_ref=model_ref,
+            limits=_limits(max_new_tokens, max_prompt_tokens),
+            sample_conversations=sample[:16],
+        )
+        if features:
+            value = strength if strength is not None else round(backend.default_sae.residual_norm, 1)
+            backend.preselect = backend.check_rows(
+                None, [EditRow(k, "add", value, "special") for k in features]
+            )
+    except (ModelResolutionError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _start(backend, host, port)
+
+
+@click.command("run")
+@model_option
+@device_option
+@click.option("--data", default=None, help="Chat data (default: ../shared/data/chat, else a Hub dataset).")
+@click.option(
+    "--layer",
+    type=click.IntRange(0),
+    default=15,
+    show_default=True,
+    help="Decoder block whose output the SAE reads.",
+)
+@click.option("--tokens", type=click.IntRange(1), default=400_000, show_default=True, help="Training tokens.")
+@click.option("--arch", type=click.Choice(["standard", "jumprelu"]), default="jumprelu", show_default=True)
+@click.option("--expansion", type=click.IntRange(1), default=8, show_default=True, help="d_sae / d_model.")
+@click.option(
+    "--batch-size", type=click.IntRange(1), default=1024, show_default=True, help="Tokens per step."
+)
+@click.option(
+    "--conversations",
+    type=click.IntRange(1, 1000),
+    default=48,
+    show_default=True,
+    help="Held-out conversations for evaluation and for feature discovery.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the SAE, its evaluation and features are kept (default: <fast-steer cache>/main-job).",
+)
+@click.option(
+    "--keep-first-token",
+    is_flag=True,
+    help="Train on the first token too (the paper's default; its norm is ~100x the rest on SmolLM2).",
+)
+@click.option("--demo/--no-demo", default=True, show_default=True, help="Open the demo at the end.")
+@_serve_options
+def run_command(
+    model_ref,
+    device,
+    data,
+    layer,
+    tokens,
+    arch,
+    expansion,
+    batch_size,
+    conversations,
+    cache_dir,
+    keep_first_token,
+    demo,
+    host,
+    port,
+    max_new_tokens,
+    max_prompt_tokens,
+) -> None:
+    """The main job: train (or reuse) a FAST SAE, evaluate it, find its special-token features, open the demo."""
+    from apps.jobs.main_job import MainJobConfig, build_main_backend, run_main_job
+    from hub import ModelResolutionError
+
+    try:
+        cfg = MainJobConfig(
+            model=model_ref,
+            device=device,
+            data=data,
+            layer=layer,
+            tokens=tokens,
+            arch=arch,
+            expansion=expansion,
+            batch_size=batch_size,
+            exclude_first_token=not keep_first_token,
+            eval_conversations=conversations,
+            feature_conversations=conversations,
+            cache=cache_dir,
+        )
+        job, demo_sae, sample = run_main_job(cfg)
+        click.echo(
+            f"[5/5] done in {job.seconds:.0f} s; SAE at {job.sae_dir}"
+            + (" (reused)" if job.reused_sae else "")
+        )
+        if not demo:
+            return
+        backend = build_main_backend(cfg, demo_sae, sample, _limits(max_new_tokens, max_prompt_tokens))
+    except (ModelResolutionError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _start(backend, host, port)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(demo_command)
+    group.add_command(run_command)

@@ -1,0 +1,123 @@
+"""`fast-steer serve`: an OpenAI-compatible chat server that steers each request by its own SAE spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from apps.cli.options import device_option, model_option
+
+DEFAULT_PORT = 8000
+
+
+@click.command("serve")
+@model_option
+@click.option(
+    "--sae",
+    "sae_args",
+    multiple=True,
+    metavar="[NAME=]REF",
+    help="An SAE requests may use, by NAME (default: its folder name): a folder, owner/name or "
+    "owner/name:sub/folder. Repeat for several.",
+)
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Default spec (.json/.yaml) for requests without a `steering` field; its `sae` is a NAME or a reference.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind. Any other than loopback needs --api-key.",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option(
+    "--api-key",
+    envvar="FAST_STEER_API_KEY",
+    default=None,
+    help="Serve only requests with 'Authorization: Bearer KEY' [env FAST_STEER_API_KEY].",
+)
+@click.option(
+    "--served-model-name", default=None, help="The model id clients send [default: the model's name]."
+)
+@device_option
+@click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16 | auto")
+@click.option(
+    "--max-batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Rows per batch."
+)
+@click.option(
+    "--batch-window-ms",
+    type=click.FloatRange(0, 1000),
+    default=10.0,
+    show_default=True,
+    help="How long a batch waits for more requests after the first.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Waiting requests; more get 429.",
+)
+@click.option("--max-prompt-tokens", type=click.IntRange(1), default=2048, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
+def serve_command(
+    model_ref: str,
+    sae_args: tuple[str, ...],
+    spec_path: Path | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    served_model_name: str | None,
+    device: str,
+    dtype: str,
+    max_batch: int,
+    batch_window_ms: float,
+    max_queue: int,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+) -> None:
+    """Serve the OpenAI chat API (/v1/chat/completions, /v1/completions, ...) with per-request SAE steering."""
+    from apps.serve.auth import check_bind
+    from apps.serve.errors import APIError
+    from apps.serve.loading import default_steering, load_named_saes
+    from apps.serve.schemas import Limits
+    from apps.serve.server import make_service, serve
+    from hub import ModelResolutionError, load_model
+    from steer import SpecError
+
+    try:
+        check_bind(host, api_key)
+        limits = Limits(max_prompt_tokens, max_new_tokens, max_batch, max_queue)
+        loaded = load_model(model_ref, dtype=dtype, device=device)
+        d_model = loaded.model.config.get_text_config().hidden_size
+        saes = load_named_saes(list(sae_args), loaded.model.device, d_model)
+        default = default_steering(spec_path, saes, loaded.model.device, d_model) if spec_path else None
+        name = served_model_name or (Path(loaded.source).name if model_ref == "default" else model_ref)
+        service = make_service(
+            loaded.model,
+            loaded.tokenizer,
+            saes,
+            model_name=name,
+            limits=limits,
+            window=batch_window_ms / 1000,
+            api_key=api_key,
+            default_steering=default,
+        )
+    except APIError as exc:
+        raise click.ClickException(f"--spec {spec_path}: {exc.message}") from exc
+    except (ModelResolutionError, SpecError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for s in saes:
+        click.echo(f"SAE {s.name}: layer {s.sae.layer}, {s.sae.d_in}x{s.sae.d_sae} {s.sae.cfg.architecture}")
+    click.echo(
+        f"serving {name!r} on http://{host}:{port}/v1 (default steering: {service.steering.describe_default()})"
+    )
+    serve(service, host, port)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(serve_command)

@@ -1,0 +1,293 @@
+"""`fast-steer train` (one or a sweep of SAEs on one activation stream) and `fast-steer harvest` (write
+activations to disk once, train from them many times). Both map their options onto one `RunConfig`
+(`run_config_from_options`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+
+import click
+
+from apps.cli.options import device_option, model_option
+
+_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
+
+
+def parse_tokens(text: str) -> int:
+    """`40960000`, `40.96M`, `200k` -> int."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*", str(text))
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a token count (e.g. 500000, 200k, 40.96M)")
+    return int(round(float(match.group(1)) * _SUFFIX[match.group(2).lower()]))
+
+
+class _Tokens(click.ParamType):
+    name = "TOKENS"
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, int) else parse_tokens(value)
+
+
+def sweep_specs(archs, expansions, coefficients, ks, bandwidth, init_threshold):
+    """The SAE specs of a sweep: arch x expansion x (coefficient, or k for topk)."""
+    from train.config import SAETrainSpec
+
+    specs = []
+    for arch, expansion in itertools.product(archs, expansions):
+        if arch == "topk":
+            if not ks:
+                raise click.UsageError("--arch topk needs --k (one or more values)")
+            specs += [SAETrainSpec(arch="topk", expansion=expansion, k=k) for k in ks]
+        else:
+            specs += [
+                SAETrainSpec(
+                    arch=arch,
+                    expansion=expansion,
+                    sparsity_coefficient=c,
+                    jumprelu_bandwidth=bandwidth,
+                    jumprelu_init_threshold=init_threshold,
+                )
+                for c in (coefficients or [None])
+            ]
+    return specs
+
+
+def _dist_context(device: str):
+    from train.distributed import DistContext
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate / torchrun
+        return DistContext.from_accelerate(cpu=device == "cpu")
+    return DistContext.current(device)
+
+
+def stream_options(fn):
+    """The model, data and stream options shared by `train` and `harvest`."""
+    options = [
+        model_option,
+        device_option,
+        click.option("--data", multiple=True, type=click.Path(), help="Conversation files/folders (repeatable)."),
+        click.option("--pretrain-data", multiple=True, type=click.Path(), help="Pretraining text files/folders (bt-p)."),
+        click.option("--layer", type=int, help="Residual stream after decoder block L (0-indexed)."),
+        click.option("--method", type=click.Choice(["fast", "bt-f", "bt-p"]), default="fast", show_default=True),
+        click.option("--dtype", "model_dtype", default="auto", show_default=True,
+                     help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32)."),
+        click.option("--buffer-tokens", type=int, default=65536, show_default=True, help="Mixing buffer size."),
+        click.option("--token-budget", type=int, default=8192, show_default=True, help="Padded tokens per forward."),
+        click.option("--max-len", type=int, help="FAST truncation per conversation.  [default: 8192 or the model's context]"),
+        click.option("--block-len", type=int, default=2048, show_default=True, help="BT block length."),
+        click.option("--exclude-first-token", is_flag=True, help="Drop position 0 (its norm is ~100x on SmolLM2)."),
+        click.option("--max-norm-multiple", type=float, help="Drop activations above this multiple of the median norm."),
+        click.option("--held-out-fraction", type=float, default=0.05, show_default=True),
+        click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the data order and buffer."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def run_config_from_options(opts: dict, training, activations: str | None = None):
+    """The `RunConfig` of a command's options (the one place where options become settings)."""
+    from train.run_config import DataConfig, RunConfig, StreamSettings
+
+    layer = opts["layer"]
+    if activations is not None:
+        from train.activation_cache import read_manifest
+
+        harvested = read_manifest(activations)["run"]
+        layer = harvested["layer"] if layer is None else layer
+        opts = {**opts, "model_ref": harvested["model"], "method": harvested["data"]["method"]}
+    if layer is None:
+        raise click.UsageError("--layer is required (or --activations DIR, which knows its layer)")
+    return RunConfig(
+        layer=layer,
+        training=training,
+        model=opts["model_ref"],
+        device=opts["device"],
+        model_dtype=opts["model_dtype"],
+        data=DataConfig(
+            method=opts["method"],
+            chat=list(opts["data"]),
+            pretrain=list(opts["pretrain_data"]),
+            held_out_fraction=opts["held_out_fraction"],
+            seed=opts["data_seed"],
+            activations=activations,
+        ),
+        stream=StreamSettings(
+            buffer_tokens=opts["buffer_tokens"],
+            token_budget=opts["token_budget"],
+            max_len=opts["max_len"],
+            block_len=opts["block_len"],
+            exclude_first_token=opts["exclude_first_token"],
+            max_norm_multiple=opts["max_norm_multiple"],
+            max_epochs=opts.get("epochs"),
+        ),
+    )
+
+
+@click.command("train")
+@stream_options
+@click.option(
+    "--activations",
+    type=click.Path(exists=True, file_okay=False),
+    help="Train from a `fast-steer harvest` folder instead of running the model.",
+)
+@click.option(
+    "--epochs",
+    type=int,
+    help="Stop after this many passes over the data.  [default: as many as --tokens needs]",
+)
+@click.option(
+    "--arch",
+    "archs",
+    multiple=True,
+    type=click.Choice(["standard", "jumprelu", "topk"]),
+    help="SAE architecture(s); several values sweep SAEs on one stream.  [default: standard]",
+)
+@click.option(
+    "--expansion", "expansions", multiple=True, type=int, help="d_sae / d_in (repeatable).  [default: 8]"
+)
+@click.option(
+    "--l1",
+    "coefficients",
+    multiple=True,
+    type=float,
+    help="Sparsity coefficient(s): L1 for standard, L0 for jumprelu.  [default: the preset's]",
+)
+@click.option("--k", "ks", multiple=True, type=int, help="k of topk SAEs (repeatable).")
+@click.option("--tokens", type=_Tokens(), help="Training tokens (e.g. 2M).  [default: the preset's]")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (required unless --dry-run)."
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["default", "paper"]),
+    default="default",
+    show_default=True,
+    help="paper: App. C of arXiv 2506.07691, value for value; default: a useful SAE on a CPU in minutes.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the resolved run config as JSON and exit.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint in --out.")
+@click.option("--batch-size", type=int, help="Tokens per optimiser step.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--lr-end", type=float, help="Learning-rate floor of the cosine decay.")
+@click.option("--seed", type=int, help="Seed of the SAE initialisation.")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0: none).")
+@click.option("--log-every", type=int, help="Steps between JSONL log lines.")
+@click.option(
+    "--gsnr-every", type=int, help="Steps between gradient signal-to-noise logs (a multiple of --log-every)."
+)
+@click.option("--autocast/--no-autocast", default=None, help="bf16 autocast for the SAE step.")
+@click.option(
+    "--jumprelu-bandwidth", type=float, help="STE bandwidth.  [default: the preset's: 0.1, paper 0.001]"
+)
+@click.option(
+    "--jumprelu-init-threshold",
+    type=float,
+    help="Initial threshold.  [default: the preset's: 0.5, paper 0.001]",
+)
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write training-curve PNGs here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_command(activations, archs, expansions, coefficients, ks, tokens, out_dir, preset, dry_run, resume,
+                  batch_size, lr, lr_end, seed, checkpoint_every, log_every, gsnr_every, autocast, jumprelu_bandwidth,
+                  jumprelu_init_threshold, plot_dir, quiet, **opts) -> None:  # fmt: skip
+    """Train SAEs on the residual stream of a chat model (FAST by default) and write SAELens folders."""
+    from train.config import preset_config
+    from train.pipeline import train
+    from train.plots import plot_training
+    from train.trainer import LOG_FILE
+
+    try:
+        specs = sweep_specs(archs or ("standard",), expansions or (8,), coefficients, ks,
+                            jumprelu_bandwidth, jumprelu_init_threshold)  # fmt: skip
+        training = preset_config(preset, saes=specs, total_tokens=tokens, batch_size=batch_size, lr=lr,
+                                 lr_end=lr_end, seed=seed, checkpoint_every=checkpoint_every,
+                                 log_every=log_every, gsnr_every=gsnr_every, autocast=autocast)  # fmt: skip
+        cfg = run_config_from_options(opts, training, activations)
+        if dry_run:
+            click.echo(json.dumps(dry_run_report(cfg), indent=2))
+            return
+        if not out_dir:
+            raise click.UsageError("--out is required (unless --dry-run)")
+        dist = _dist_context(cfg.device)
+        result = train(cfg, out_dir, resume=resume, progress=not quiet, dist=dist)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not dist.is_main:
+        return
+    if plot_dir:
+        plot_training(Path(out_dir) / LOG_FILE, plot_dir)
+    click.echo(json.dumps({
+        "sae_dirs": [str(p) for p in result.sae_dirs],
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "peak_memory_mib": round(result.peak_memory_mib, 1),
+        "resumed_from_step": result.resumed_from_step,
+        "final_metrics": result.final_metrics,
+    }, indent=2))  # fmt: skip
+
+
+def dry_run_report(cfg) -> dict:
+    """The resolved run config, with the step counts its fractions resolve to and the initialisation."""
+    return {
+        **cfg.to_dict(),
+        "schedule": cfg.training.schedule(),
+        "initialisation": {
+            "b_dec": f"geometric median of the first {cfg.init_tokens} tokens (half the mixing buffer)",
+            "W_dec": "Kaiming-uniform, rows at unit norm",
+            "W_enc": "Kaiming-uniform, independent of W_dec"
+            if cfg.training.encoder_init == "kaiming"
+            else "W_dec transposed",
+            "activations": "raw (not normalised)"
+            if cfg.training.normalize_activations == "none"
+            else f"scaled to mean norm sqrt(d_in), factor estimated on those {cfg.init_tokens} tokens",
+        },
+    }
+
+
+@click.command("harvest")
+@stream_options
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Cache folder (outside the repo): shards + harvest.json.",
+)
+@click.option("--tokens", type=_Tokens(), help="Stop after this many real tokens.  [default: one whole pass]")
+@click.option(
+    "--cache-dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype the activations are stored in.",
+)
+@click.option(
+    "--shard-tokens", type=_Tokens(), default="256k", show_default=True, help="Tokens per shard file."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def harvest_command(out_dir, tokens, cache_dtype, shard_tokens, quiet, **opts) -> None:
+    """Harvest residual activations once (with token ids, sequences and positions) for `train --activations`."""
+    from train.activation_cache import write_cache
+    from train.config import TrainConfig
+    from train.pipeline import open_stream
+
+    try:
+        # the batch size only sizes the mixing buffer check; harvesting does not mix
+        cfg = run_config_from_options(opts, TrainConfig(total_tokens=1, batch_size=1))
+        stream, source = open_stream(cfg, _dist_context(cfg.device))
+        manifest = write_cache(stream, out_dir, model_source=source, dtype=cache_dtype, max_tokens=tokens,
+                               shard_tokens=shard_tokens, progress=not quiet)  # fmt: skip
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"out": out_dir, "tokens": manifest["tokens"], "shards": len(manifest["shards"]),
+                           "sequences": manifest["stats"]["sequences"], "dtype": cache_dtype}, indent=2))  # fmt: skip
+
+
+def register(group: click.Group) -> None:
+    group.add_command(train_command)
+    group.add_command(harvest_command)

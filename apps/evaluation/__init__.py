@@ -1,0 +1,1 @@
+"""Evaluating steering: lm-eval adapter and tasks, the strength sweep, steer-eval and the results page."""

@@ -1,0 +1,1 @@
+"""Whole jobs that chain capabilities: `fast-steer run` (the main job)."""

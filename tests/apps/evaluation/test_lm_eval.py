@@ -1,0 +1,231 @@
+"""lm-eval through the `fast-steer` adapter on local MMLU / GSM8K items, and `fast-steer lm-eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from apps.cli import main
+from apps.evaluation.lm_eval.model import FastSteerLM
+from apps.evaluation.lm_eval.tasks import materialize_tasks
+from hub.sae_io import save_sae
+from steer import Intervention, SAEConfig, build_sae
+from tests.conftest import EVAL_DATA, build_tiny_model
+
+MMLU_TASK = "mmlu_local_abstract_algebra"
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def local_tasks(tmp_path_factory):
+    local = materialize_tasks(EVAL_DATA, tmp_path_factory.mktemp("tasks"))
+    return local, TaskManager(include_path=str(local.include_path), include_defaults=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(chatml_tokenizer, tmp_path_factory):
+    """A saved tiny Llama, an SAE folder for its layer 1 and a strong `add` spec file pointing at it."""
+    root = tmp_path_factory.mktemp("tiny_lm_eval")
+    model = build_tiny_model("llama", len(chatml_tokenizer))
+    model.save_pretrained(root / "model")
+    chatml_tokenizer.save_pretrained(root / "model")
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="standard", d_in=model.config.hidden_size, d_sae=16))
+    save_sae(sae, root / "sae")
+    spec = {
+        "layer": LAYER,
+        "sae": str(root / "sae"),
+        "edits": [{"feature": 3, "op": "add", "strength": 30.0}],
+    }
+    (root / "spec.json").write_text(json.dumps(spec))
+    return model, chatml_tokenizer, sae, root
+
+
+def _loglikelihoods(lm, task_manager) -> list[float]:
+    """Per-choice loglikelihoods of the first 5 items of MMLU abstract algebra, chat template applied."""
+    results = simple_evaluate(
+        model=lm, tasks=[MMLU_TASK], limit=5, task_manager=task_manager, apply_chat_template=True
+    )
+    return [resp[0][0] for s in results["samples"][MMLU_TASK] for resp in s["resps"]]
+
+
+def _generations(lm, task_manager) -> list[str]:
+    results = simple_evaluate(
+        model=lm,
+        tasks=["gsm8k_local"],
+        limit=2,
+        num_fewshot=0,
+        task_manager=task_manager,
+        apply_chat_template=True,
+        gen_kwargs={"max_gen_toks": 6},
+    )
+    return [s["resps"][0][0] for s in results["samples"]["gsm8k_local"]]
+
+
+def test_local_tasks_materialize(local_tasks, tmp_path):
+    local, tm = local_tasks
+    with open(EVAL_DATA / "mmlu_test.jsonl", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    subjects = {row["subject"] for row in rows}
+    local_names = {"gsm8k_local", "ifeval_local", "arc_easy_local"}
+    assert len(subjects) == 57 and set(local.tasks) == {f"mmlu_local_{s}" for s in subjects} | local_names
+    assert local.groups == ["mmlu_local"]
+    assert str(EVAL_DATA.resolve()) in (local.include_path / "_mmlu_local_template_yaml").read_text()
+    tasks = tm.load([MMLU_TASK, "gsm8k_local"])["tasks"]
+    algebra = [row for row in rows if row["subject"] == "abstract_algebra"]
+    docs = list(tasks[MMLU_TASK].test_docs())
+    assert len(docs) == len(algebra) and docs[0]["question"] == algebra[0]["question"]
+    assert {d["subject"] for d in tasks[MMLU_TASK].fewshot_docs()} == {"abstract_algebra"}
+    assert len(tasks["gsm8k_local"].test_docs()) == 1319
+    with pytest.raises(FileNotFoundError, match="no benchmark files"):
+        materialize_tasks(tmp_path, tmp_path / "out")
+
+
+def test_adapter_plain_empty_and_strong_spec(tiny, local_tasks):
+    model, tok, sae, _ = tiny
+    _, tm = local_tasks
+    stock = _loglikelihoods(HFLM(pretrained=model, tokenizer=tok, batch_size=4), tm)
+    plain = FastSteerLM(pretrained=model, tokenizer=tok, batch_size=4)
+    assert _loglikelihoods(plain, tm) == stock
+    empty = Intervention(layer=LAYER, sae=sae, edits=[])
+    assert (
+        _loglikelihoods(FastSteerLM(pretrained=model, tokenizer=tok, spec=empty, batch_size=4), tm) == stock
+    )
+    strong = Intervention(layer=LAYER, sae=sae, edits=[{"feature": 3, "op": "add", "strength": 30.0}])
+    steered_lm = FastSteerLM(pretrained=model, tokenizer=tok, spec=strong, batch_size=4)
+    steered = _loglikelihoods(steered_lm, tm)
+    assert len(steered) == len(stock) == 20
+    assert max(abs(a - b) for a, b in zip(steered, stock, strict=True)) > 1e-3
+    with steered_lm.steering_disabled():
+        assert _loglikelihoods(steered_lm, tm) == stock
+    # Generation requests are steered too (the prompt's chat-template tokens and every generated token).
+    assert _generations(steered_lm, tm) != _generations(plain, tm)
+    with steered_lm.steering_disabled():
+        assert _generations(steered_lm, tm) == _generations(plain, tm)
+
+
+def test_generated_positions_under_lm_eval_with_and_without_cache(tiny, local_tasks):
+    """HFLM calls `model.generate` itself: the runtime finds the prompt boundary, cached or recomputed."""
+    model, tok, sae, _ = tiny
+    _, tm = local_tasks
+    spec = Intervention(
+        layer=LAYER, sae=sae, edits=[{"feature": 3, "op": "add", "strength": 30.0}], positions="generated"
+    )
+    plain = _generations(FastSteerLM(pretrained=model, tokenizer=tok, batch_size=2), tm)
+    cached = _generations(FastSteerLM(pretrained=model, tokenizer=tok, spec=spec, batch_size=2), tm)
+    recomputed_lm = FastSteerLM(pretrained=model, tokenizer=tok, spec=spec, batch_size=2, use_cache="false")
+    assert recomputed_lm.use_cache is False
+    assert _generations(recomputed_lm, tm) == cached
+    assert cached != plain, "generated positions are edited under lm-eval"
+    assert [c[:1] for c in cached] == [p[:1] for p in plain], "the prompt (and so the first token) is not"
+    with pytest.raises(ValueError, match="use_cache='maybe' must be true or false"):
+        FastSteerLM(pretrained=model, tokenizer=tok, use_cache="maybe")
+
+
+def test_adapter_model_args_errors(tiny):
+    _, _, _, root = tiny
+    with pytest.raises(ValueError, match="no spec=FILE"):
+        FastSteerLM.create_from_arg_string(f"pretrained={root / 'model'},sae={root / 'sae'}")
+    with pytest.raises(ValueError, match="does not exist"):
+        FastSteerLM.create_from_arg_string(f"pretrained={root / 'model'},spec={root / 'missing.json'}")
+    lm = FastSteerLM.create_from_arg_string(
+        f"pretrained={root / 'model'},spec={root / 'spec.json'}", {"device": "cpu"}
+    )
+    assert lm.steering_active and lm.specs[0].edits[0].strength == 30.0
+
+
+USER_TASK = """task: user_task
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{path}"
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def test_cli_hands_over_to_lm_eval(tiny, tmp_path):
+    """lm-eval's own CLI runs (default --model fast-steer), with the user's --include_path kept beside ours."""
+    _, _, _, root = tiny
+    user = tmp_path / "user_tasks"
+    user.mkdir()
+    (user / "user_task.yaml").write_text(USER_TASK.format(path=EVAL_DATA / "mmlu_val.jsonl"))
+    args = ["lm-eval", "--model_args", f"pretrained={root / 'model'}", "--tasks", f"{MMLU_TASK},user_task"]
+    args += [
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--include_path",
+        str(user),
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "fast-steer (" in result.output
+        and "abstract_algebra" in result.output
+        and "user_task" in result.output
+    )
+    saved = list((tmp_path / "out").rglob("results_*.json"))
+    assert len(saved) == 1
+    results = json.loads(saved[0].read_text())["results"]
+    assert results[MMLU_TASK]["sample_len"] == 2 and results["user_task"]["sample_len"] == 2
+
+
+def test_cli_compare_one_table(tiny, tmp_path):
+    _, _, _, root = tiny
+    out = tmp_path / "compare.json"
+    args = ["lm-eval", "--compare", "--model_args", f"pretrained={root / 'model'},spec={root / 'spec.json'}"]
+    args += ["--tasks", MMLU_TASK, "--limit", "3", "--apply_chat_template", "--device", "cpu"]
+    args += ["--log_samples", "--output_path", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "| Task " in line)
+    assert "Base" in header and "Steered" in header
+    assert any(line.startswith(f"| {MMLU_TASK}") and "| acc" in line for line in result.output.splitlines())
+    payload = json.loads(out.read_text())
+    assert payload["rows"][0]["task"] == MMLU_TASK and payload["rows"][0]["metric"] == "acc"
+    base = [s["resps"] for s in payload["base"]["samples"][MMLU_TASK]]
+    steered = [s["resps"] for s in payload["steered"]["samples"][MMLU_TASK]]
+    assert len(base) == 3 and base != steered
+
+    no_spec = ["lm-eval", "--compare", "--model_args", f"pretrained={root / 'model'}", "--tasks", MMLU_TASK]
+    result = CliRunner().invoke(main, [*no_spec, "--limit", "1", "--device", "cpu"])
+    assert result.exit_code != 0 and "needs a steering spec" in result.output
+    result = CliRunner().invoke(
+        main, ["lm-eval", "--eval-data", str(tmp_path / "nowhere"), "--tasks", MMLU_TASK]
+    )
+    assert result.exit_code != 0 and "nowhere" in result.output
+
+
+@pytest.mark.integration
+def test_default_model_spec_changes_mmlu_scores(local_tasks, tmp_path):
+    """SmolLM2 on 5 MMLU items: a strong special-token spec changes the loglikelihoods, an empty one does not."""
+    _, tm = local_tasks
+    torch.manual_seed(0)
+    save_sae(build_sae(SAEConfig(architecture="standard", d_in=576, d_sae=64)), tmp_path / "sae")
+    for name, edits in (("strong", [{"feature": 5, "op": "add", "strength": 60.0}]), ("empty", [])):
+        spec = {"layer": 10, "sae": str(tmp_path / "sae"), "edits": edits, "positions": "special"}
+        (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+    lm = FastSteerLM.create_from_arg_string(
+        f"pretrained=default,spec={tmp_path / 'strong.json'}", {"batch_size": 4}
+    )
+    steered = _loglikelihoods(lm, tm)
+    with lm.steering_disabled():
+        plain = _loglikelihoods(lm, tm)
+    lm.use_specs(str(tmp_path / "empty.json"))
+    assert _loglikelihoods(lm, tm) == plain
+    assert max(abs(a - b) for a, b in zip(steered, plain, strict=True)) > 1e-2
