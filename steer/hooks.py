@@ -32,6 +32,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from steer.errors import ConfigError
 from steer.placement import ForwardCall, Placement, SequenceTracker
 from steer.positions import SpecialTokens
 from steer.sae import SAE
@@ -53,7 +54,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; expected e.g. model.layers")
+    raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}; expected e.g. model.layers")
 
 
 # -- compiled edits ------------------------------------------------------------------------------
@@ -234,18 +235,27 @@ def base_module(model: nn.Module) -> nn.Module:
 
 
 class ModelHooks:
-    """The steering hooks of one model: installed while any context needs them, counted per layer."""
+    """The steering hooks of one model: installed while any context needs them, counted per layer.
+
+    Held weakly both ways: the registry is keyed weakly by the base module and the hooks keep only a weak
+    reference to it (the decoder layers are its children and never point back), so dropping the model frees it.
+    """
 
     _lock = threading.Lock()
     _by_model: weakref.WeakKeyDictionary[nn.Module, ModelHooks] = weakref.WeakKeyDictionary()
 
     def __init__(self, model: nn.Module) -> None:
-        self.base = base_module(model)
+        self._base = weakref.ref(base_module(model))
         self.layers = decoder_layers(model)
         self._pre_handle: torch.utils.hooks.RemovableHandle | None = None
         self._layer_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._users: Counter[int] = Counter()
         self._contexts = 0
+
+    @property
+    def base(self) -> nn.Module | None:
+        """The base module, or None once it has been freed."""
+        return self._base()
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelHooks:

@@ -33,8 +33,17 @@ from steer.spec import SpecError
 
 
 @cache
-def _signature(forward) -> inspect.Signature:
-    return inspect.signature(forward)
+def _class_signature(cls: type) -> inspect.Signature:
+    """The signature of `cls.forward` without `self`: cached per class, so no model is kept alive by it."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return inspect.Signature(params)
+
+
+def _signature(module: torch.nn.Module) -> inspect.Signature:
+    """The signature `module` is called with (an instance-level `forward`, e.g. a wrapper, is read uncached)."""
+    if "forward" in vars(module):
+        return inspect.signature(module.forward)
+    return _class_signature(type(module))
 
 
 def _legacy_cache_length(value) -> int | None:
@@ -67,7 +76,7 @@ class ForwardCall:
     def read(cls, module: torch.nn.Module, args: tuple, kwargs: dict) -> ForwardCall:
         bound = dict(kwargs)
         if args:  # positional arguments (GPT-2 takes the cache second): bind them to their names
-            signature = _signature(module.forward)
+            signature = _signature(module)
             bound = dict(signature.bind_partial(*args, **kwargs).arguments)
             for param in signature.parameters.values():
                 if param.kind is param.VAR_KEYWORD:
