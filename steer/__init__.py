@@ -1,5 +1,6 @@
 """The steering runtime: SAEs, intervention specs, hooks and the steered model."""
 
+from steer.errors import ConfigError, FastSteerError, MissingFileError, OutputExistsError
 from steer.positions import SpecialTokens, resolve_special_tokens
 from steer.sae import SAE, SAEConfig, build_sae
 from steer.spec import Edit, Intervention, SpecError, load_interventions
@@ -7,8 +8,12 @@ from steer.steered_model import SteeredModel
 
 __all__ = [
     "SAE",
+    "ConfigError",
     "Edit",
+    "FastSteerError",
     "Intervention",
+    "MissingFileError",
+    "OutputExistsError",
     "SAEConfig",
     "SpecError",
     "SpecialTokens",

@@ -8,6 +8,9 @@ iff its token is special, or it continues an unbroken run of role-name tokens ri
 special token. Because the rule only looks backwards, the mask of a whole sequence equals the
 mask produced chunk by chunk with the state carried over (`SpecialTokens.advance`, which the steering
 runtime runs across KV-cache steps).
+
+Also here, as the two token-position rules every consumer shares: `SINK_POSITION` / `without_sink` (position 0
+left out of residual statistics) and `pad_token_id` (which id pads a batch).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from steer.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
 _PLACEHOLDER = "Hello there"
@@ -143,7 +148,7 @@ def resolve_special_tokens(
     `extra`: further tokens (token strings or ids) to treat as special, e.g. `"Ċ"` or `198`.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise ConfigError(
             "the tokenizer has no chat_template; special-token positions are read from the chat template "
             "(use positions='all' or an explicit token list for base models)"
         )
@@ -161,7 +166,7 @@ def resolve_special_tokens(
                 roles.setdefault(role, seq)
     special_ids.update(token_ids(tokenizer, extra))
     if not special_ids:
-        raise ValueError("the chat template renders no special tokens; cannot resolve special positions")
+        raise ConfigError("the chat template renders no special tokens; cannot resolve special positions")
     marked = sorted(special_ids | {tok for seq in roles.values() for tok in seq})
     names = tuple(zip(marked, tokenizer.convert_ids_to_tokens(marked), strict=True))
     return SpecialTokens(
@@ -177,10 +182,10 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str | int]) -
     vocab_size = len(tokenizer)
     for item in tokens:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise ValueError(f"a token must be a string or an int id, got {item!r}")
+            raise ConfigError(f"a token must be a string or an int id, got {item!r}")
         if isinstance(item, int):
             if not 0 <= item < vocab_size:
-                raise ValueError(f"token id {item} is outside the tokenizer's vocabulary [0, {vocab_size})")
+                raise ConfigError(f"token id {item} is outside the tokenizer's vocabulary [0, {vocab_size})")
             out.append(item)
             continue
         vocab_id = tokenizer.convert_tokens_to_ids(item)
@@ -189,12 +194,36 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str | int]) -
             continue
         encoded = tokenizer.encode(item, add_special_tokens=False)
         if len(encoded) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"token {item!r} is not a single token of this tokenizer (it encodes to "
                 f"{tokenizer.convert_ids_to_tokens(encoded)}); give a vocabulary token or an id"
             )
         out.append(encoded[0])
     return out
+
+
+# Position 0 holds the attention sink: its residual norm is ~100x the rest on SmolLM2, so residual statistics
+# (the strength scale, feature discovery, evaluation after position 0) and, when asked, training leave it out.
+SINK_POSITION = 0
+
+
+def without_sink(mask: torch.Tensor) -> torch.Tensor:
+    """A copy of the boolean mask `mask` (positions on its last axis) with the attention sink unmarked."""
+    out = mask.clone()
+    if out.shape[-1] > SINK_POSITION:
+        out[..., SINK_POSITION] = False
+    return out
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its eos token (as `hub.load_model` sets)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ConfigError(
+            f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token to pad batches with; "
+            "set tokenizer.pad_token"
+        )
+    return int(pad)
 
 
 def _special_id_set(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -222,7 +251,9 @@ def _render_placeholder_chats(tokenizer: PreTrainedTokenizerBase) -> list[list[i
             continue
         rendered.append(list(out["input_ids"]))
     if not rendered:
-        raise ValueError("could not render the chat template with placeholder messages: " + "; ".join(errors))
+        raise ConfigError(
+            "could not render the chat template with placeholder messages: " + "; ".join(errors)
+        )
     return rendered
 
 

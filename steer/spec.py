@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 
+from steer.errors import FastSteerError
 from steer.sae import SAE
 
 OPS = ("add", "scale", "set", "ablate")
@@ -27,7 +28,7 @@ SAERef = str | dict[str, str]
 _REF_KEYS = {"path", "repo", "sae_id", "revision"}
 
 
-class SpecError(ValueError):
+class SpecError(FastSteerError, ValueError):
     """An intervention spec is malformed or does not fit its SAE or model; the message says what and why."""
 
 
@@ -229,7 +230,8 @@ class Intervention:
 
 
 def load_interventions(path: str | Path, sae: SAE | None = None) -> list[Intervention]:
-    """Read a spec file holding one intervention, a list of them, or `{"interventions": [...]}`.
+    """Read a spec file holding one intervention, a list of them, or `{"interventions": [...]}` (with an
+    optional `"metadata"` mapping: notes for people, such as the strength scale an exporter used, not read).
 
     A relative SAE folder is taken relative to the spec file when it exists there.
     """
@@ -241,7 +243,9 @@ def load_interventions(path: str | Path, sae: SAE | None = None) -> list[Interve
         raise SpecError(f"spec file {path} must end in .json, .yaml or .yml")
     data = _parse(path.read_text(encoding="utf-8"), kind, where=str(path))
     if isinstance(data, dict) and "interventions" in data:
-        _check_keys(data, {"interventions"}, "spec file")
+        _check_keys(data, {"interventions", "metadata"}, "spec file")
+        if not isinstance(data.get("metadata", {}), dict):
+            raise SpecError(f"spec file {path}: metadata must be a mapping, got {data['metadata']!r}")
         data = data["interventions"]
     items = data if isinstance(data, list) else [data]
     if not items:
@@ -256,9 +260,11 @@ def load_interventions(path: str | Path, sae: SAE | None = None) -> list[Interve
     return specs
 
 
-def dump_interventions(specs: Sequence[Intervention]) -> str:
-    """JSON text of several specs (a list), readable by `load_interventions`."""
-    return json.dumps([s.to_dict() for s in specs], indent=2)
+def dump_interventions(specs: Sequence[Intervention], metadata: dict[str, Any] | None = None) -> str:
+    """JSON text of several specs (a list), readable by `load_interventions`; with `metadata`, the
+    `{"interventions": [...], "metadata": {...}}` form."""
+    items = [s.to_dict() for s in specs]
+    return json.dumps(items if metadata is None else {"interventions": items, "metadata": metadata}, indent=2)
 
 
 def load_sae_reference(
@@ -281,7 +287,7 @@ def load_sae_reference(
         kwargs["revision"] = ref["revision"]
     try:
         return hub.load_sae(source, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except FastSteerError as exc:  # the files are wrong or cannot be fetched; anything else is a bug
         raise SpecError(f"could not load SAE {ref!r}: {exc}") from exc
 
 

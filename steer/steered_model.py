@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.hooks import CompiledIntervention, activate, decoder_layers, is_steering
-from steer.positions import SpecialTokens, resolve_special_tokens, token_ids
+from steer.positions import SpecialTokens, pad_token_id, resolve_special_tokens, token_ids
 from steer.sae import SAE
 from steer.spec import Intervention, SpecError
 
@@ -120,7 +120,7 @@ class SteeredModel:
             conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         encoded = {k: v.to(self.device) for k, v in encoded.items()}
-        gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        gen_kwargs.setdefault("pad_token_id", pad_token_id(self.tokenizer))
         if do_sample:
             torch.manual_seed(seed)
         with self.steer(spec), torch.no_grad():

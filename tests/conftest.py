@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from train.data import shared_data_dir  # imports transformers: after the offline settings above
+
+SHARED_DATA = shared_data_dir()
 CHAT_DATA = SHARED_DATA / "chat"
 PRETRAIN_DATA = SHARED_DATA / "pretrain"
 EVAL_DATA = SHARED_DATA / "eval"

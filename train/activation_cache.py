@@ -28,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from steer.errors import ConfigError, MissingFileError, OutputExistsError
+from steer.positions import SINK_POSITION
 from steer.sae import dtype_from_name
 from train.activations import ActivationStream, stream_statistics
 from train.buffer import BufferedStream, MixingBuffer, check_identity
@@ -55,12 +57,12 @@ def write_cache(
 ) -> dict[str, Any]:
     """Harvest one epoch of `stream`'s batches (or the first `max_tokens` real tokens) into `out_dir`."""
     if dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache dtype {dtype!r}; expected one of {', '.join(CACHE_DTYPES)}")
+        raise ConfigError(f"cache dtype {dtype!r}; expected one of {', '.join(CACHE_DTYPES)}")
     if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
-        raise ValueError("shard_tokens and max_tokens must be positive")
+        raise ConfigError("shard_tokens and max_tokens must be positive")
     out = Path(out_dir)
     if (out / MANIFEST).exists():
-        raise FileExistsError(f"{out} already holds a harvest ({MANIFEST}); choose another folder")
+        raise OutputExistsError(f"{out} already holds a harvest ({MANIFEST}); choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = dtype_from_name(dtype)
     parts: dict[str, list[torch.Tensor]] = {
@@ -108,7 +110,7 @@ def write_cache(
     flush()
     bar.close()
     if not shards:
-        raise ValueError("the stream produced no tokens to harvest")
+        raise ConfigError("the stream produced no tokens to harvest")
     manifest = {
         "format_version": FORMAT_VERSION,
         "run": stream.run.to_dict(),
@@ -128,10 +130,10 @@ def write_cache(
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a harvested activation folder (no {MANIFEST})")
+        raise MissingFileError(f"{folder} is not a harvested activation folder (no {MANIFEST})")
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
     return manifest
@@ -156,10 +158,12 @@ class CachedActivationStream(BufferedStream):
         }
         if mismatched:
             listed = ", ".join(f"{k}: cache {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"{self.folder} was harvested with other settings ({listed})")
+            raise ConfigError(f"{self.folder} was harvested with other settings ({listed})")
         shards = self.manifest["shards"]
         if len(shards) < world_size:
-            raise ValueError(f"{self.folder} has {len(shards)} shards, fewer than the {world_size} processes")
+            raise ConfigError(
+                f"{self.folder} has {len(shards)} shards, fewer than the {world_size} processes"
+            )
         self.run, self.settings, self.rank, self.world_size = run, run.stream, rank, world_size
         self.layer, self.seed = run.layer, run.data.seed
         self.d_in = int(self.manifest["d_in"])
@@ -186,7 +190,7 @@ class CachedActivationStream(BufferedStream):
         order = self.shard_order(self.epoch)
         if self.shard_pos >= len(order):
             if self.stats["tokens_harvested"] == self._epoch_start_read:
-                raise ValueError(f"a whole epoch of {self.folder} yielded no activations (all excluded?)")
+                raise ConfigError(f"a whole epoch of {self.folder} yielded no activations (all excluded?)")
             self.epoch, self.shard_pos, self.offset = self.epoch + 1, 0, 0
             self._epoch_start_read = self.stats["tokens_harvested"]
             if self.settings.max_epochs is not None and self.epoch >= self.settings.max_epochs:
@@ -200,7 +204,7 @@ class CachedActivationStream(BufferedStream):
         self.stats["cache_tokens_read"] += end - self.offset
         self.stats["real_tokens"] += end - self.offset
         if self.settings.exclude_first_token:
-            first = position == 0
+            first = position == SINK_POSITION
             self.stats["excluded_first"] += int(first.sum())
             x = x[~first]
         x, n_norm = drop_norm_outliers(x, self.settings.max_norm_multiple)

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from steer.errors import ConfigError
+from steer.positions import pad_token_id
 from train.buffer import BufferedStream, MixingBuffer, check_identity
 from train.data import Corpus, content_hash
 from train.harvest import Harvester
@@ -106,22 +108,19 @@ class ActivationStream(BufferedStream):
         self.max_len = run.stream.max_len or default_max_len(model)
         expected_kind = "text" if self.method == "bt-p" else "chat"
         if corpus.kind != expected_kind:
-            raise ValueError(
+            raise ConfigError(
                 f"method {self.method!r} needs a {expected_kind} corpus "
                 f"(load_{'texts' if expected_kind == 'text' else 'conversations'}), got a {corpus.kind} corpus"
             )
         if len(corpus) < self.world_size:
-            raise ValueError(f"corpus has {len(corpus)} records, fewer than world_size={self.world_size}")
+            raise ConfigError(f"corpus has {len(corpus)} records, fewer than world_size={self.world_size}")
         seq_len = self.max_len if self.method == "fast" else self.settings.block_len
         max_pos = context_length(model)
         if max_pos is not None and seq_len > max_pos:
             name = "max_len" if self.method == "fast" else "block_len"
-            raise ValueError(f"{name}={seq_len} exceeds the model's {max_pos} positions")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
+            raise ConfigError(f"{name}={seq_len} exceeds the model's {max_pos} positions")
         self.model, self.tokenizer, self.corpus = model, tokenizer, corpus
-        self.pad_id = pad_id
+        self.pad_id = pad_token_id(tokenizer)
         self.harvester = Harvester(
             model,
             self.layer,
@@ -203,7 +202,7 @@ class ActivationStream(BufferedStream):
         self._batches = None
         if self.pool * self.settings.pool_size >= len(self._epoch_order()):
             if self.stats["tokens_harvested"] == self._epoch_start_harvested:
-                raise ValueError(
+                raise ConfigError(
                     f"a whole epoch produced no activations: the corpus ({len(self.corpus)} records) is too small "
                     f"for block_len={self.settings.block_len} or everything was excluded"
                 )

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import torch
 
+from steer.errors import ConfigError
+
 
 class MixingBuffer:
     """A fixed-size store of activation rows, shuffled with a seeded generator."""
 
     def __init__(self, capacity: int, d_in: int, seed: int = 0):
         if capacity < 2:
-            raise ValueError(f"buffer capacity must be at least 2 tokens, got {capacity}")
+            raise ConfigError(f"buffer capacity must be at least 2 tokens, got {capacity}")
         self.capacity = capacity
         self.d_in = d_in
         self.store = torch.zeros(capacity, d_in, dtype=torch.float32)
@@ -185,4 +187,4 @@ def check_identity(saved: dict, mine: dict, what: str) -> None:
     diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
     if diff:
         listed = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{what} state does not match this stream ({listed})")
+        raise ConfigError(f"{what} state does not match this stream ({listed})")

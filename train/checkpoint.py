@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from steer.errors import ConfigError, MissingFileError
+
 FORMAT_VERSION = 1
 LATEST = "latest.json"
 _TENSOR = "__tensor__"
@@ -80,12 +82,12 @@ def read_part(folder: Path, name: str) -> Any:
     """Read one part of a checkpoint."""
     meta_path, tensor_path = folder / f"{name}.json", folder / f"{name}.safetensors"
     if not meta_path.is_file() or not tensor_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"checkpoint {folder} has no part {name!r} ({meta_path.name}, {tensor_path.name})"
         )
     meta = json.loads(meta_path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise ConfigError(
             f"{meta_path}: checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}"
         )
     return unflatten_state(meta["state"], load_file(str(tensor_path)))
@@ -130,7 +132,7 @@ def latest(ckpt_dir: Path) -> Path | None:
         return None
     folder = ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
     if not folder.is_dir():
-        raise FileNotFoundError(f"{pointer} points at {folder.name}, which does not exist")
+        raise MissingFileError(f"{pointer} points at {folder.name}, which does not exist")
     return folder
 
 

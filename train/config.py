@@ -10,10 +10,15 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from steer.sae import architectures
+from steer.errors import ConfigError
+from steer.sae import architectures, sae_class
 
-SPARSITY_NAMES = {"standard": "l1", "jumprelu": "l0", "topk": "k"}
 SAELENS_JUMPRELU = 0.001  # SAELens 5.x default bandwidth and initial threshold (the paper's recipe)
+
+
+def coefficient_architectures() -> tuple[str, ...]:
+    """The registered architectures whose sparsity is set by a loss coefficient (not by `k`)."""
+    return tuple(a for a in architectures() if sae_class(a).sparsity != "k")
 
 
 @dataclass
@@ -30,25 +35,25 @@ class SAETrainSpec:
 
     def __post_init__(self) -> None:
         if self.arch not in architectures():
-            raise ValueError(
+            raise ConfigError(
                 f"unknown SAE architecture {self.arch!r}; expected one of {', '.join(architectures())}"
             )
         if self.expansion < 1:
-            raise ValueError(f"expansion factor must be >= 1, got {self.expansion}")
+            raise ConfigError(f"expansion factor must be >= 1, got {self.expansion}")
         if self.arch == "topk" and (self.k is None or self.k < 1):
-            raise ValueError(f"a topk SAE needs k >= 1 (got k={self.k}); pass --k")
+            raise ConfigError(f"a topk SAE needs k >= 1 (got k={self.k}); pass --k")
         if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
-            raise ValueError(f"sparsity coefficient must be >= 0, got {self.sparsity_coefficient}")
+            raise ConfigError(f"sparsity coefficient must be >= 0, got {self.sparsity_coefficient}")
         for value in (self.jumprelu_bandwidth, self.jumprelu_init_threshold):
             if value is not None and value <= 0:
-                raise ValueError(f"jumprelu bandwidth and initial threshold must be positive, got {value}")
+                raise ConfigError(f"jumprelu bandwidth and initial threshold must be positive, got {value}")
 
     @property
     def name(self) -> str:
         """Folder name of this SAE inside a sweep, e.g. `standard-x8-l1_5`, `topk-x8-k32`."""
         if self.arch == "topk":
             return f"topk-x{self.expansion}-k{self.k}"
-        name = f"{self.arch}-x{self.expansion}-{SPARSITY_NAMES[self.arch]}_{self.sparsity_coefficient:g}"
+        name = f"{self.arch}-x{self.expansion}-{sae_class(self.arch).sparsity}_{self.sparsity_coefficient:g}"
         if self.arch == "jumprelu":  # bandwidth / initial threshold, where not SAELens' 0.001
             if self.jumprelu_bandwidth not in (None, SAELENS_JUMPRELU):
                 name += f"-bw_{self.jumprelu_bandwidth:g}"
@@ -95,38 +100,38 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.total_tokens <= 0:
-            raise ValueError(f"total_tokens must be positive, got {self.total_tokens}")
+            raise ConfigError(f"total_tokens must be positive, got {self.total_tokens}")
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         if not self.saes:
-            raise ValueError("at least one SAE spec is needed")
+            raise ConfigError("at least one SAE spec is needed")
         if self.normalize_activations not in ("none", "expected_average_only_in"):
-            raise ValueError(
+            raise ConfigError(
                 f"normalize_activations={self.normalize_activations!r}; expected none or expected_average_only_in"
             )
         if self.norm_scaling_factor is not None and (
             self.norm_scaling_factor <= 0 or self.normalize_activations == "none"
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"norm_scaling_factor={self.norm_scaling_factor} needs normalize_activations="
                 "expected_average_only_in and a positive value"
             )
         if self.gsnr_every and (self.gsnr_every < 0 or self.gsnr_every % self.log_every):
-            raise ValueError(
+            raise ConfigError(
                 f"gsnr_every ({self.gsnr_every}) must be a multiple of log_every ({self.log_every})"
             )
         if self.encoder_init not in ("kaiming", "transpose"):
-            raise ValueError(f"encoder_init={self.encoder_init!r}; expected kaiming or transpose")
+            raise ConfigError(f"encoder_init={self.encoder_init!r}; expected kaiming or transpose")
         if not 0 < self.lr_end <= self.lr:
-            raise ValueError(f"need 0 < lr_end <= lr, got lr={self.lr}, lr_end={self.lr_end}")
+            raise ConfigError(f"need 0 < lr_end <= lr, got lr={self.lr}, lr_end={self.lr_end}")
         for name in ("lr_warmup_fraction", "lr_decay_fraction", "sparsity_warmup_fraction"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
-            raise ValueError("lr_warmup_fraction + lr_decay_fraction must be <= 1")
+            raise ConfigError("lr_warmup_fraction + lr_decay_fraction must be <= 1")
         names = [s.name for s in self.resolved_specs()]
         if len(set(names)) != len(names):
-            raise ValueError(f"two SAEs of the sweep have the same settings: {names}")
+            raise ConfigError(f"two SAEs of the sweep have the same settings: {names}")
 
     @property
     def total_steps(self) -> int:
@@ -135,7 +140,7 @@ class TrainConfig:
     def local_batch_size(self, world_size: int) -> int:
         """Tokens per step in each of `world_size` processes (the batch must split evenly)."""
         if self.batch_size % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size {self.batch_size} must be divisible by the number of processes {world_size}"
             )
         return self.batch_size // world_size
@@ -192,7 +197,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown TrainConfig keys: {sorted(unknown)}")
         data = dict(data)
         data["saes"] = [SAETrainSpec(**s) for s in data.get("saes", [])]
         return cls(**data)
@@ -256,7 +261,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset_config(name: str, **overrides: Any) -> TrainConfig:
     """A `TrainConfig` from a preset, with explicit overrides (None values are ignored)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     values = dict(PRESETS[name], preset=name)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)

@@ -6,6 +6,7 @@ Public API:
     content_hash(item) -> str;  is_held_out(item, held_out_fraction) -> bool
     split_by_hash(items, held_out_fraction) -> (train, held_out)
     Corpus (kind, items, sources, problems, split), DataFormatError
+    shared_data_dir(sub="") -> Path;  find_shared_data(sub="") -> Path | None   (where the shared data is)
 
 Sources are files, folders (searched recursively for ``*.jsonl`` / ``*.json`` and, for text, ``*.txt``)
 or, for conversations, a Hugging Face dataset id ``owner/name[:split]`` when the Hub is reachable.
@@ -29,10 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from steer.errors import ConfigError, FastSteerError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,38 @@ SHAREGPT_ROLES = {
 CHAT_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
 MAX_LISTED_PROBLEMS = 5
+SHARED_DATA_ENV = "FAST_STEER_SHARED_DATA"
 
 
-class DataFormatError(ValueError):
+class DataFormatError(FastSteerError, ValueError):
     """A record (or source) that cannot be read; the message starts with ``file:line``."""
+
+
+def shared_data_candidates() -> list[Path]:
+    """Where the shared data folder is looked for, in order: ``$FAST_STEER_SHARED_DATA`` alone when it is
+    set; else ``<cwd>/../shared/data``, ``<cwd>/shared/data`` and ``shared/data`` beside the source tree."""
+    if os.environ.get(SHARED_DATA_ENV):
+        return [Path(os.environ[SHARED_DATA_ENV]).expanduser()]
+    cwd = Path.cwd()
+    source_tree = Path(__file__).resolve().parents[1]
+    return [cwd.parent / "shared" / "data", cwd / "shared" / "data", source_tree.parent / "shared" / "data"]
+
+
+def find_shared_data(sub: str = "") -> Path | None:
+    """The first existing ``<candidate>/<sub>`` of `shared_data_candidates` (e.g. `sub="chat"`), or None."""
+    return next((c / sub for c in shared_data_candidates() if (c / sub).is_dir()), None)
+
+
+def shared_data_dir(sub: str = "") -> Path:
+    """`find_shared_data(sub)`, or a `MissingFileError` naming every place tried when there is none."""
+    found = find_shared_data(sub)
+    if found is None:
+        tried = ", ".join(str(c / sub) for c in shared_data_candidates())
+        raise MissingFileError(
+            f"no shared data folder{f' {sub!r}' if sub else ''}: tried {tried}; set {SHARED_DATA_ENV} to the "
+            "shared data folder, or name the data explicitly"
+        )
+    return found
 
 
 @dataclass
@@ -139,16 +171,16 @@ def load_texts(
 
 def _load(kind, sources, on_error, split, held_out_fraction, limit) -> Corpus:
     if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        raise ConfigError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     if split not in (None, "train", "held_out"):
-        raise ValueError(f"split must be None, 'train' or 'held_out', got {split!r}")
+        raise ConfigError(f"split must be None, 'train' or 'held_out', got {split!r}")
     _check_fraction(held_out_fraction)
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of records, got {limit}")
+        raise ConfigError(f"limit must be a positive number of records, got {limit}")
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not sources:
-        raise ValueError("no data sources given")
+        raise ConfigError("no data sources given")
     corpus = Corpus(kind=kind, items=[], sources=[], split=split, held_out_fraction=held_out_fraction)
     parse = _parse_conversation if kind == "chat" else _parse_text
     for name, records in _expand(kind, sources):
@@ -172,7 +204,7 @@ def _load(kind, sources, on_error, split, held_out_fraction, limit) -> Corpus:
         if limit is not None and len(corpus.items) >= limit:
             break
     if not corpus.items:
-        raise ValueError(f"no usable {kind} records in {', '.join(corpus.sources)} (split={split})")
+        raise DataFormatError(f"no usable {kind} records in {', '.join(corpus.sources)} (split={split})")
     return corpus
 
 
@@ -189,7 +221,7 @@ def _warn_problems(name: str, problems: list[str]) -> None:
 
 def _check_fraction(fraction: float) -> None:
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"held_out_fraction must be in [0, 1), got {fraction}")
+        raise ConfigError(f"held_out_fraction must be in [0, 1), got {fraction}")
 
 
 # ---------------------------------------------------------------- sources
@@ -203,12 +235,12 @@ def _expand(kind: str, sources: Sequence[str | Path]) -> Iterator[tuple[str, Ite
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
             if not files:
-                raise FileNotFoundError(f"folder {path} has no {'/'.join(suffixes)} files")
+                raise MissingFileError(f"folder {path} has no {'/'.join(suffixes)} files")
             for file in files:
                 yield str(file), _file_records(file)
         elif path.is_file():
             if path.suffix not in suffixes:
-                raise ValueError(
+                raise DataFormatError(
                     f"{path}: unsupported file type {path.suffix!r} (expected {', '.join(suffixes)})"
                 )
             yield str(path), _file_records(path)
@@ -216,7 +248,7 @@ def _expand(kind: str, sources: Sequence[str | Path]) -> Iterator[tuple[str, Ite
             yield f"hf://{source}", _hub_records(str(source))
         else:
             hint = " or a Hugging Face dataset id 'owner/name[:split]'" if kind == "chat" else ""
-            raise FileNotFoundError(f"data source {source!r} is not an existing file or folder{hint}")
+            raise MissingFileError(f"data source {source!r} is not an existing file or folder{hint}")
 
 
 def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -260,7 +292,7 @@ def _hub_records(source: str) -> Iterator[tuple[str, Any]]:
 
     ok, why = hub_reachable()
     if not ok:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data source {source!r} is not a local path and the Hub is not reachable ({why})"
         )
     import datasets

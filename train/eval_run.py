@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from hub import LoadedModel, load_model, load_sae, sae_layer
+from steer.errors import ConfigError
 from train.data import is_held_out, load_conversations
 from train.evaluate import EVAL_FILE, EvalConfig, EvalResult, evaluate_sae, write_eval
 
@@ -31,14 +32,14 @@ def evaluate_folder(
     Writes `eval.json` beside the SAE (or to `json_path`); `result.split` says which conversations were
     used. Returns (result, json path)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     cfg = cfg or EvalConfig()
     sae_dir = Path(sae_dir)
     sae = load_sae(sae_dir)
     meta = sae.metadata
     layer = sae_layer(sae)
     if layer is None:
-        raise ValueError(
+        raise ConfigError(
             f"{sae_dir}/cfg.json names no residual-stream hook (metadata.hook_name); cannot evaluate"
         )
     corpus = list(load_conversations(data))
@@ -47,7 +48,7 @@ def evaluate_folder(
         fraction = float(meta.get("held_out_fraction", 0.05))
         chosen = [c for c in corpus if is_held_out(c, fraction)]
         if not chosen:
-            raise ValueError(
+            raise ConfigError(
                 f"no held-out conversations among the {len(corpus)} in {', '.join(data)} (held-out fraction "
                 f"{fraction:g} from {sae_dir}/cfg.json); use --split all for a dedicated evaluation set"
             )

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.positions import SpecialTokens, resolve_special_tokens
+from steer.errors import ConfigError
+from steer.positions import SINK_POSITION, SpecialTokens, pad_token_id, resolve_special_tokens
 from steer.sae import SAE
 from train.harvest import Harvester, decoder_layers
 from train.sequences import Batch, bucket_batches, fast_sequences
@@ -137,8 +138,9 @@ class _Tokens:
         marked = template.mask(batch.input_ids, batch.attention_mask).to(device)
         primary = paper.mask(batch.input_ids, batch.attention_mask).to(device)
         labels = labeller(batch.input_ids.to(device), marked)
-        keep = pos > 0 if skip_first else torch.ones_like(pos, dtype=torch.bool)
-        return cls(real, seq, keep, pos > 0, primary[real], marked[real], labels[real])
+        later = pos > SINK_POSITION
+        keep = later if skip_first else torch.ones_like(pos, dtype=torch.bool)
+        return cls(real, seq, keep, later, primary[real], marked[real], labels[real])
 
 
 def paper_st_tokens(template: SpecialTokens, tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
@@ -286,7 +288,7 @@ def _clean_and_spliced(
     layers = decoder_layers(model)
     lm_head = model.get_output_embeddings()
     if lm_head is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no output embeddings (LM head) to compute the LM loss with"
         )
     copies = heads.shape[0] // rows
@@ -326,12 +328,12 @@ def _clean_and_spliced(
 def _check_inputs(sae: SAE, model: PreTrainedModel, layer: int, conversations: Sequence) -> None:
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
-        raise ValueError(f"layer {layer} out of range: the model has layers 0..{len(layers) - 1}")
+        raise ConfigError(f"layer {layer} out of range: the model has layers 0..{len(layers) - 1}")
     hidden_size = model.config.get_text_config().hidden_size
     if sae.d_in != hidden_size:
-        raise ValueError(f"SAE d_in={sae.d_in} does not match the model's hidden size {hidden_size}")
+        raise ConfigError(f"SAE d_in={sae.d_in} does not match the model's hidden size {hidden_size}")
     if not conversations:
-        raise ValueError("no held-out conversations to evaluate on")
+        raise ConfigError("no held-out conversations to evaluate on")
 
 
 def evaluate_sae(
@@ -366,7 +368,7 @@ def evaluate_saes(
     as one SAE's would."""
     cfg = cfg or EvalConfig()
     if not saes:
-        raise ValueError("no SAEs to evaluate")
+        raise ConfigError("no SAEs to evaluate")
     for sae in saes:
         _check_inputs(sae, model, layer, conversations)
     special = special or resolve_special_tokens(tokenizer, extra=cfg.extra_special_tokens)
@@ -378,7 +380,7 @@ def evaluate_saes(
     ]
     seqs = fast_sequences(list(conversations)[: cfg.max_conversations], tokenizer, max_len=cfg.max_len)
     budget = max(1, 2 * cfg.token_budget // (len(saes) + 1)) if cfg.lm_loss else cfg.token_budget
-    batches = bucket_batches(seqs, budget, tokenizer.pad_token_id, seed=None)
+    batches = bucket_batches(seqs, budget, pad_token_id(tokenizer), seed=None)
     paper = paper_st_tokens(special, tokenizer)
     labeller = _TokenLabels(special)
     accs = [_Accumulator(sae.d_in, sae.d_sae, len(labeller.names), sae.W_enc.device) for sae in saes]

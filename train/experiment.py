@@ -35,14 +35,15 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hub import fast_dtype
+from hub.formats import CFG_FILE, WEIGHTS_FILE
+from steer.errors import ConfigError, MissingFileError
 from train.config import SAETrainSpec, TrainConfig, preset_config
+from train.data import shared_data_dir
 from train.results_table import ResultRow, check_metrics, mean_gsnr, write_results
+from train.sequences import METHODS
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-METHODS = ("fast", "bt-f", "bt-p")
 ARCHS = ("standard", "jumprelu")
 # training variant -> exclude_first_token
 VARIANTS = {"all": False, "no-first": True}
@@ -62,8 +63,8 @@ class ReproduceConfig:
     model: str = "default"
     layer: int = 15
     tokens: int = DEFAULT_TOKENS
-    chat_data: list[str] = field(default_factory=lambda: [str(SHARED_DATA / "chat")])
-    pretrain_data: list[str] = field(default_factory=lambda: [str(SHARED_DATA / "pretrain")])
+    chat_data: list[str] = field(default_factory=lambda: [str(shared_data_dir("chat"))])
+    pretrain_data: list[str] = field(default_factory=lambda: [str(shared_data_dir("pretrain"))])
     methods: tuple[str, ...] = METHODS
     archs: tuple[str, ...] = ARCHS
     expansion: int = 8
@@ -95,24 +96,24 @@ class ReproduceConfig:
         self.threshold_grid = tuple(self.threshold_grid)
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise ValueError(
+            raise ConfigError(
                 f"methods must be a non-empty subset of {', '.join(METHODS)}; got {list(self.methods)}"
             )
         if not self.archs:
-            raise ValueError("at least one SAE architecture is needed")
+            raise ConfigError("at least one SAE architecture is needed")
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants or len(set(self.variants)) != len(self.variants):
-            raise ValueError(
+            raise ConfigError(
                 f"variants must be distinct values of {', '.join(VARIANTS)}; got {list(self.variants)}"
             )
         if self.tokens <= 0 or self.eval_conversations <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"tokens and eval_conversations must be positive (got {self.tokens}, {self.eval_conversations})"
             )
         for label, paths in (("chat data", self.chat_data), ("pretraining data", self.pretrain_data)):
             missing = [p for p in paths if not Path(p).expanduser().exists()]
             if missing:
-                raise FileNotFoundError(f"{label} not found: {', '.join(missing)}")
+                raise MissingFileError(f"{label} not found: {', '.join(missing)}")
         for variant in self.variants:
             self.train_config(variant)  # validates the architectures, expansion, grids and preset
 
@@ -231,7 +232,7 @@ class RunStatus:
 
 
 def _has_weights(folder: Path) -> bool:
-    return (folder / "cfg.json").is_file() and (folder / "sae_weights.safetensors").is_file()
+    return (folder / CFG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
 def plan_runs(cfg: ReproduceConfig) -> list[RunStatus]:
@@ -255,7 +256,7 @@ def check_settings(cfg: ReproduceConfig) -> None:
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
-            raise ValueError(
+            raise ConfigError(
                 f"{cfg.out} holds an experiment with other settings ({detail}); use another --out"
             )
         return
@@ -272,7 +273,7 @@ def held_out_conversations(cfg: ReproduceConfig) -> list[list[dict[str, str]]]:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     corpus = load_conversations(cfg.chat_data, split="held_out", held_out_fraction=cfg.held_out_fraction)
     if len(corpus) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"no held-out conversations in {cfg.chat_data} (held_out_fraction={cfg.held_out_fraction})"
         )
     items = list(corpus.items)
@@ -340,6 +341,18 @@ def steering_sae(out: Path, method: str) -> Path | None:
         return json.loads(path.read_text(encoding="utf-8"))["metrics"].get("delta_lm_loss", float("inf"))
 
     return min(trained, key=delta_lm_loss)
+
+
+def paper_view_sae(out: Path, method: str, arch: str) -> Path | None:
+    """The fixed-coefficient (paper-view) `arch` SAE of `method`, in the `no-first` variant where it was
+    trained, else in the first variant (as `steering_sae`); None if it is not trained."""
+    cfg = load_config(out)
+    if cfg is None or method not in cfg.methods or arch not in cfg.archs:
+        return None
+    runs = {r.variant: r for r in plan_runs(cfg) if r.method == method}
+    run = runs.get("no-first") or runs[cfg.variants[0]]
+    folder = run.sae_dirs[cfg.paper_view_indices(run.variant)[cfg.archs.index(arch)]]
+    return folder if _has_weights(folder) else None
 
 
 def harvest_method(
@@ -451,7 +464,7 @@ def collect_rows(cfg: ReproduceConfig, runs: list[RunStatus]) -> list[ResultRow]
         fixed = cfg.paper_view_indices(run.variant)
         for i, (spec, sae_dir) in enumerate(zip(specs, run.sae_dirs, strict=True)):
             report = json.loads((sae_dir / EVAL_FILE).read_text(encoding="utf-8"))
-            meta = json.loads((sae_dir / "cfg.json").read_text(encoding="utf-8"))
+            meta = json.loads((sae_dir / CFG_FILE).read_text(encoding="utf-8"))
             training = meta.get("metadata", {}).get("training", {})
             rows.append(
                 ResultRow(

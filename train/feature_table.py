@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from train.data import DataFormatError
 from train.features import FeatureReport
 
 FEATURES_FILE = "features.json"
@@ -39,11 +40,11 @@ def save_top_features(features: list[TopFeature], path: Path) -> None:
 
 
 def read_top_features(path: Path) -> list[TopFeature]:
-    """Rows written by `save_top_features` (a ValueError naming the file if it is malformed)."""
+    """Rows written by `save_top_features` (a `DataFormatError` naming the file if it is malformed)."""
     try:
         return [
             TopFeature(str(r["token"]), int(r["feature"]), float(r["mean_max"]))
             for r in json.loads(path.read_text())
         ]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} is not a feature table written by fast-steer: {exc}") from None
+        raise DataFormatError(f"{path} is not a feature table written by fast-steer: {exc}") from None

@@ -16,7 +16,7 @@ Position 0 is skipped by default (`skip_first=True`): its residual is an attenti
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.positions import SpecialTokens, resolve_special_tokens
+from steer.errors import ConfigError
+from steer.positions import SINK_POSITION, SpecialTokens, pad_token_id, resolve_special_tokens, without_sink
 from steer.sae import SAE
 from train.data import Conversation
 from train.harvest import Harvester
@@ -99,7 +100,7 @@ class FeatureContext:
     def render(self, style: str = "brackets") -> str:
         """One line of text with the activating token highlighted: `brackets` ([[tok]]) or `ansi` (bold red)."""
         if style not in ("brackets", "ansi"):
-            raise ValueError(f"style must be 'brackets' or 'ansi', got {style!r}")
+            raise ConfigError(f"style must be 'brackets' or 'ansi', got {style!r}")
         left, right = ("[[", "]]") if style == "brackets" else (ANSI_HIGHLIGHT, ANSI_RESET)
         text = "".join(self.before) + left + self.token + right + "".join(self.after)
         return text.replace("\r", "\\r").replace("\n", "\\n")
@@ -121,7 +122,7 @@ def discover_features(
 ) -> FeatureReport:
     """Top `top_k` features per special/role token type, ranked by mean per-conversation max activation."""
     if top_k < 1:
-        raise ValueError(f"top_k must be positive, got {top_k}")
+        raise ConfigError(f"top_k must be positive, got {top_k}")
     specials = specials or resolve_special_tokens(tokenizer)
     sums: dict[str, torch.Tensor] = {}
     fires: dict[str, torch.Tensor] = {}
@@ -133,7 +134,7 @@ def discover_features(
         n_conv += 1
         groups: dict[str, list[int]] = {}
         for pos, label in enumerate(specials.labels(ids)):
-            if label is not None and not (skip_first and pos == 0):
+            if label is not None and not (skip_first and pos == SINK_POSITION):
                 groups.setdefault(label, []).append(pos)
         if not groups:
             continue
@@ -188,15 +189,15 @@ def top_contexts(
     where the feature never fires are left out, so fewer than `k` may come back.
     """
     if not 0 <= feature < sae.d_sae:
-        raise ValueError(f"feature {feature} out of range: the SAE has features 0..{sae.d_sae - 1}")
+        raise ConfigError(f"feature {feature} out of range: the SAE has features 0..{sae.d_sae - 1}")
     if k < 1 or window < 0:
-        raise ValueError(f"k must be positive and window non-negative, got k={k}, window={window}")
+        raise ConfigError(f"k must be positive and window non-negative, got k={k}, window={window}")
     specials = specials or resolve_special_tokens(tokenizer)
     best: list[tuple[float, int, int, list[int]]] = []
     for index, ids, resid in _harvest(
         model, tokenizer, sae, layer, conversations, token_budget, max_len, progress
     ):
-        first = 1 if skip_first else 0
+        first = SINK_POSITION + 1 if skip_first else 0
         acts = feature_activations(sae, resid[first:], feature)
         if not len(acts):
             continue
@@ -243,16 +244,15 @@ def _harvest(
 ) -> Iterator[tuple[int, list[int], torch.Tensor]]:
     """(conversation index, token ids, float32 residuals [len, d]) per conversation, forward stopped at `layer`."""
     if not conversations:
-        raise ValueError("no conversations given")
+        raise ConfigError("no conversations given")
     harvester = Harvester(model, layer)
     if harvester.d_in != sae.d_in:
-        raise ValueError(
+        raise ConfigError(
             f"the SAE reads d_in={sae.d_in} but the model's residual stream has {harvester.d_in} dimensions; "
             "use the SAE with the model it was trained on"
         )
     sequences = fast_sequences(conversations, tokenizer, max_len=max_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = bucket_batches(sequences, token_budget, pad_id, seed=None)
+    batches = bucket_batches(sequences, token_budget, pad_token_id(tokenizer), seed=None)
     bar = tqdm(total=sum(len(s) for s in sequences), unit="tok", desc="features", disable=not progress)
     with bar:
         for batch in batches:
@@ -268,24 +268,28 @@ def special_residual_norm(
     conversations: list[list[dict[str, str]]],
     token_budget: int = 8192,
 ) -> float:
-    """Median L2 norm of the layer-`layer` residual at special positions (position 0 left out)."""
-    from train.harvest import Harvester
-    from train.sequences import bucket_batches, fast_sequences
-
+    """The strength scale `R` of a layer: `special_norm_median` of its residuals on `conversations`
+    (each rendered with the chat template, truncated at 2048 tokens)."""
     specials = resolve_special_tokens(tokenizer)
     harvester = Harvester(model, layer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    norms: list[torch.Tensor] = []
     sequences = fast_sequences(conversations, tokenizer, max_len=2048)
-    for batch in bucket_batches(sequences, token_budget, pad_id, seed=0):
-        for row, resid in enumerate(harvester.per_sequence(batch)):
-            ids = batch.input_ids[row, : batch.lengths[row]]
-            mask = specials.mask(ids)
-            mask[0] = False
-            norms.append(resid[mask].norm(dim=-1))
+
+    def rows() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in bucket_batches(sequences, token_budget, pad_token_id(tokenizer), seed=0):
+            for row, resid in enumerate(harvester.per_sequence(batch)):
+                yield resid, specials.mask(batch.input_ids[row, : batch.lengths[row]])
+
+    return special_norm_median(rows())
+
+
+def special_norm_median(rows: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Median L2 norm of residuals at special positions, the attention sink left out: the statistic of the
+    steering strength scale (`apps.evaluation.primitives`). `rows`: (residuals `[len, d]`, special mask
+    `[len]`) per sequence, read one at a time."""
+    norms = [resid[without_sink(mask).to(resid.device)].float().norm(dim=-1) for resid, mask in rows]
     values = torch.cat(norms) if norms else torch.empty(0)
     if values.numel() == 0:
-        raise ValueError("no special-token positions (besides position 0) in the conversations given")
+        raise ConfigError("no special-token positions (besides position 0) in the conversations given")
     return float(values.median())
 
 
@@ -303,7 +307,7 @@ def top_anchor_feature(
     report = discover_features(model, tokenizer, sae, layer, conversations, top_k=5, progress=progress)
     top = report.top(ANCHOR_TOKEN)
     if not top:
-        raise ValueError(
+        raise ConfigError(
             f"no feature of the SAE fires on {ANCHOR_TOKEN} outside position 0 in the {len(conversations)} "
             "conversations given (it reconstructs those positions from b_dec alone); steer with another SAE "
             "(--sae, e.g. the jumprelu one of the same run) or name a feature (--feature K)"

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from steer.errors import ConfigError
 from steer.hooks import decoder_layers
+from steer.positions import without_sink
 from train.sequences import Batch
 
 __all__ = ["Harvester", "decoder_layers", "drop_norm_outliers", "harvest_throughput", "hook_name"]
@@ -50,7 +52,7 @@ def hook_name(layer: int) -> str:
 def _check_layer(model: PreTrainedModel, layer: int) -> nn.ModuleList:
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
-        raise ValueError(
+        raise ConfigError(
             f"layer {layer} out of range: {type(model).__name__} has layers 0..{len(layers) - 1}"
         )
     return layers
@@ -69,7 +71,7 @@ class Harvester:
     ):
         self.layers = _check_layer(model, layer)
         if max_norm_multiple is not None and max_norm_multiple <= 0:
-            raise ValueError(f"max_norm_multiple must be positive or None, got {max_norm_multiple}")
+            raise ConfigError(f"max_norm_multiple must be positive or None, got {max_norm_multiple}")
         self.model = model
         self.layer = layer
         self.exclude_first_token = exclude_first_token
@@ -117,7 +119,7 @@ class Harvester:
         keep = batch.attention_mask.to(h.device, dtype=torch.bool, copy=True)
         n_real = int(keep.sum())
         if self.exclude_first_token:
-            keep[:, 0] = False
+            keep = without_sink(keep)
         x, n_norm = drop_norm_outliers(h[keep].float(), self.max_norm_multiple)
         self.last_stats = {
             "real": n_real,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from hub import LoadedModel, load_model, resolve_device, sae_metadata
+from steer.errors import ConfigError
 from train.activation_cache import CachedActivationStream
 from train.activations import ActivationStream
 from train.data import load_conversations, load_texts
@@ -36,7 +37,7 @@ def open_stream(
     loader = load_texts if cfg.data.method == "bt-p" else load_conversations
     corpus = loader(cfg.data.sources, split="train", held_out_fraction=cfg.data.held_out_fraction)
     if len(corpus) == 0:
-        raise ValueError(f"no training records found in {corpus.sources}")
+        raise ConfigError(f"no training records found in {corpus.sources}")
     stream = ActivationStream(model, tok, corpus, cfg, dist.rank, dist.world_size)
     return stream, getattr(loaded, "source", cfg.model)
 

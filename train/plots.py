@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from steer.errors import ConfigError, MissingFileError
 from train.evaluate import EvalResult
 
 CURVES = (
@@ -28,7 +29,7 @@ def read_log(path: str | Path) -> list[dict]:
     """The records of a `train_log.jsonl`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no training log at {path}")
+        raise MissingFileError(f"no training log at {path}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -36,7 +37,7 @@ def plot_training(log_path: str | Path, out_dir: str | Path) -> Path:
     """`training_curves.png`: loss, MSE, L0 and dead share against tokens, one line per SAE."""
     records = read_log(log_path)
     if not records:
-        raise ValueError(f"{log_path} holds no log records yet")
+        raise ConfigError(f"{log_path} holds no log records yet")
     plt = pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
     tokens = [r["tokens"] for r in records]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from train.plots import pyplot
+from train.sequences import METHOD_LABELS, METHODS
 
 # (key in a row's metrics, column title in the Markdown table, number format)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -33,8 +34,6 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("delta_lm_loss", "Δ LM loss", ".4f"),
     ("delta_lm_loss_pct", "Δ LM loss %", ".2f"),
 )
-METHOD_ORDER = ("fast", "bt-f", "bt-p")
-METHOD_LABELS = {"fast": "FAST", "bt-f": "BT(F)", "bt-p": "BT(P)"}
 # The paper's tables (Qwen2.5-7B-Instruct, layer 18): log2 MSE_st per architecture and method, for reference.
 PAPER_LOG2_MSE_ST = {
     "standard": {"fast": 0.6468, "bt-f": 1.5093, "bt-p": 5.1985},
@@ -93,7 +92,7 @@ def mean_gsnr(records: list[dict[str, Any]], name: str | None) -> dict[str, floa
 
 
 def _method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
 def sort_rows(rows: list[ResultRow]) -> list[ResultRow]:
@@ -351,7 +350,7 @@ def plot_results(rows: list[ResultRow], path: Path, title: str = "") -> None:
         ("delta_lm_loss_pct", "Δ LM loss %"),
     )
     groups = list(dict.fromkeys((r.arch, r.variant) for r in chosen))
-    methods = [m for m in METHOD_ORDER if any(r.method == m for r in chosen)]
+    methods = [m for m in METHODS if any(r.method == m for r in chosen)]
     by_key = {(r.arch, r.variant, r.method): r for r in chosen}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8))
     width = 0.8 / max(len(groups), 1)
@@ -384,7 +383,7 @@ def plot_frontiers(rows: list[ResultRow], path: Path, title: str = "") -> None:
                              squeeze=False)  # fmt: skip
     for row_axes, arch in zip(axes, archs, strict=True):
         for ax, (key, name, log_y) in zip(row_axes, FRONTIER_METRICS, strict=True):
-            for method in METHOD_ORDER:
+            for method in METHODS:
                 curve = sorted(
                     (r for r in chosen if r.arch == arch and r.method == method),
                     key=lambda r: r.metrics["l0"],

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from steer.errors import ConfigError, MissingFileError
 from train.config import TrainConfig
 from train.sequences import check_method
 
@@ -34,18 +35,18 @@ class DataConfig:
     def validate(self) -> None:
         check_method(self.method)
         if not 0 <= self.held_out_fraction < 1:
-            raise ValueError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
+            raise ConfigError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
         if self.activations is not None:
             if not (Path(self.activations) / "harvest.json").is_file():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{self.activations} is not a harvested activation folder (no harvest.json); "
                     "write one with `fast-steer harvest`"
                 )
             return
         if self.method == "bt-p" and not self.pretrain:
-            raise ValueError("method bt-p trains on pretraining text: pass --pretrain-data PATH")
+            raise ConfigError("method bt-p trains on pretraining text: pass --pretrain-data PATH")
         if self.method != "bt-p" and not self.chat:
-            raise ValueError(f"method {self.method} trains on conversations: pass --data PATH")
+            raise ConfigError(f"method {self.method} trains on conversations: pass --data PATH")
 
     @property
     def sources(self) -> list[str]:
@@ -69,18 +70,18 @@ class StreamSettings:
     def validate(self, batch_size: int) -> None:
         for name in ("buffer_tokens", "token_budget", "block_len", "pool_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_len is not None and self.max_len < 1:
-            raise ValueError(f"max_len must be positive, got {self.max_len}")
+            raise ConfigError(f"max_len must be positive, got {self.max_len}")
         if self.buffer_tokens < 2 * batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"buffer_tokens ({self.buffer_tokens}) must be at least 2 x the batch size ({batch_size}): "
                 "the buffer hands out half of itself between refills"
             )
         if self.max_epochs is not None and self.max_epochs < 1:
-            raise ValueError(f"max_epochs must be positive or None, got {self.max_epochs}")
+            raise ConfigError(f"max_epochs must be positive or None, got {self.max_epochs}")
         if self.max_norm_multiple is not None and self.max_norm_multiple <= 0:
-            raise ValueError(f"max_norm_multiple must be positive or None, got {self.max_norm_multiple}")
+            raise ConfigError(f"max_norm_multiple must be positive or None, got {self.max_norm_multiple}")
 
 
 @dataclass
@@ -97,7 +98,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"layer must be a non-negative integer (decoder block index), got {self.layer!r}"
             )
         self.data.validate()
@@ -118,7 +119,7 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         known = {f.name for f in fields(cls)}
         if unknown := set(data) - known:
-            raise ValueError(f"unknown RunConfig keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown RunConfig keys: {sorted(unknown)}")
         values = dict(data)
         values["training"] = TrainConfig.from_dict(values["training"])
         values["data"] = DataConfig(**values.get("data", {}))

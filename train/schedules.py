@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from steer.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LRSchedule:
@@ -22,7 +24,7 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         if self.warmup_steps + self.decay_steps > self.total_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"warm-up ({self.warmup_steps}) + decay ({self.decay_steps}) steps exceed "
                 f"the {self.total_steps} training steps"
             )

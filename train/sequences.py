@@ -28,22 +28,23 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from hub.formats import METHOD_LABELS
+from steer.errors import ConfigError
 from train.data import Conversation
 
-METHODS = ("fast", "bt-f", "bt-p")
-METHOD_LABELS = {"fast": "FAST", "bt-f": "BT(F)", "bt-p": "BT(P)"}
+METHODS = tuple(METHOD_LABELS)  # ("fast", "bt-f", "bt-p"), the one list every consumer imports
 
 
 def check_method(method: str) -> str:
     """`method` if it is one of METHODS, else a ValueError naming the choices."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     return method
 
 
 def _require_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {type(tokenizer).__name__} has no chat template; FAST and BT(F) render conversations "
             "with the model's own template (use an instruct model, or BT(P) with pretraining text)"
         )
@@ -70,14 +71,14 @@ def fast_sequences(
 ) -> list[list[int]]:
     """One sequence per conversation (FAST), truncated to `max_len` tokens."""
     if max_len < 1:
-        raise ValueError(f"max_len must be positive, got {max_len}")
+        raise ConfigError(f"max_len must be positive, got {max_len}")
     return [ids[:max_len] for ids in render_conversations(tokenizer, conversations)]
 
 
 def text_token_lists(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Each pretraining text tokenised without special tokens and followed by the eos token (BT(P))."""
     if tokenizer.eos_token_id is None:
-        raise ValueError("BT(P) separates documents with the eos token, but the tokenizer has none")
+        raise ConfigError("BT(P) separates documents with the eos token, but the tokenizer has none")
     if not texts:
         return []
     ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
@@ -92,7 +93,7 @@ def pack_blocks(
     The remainder (fewer than `block_len` tokens) is meant to be carried into the next call.
     """
     if block_len < 1:
-        raise ValueError(f"block_len must be positive, got {block_len}")
+        raise ConfigError(f"block_len must be positive, got {block_len}")
     stream = list(carry or [])
     for ids in token_lists:
         stream.extend(ids)

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from steer.errors import ConfigError
 from steer.sae import SAE, SAEConfig, build_sae
 from train import checkpoint as ckpt
 from train.config import SAETrainSpec, TrainConfig
@@ -155,7 +156,7 @@ class SAETrainer:
             k=spec.k if spec.arch == "topk" else None,
         )
         if spec.arch == "topk" and spec.k > sae_cfg.d_sae:
-            raise ValueError(f"k={spec.k} exceeds the SAE width d_sae={sae_cfg.d_sae}")
+            raise ConfigError(f"k={spec.k} exceeds the SAE width d_sae={sae_cfg.d_sae}")
         sae = build_sae(sae_cfg)
         if self.cfg.encoder_init == "kaiming":  # SAELens: W_enc drawn on its own, not W_dec.T
             with torch.no_grad():
@@ -329,7 +330,7 @@ class SAETrainer:
         n_batches = min(n_batches, self.cfg.total_steps)
         first = [self._check_batch(x) for x in itertools.islice(iterator, n_batches)]
         if not first:
-            raise ValueError("the activation stream yielded no batch to initialise the SAEs from")
+            raise ConfigError("the activation stream yielded no batch to initialise the SAEs from")
         self.initialise(torch.cat(first))
         return itertools.chain(first, iterator)
 
@@ -454,9 +455,9 @@ class SAETrainer:
         )
         if diff:
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
-            raise ValueError(f"cannot resume from {folder}: the training settings differ ({detail})")
+            raise ConfigError(f"cannot resume from {folder}: the training settings differ ({detail})")
         if state["world_size"] != self.dist.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume from {folder}: it was written by {state['world_size']} processes, "
                 f"now running {self.dist.world_size}"
             )

@@ -15,6 +15,8 @@ import statistics
 import sys
 import time
 
+from steer.errors import ConfigError
+
 TARGET = 0.7
 
 
@@ -25,6 +27,7 @@ def run_bench(model_ref: str, device: str, dtype: str, data: list[str], layer: i
     from tqdm.auto import tqdm
 
     from hub import load_model
+    from steer.positions import pad_token_id
     from steer.sae import SAEConfig, build_sae
     from train.data import load_conversations
     from train.evaluate import EvalConfig, evaluate_sae
@@ -35,14 +38,14 @@ def run_bench(model_ref: str, device: str, dtype: str, data: list[str], layer: i
     n_layers = len(decoder_layers(model))
     layer = n_layers // 2 if layer is None else layer
     if not 0 <= layer < n_layers:
-        raise ValueError(f"--layer {layer} out of range: the model has layers 0..{n_layers - 1}")
+        raise ConfigError(f"--layer {layer} out of range: the model has layers 0..{n_layers - 1}")
     convs = list(load_conversations(data, limit=conversations))
     d_in = model.config.get_text_config().hidden_size
     torch.manual_seed(0)
     sae = build_sae(SAEConfig("standard", d_in, d_in * expansion, device=device))
     cfg = EvalConfig(max_conversations=conversations)
     batches = bucket_batches(fast_sequences(convs, tok, max_len=cfg.max_len), cfg.token_budget,
-                             tok.pad_token_id, seed=None)  # fmt: skip
+                             pad_token_id(tok), seed=None)  # fmt: skip
     real = sum(b.n_tokens for b in batches)
     padded = sum(b.n_padded for b in batches)
 

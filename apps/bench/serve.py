@@ -133,7 +133,8 @@ def run_bench(cfg: BenchServeConfig) -> dict:
                     steering = None if key[1] == "plain" else spec
                     runs[key].append(_load(url, clients, cfg.requests_per_client, steering, cfg.new_tokens))
                     bar.update()
-        stats = {"batched": batched.engine.stats(), "one_at_a_time": single.engine.stats()}
+    # read once the engines have stopped: a batch is counted just after its replies have gone out
+    stats = {"batched": batched.engine.stats(), "one_at_a_time": single.engine.stats()}
     results: dict[str, dict] = {}
     for (level, name), reps in runs.items():
         latencies = sorted(x for r in reps for x in r["latencies"])

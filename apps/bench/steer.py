@@ -68,6 +68,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     from hub import load_model
     from steer import SteeredModel
+    from steer.positions import pad_token_id
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
@@ -91,7 +92,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 max_new_tokens=cfg.new_tokens,
                 min_new_tokens=cfg.new_tokens,
                 do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_token_id(tokenizer),
             )
         sync()
         return time.perf_counter() - start

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from hub.formats import CFG_FILE
 from steer.errors import FastSteerError
 
 SAELENS_PYTHON = Path(".venv-saelens/bin/python")
@@ -79,7 +80,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         result = fit_stream(run, fresh, source, Path(tmp) / "e2e")
         e2e_seconds = time.perf_counter() - t0
         peak = peak_memory_mib()
-        meta = json.loads((Path(tmp) / "e2e" / "cfg.json").read_text())["metadata"]
+        meta = json.loads((Path(tmp) / "e2e" / CFG_FILE).read_text())["metadata"]
 
         # the very batches the run harvested, in order
         batches = stream.sample_batches(meta["real_tokens"])

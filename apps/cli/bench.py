@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from apps.bench import eval as eval_bench
+from apps.bench import interp as interp_bench
 from apps.bench import serve as serve_bench
 from apps.bench import steer as steer_bench
 from apps.bench import train as train_bench
-from apps.cli.options import device_option
+from apps.cli.options import Numbers, config_device_option, config_option, device_option
 
 
 @click.group("bench")
@@ -30,24 +31,22 @@ def bench_all(ctx: click.Context) -> None:
             ctx.invoke(command)
 
 
+STEER = steer_bench.BenchConfig
+SERVE = serve_bench.BenchServeConfig
+
+
 @bench_group.command("steer")
-@click.option("--model", default="default", show_default=True, help="Model reference.")
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--layer", type=int, help="Hooked layer (default: the middle layer).")
-@click.option("--d-sae", type=int, default=4608, show_default=True)
-@click.option("--topk", type=int, default=64, show_default=True, help="k of the TopK SAE (full-SAE case).")
-@click.option("--new-tokens", type=int, default=16, show_default=True)
-@click.option("--repeats", type=int, default=20, show_default=True)
-@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@config_option(STEER, "model", "--model", help="Model reference.")
+@config_option(STEER, "dtype", "--dtype")
+@config_option(STEER, "device", "--device", help="auto | cpu | cuda")
+@config_option(STEER, "layer", "--layer", type=int, help="Hooked layer (default: the middle layer).")
+@config_option(STEER, "d_sae", "--d-sae", type=int)
+@config_option(STEER, "topk", "--topk", type=int, help="k of the TopK SAE (full-SAE case).")
+@config_option(STEER, "new_tokens", "--new-tokens", type=int)
+@config_option(STEER, "repeats", "--repeats", type=int)
+@config_option(STEER, "batch_sizes", "--batch-sizes", type=Numbers(int), help="Comma-separated batch sizes.")
 def bench_steer_command(**options) -> None:
     """Tokens/s of plain vs steered generate (JSON on stdout)."""
-    try:
-        options["batch_sizes"] = tuple(int(b) for b in options["batch_sizes"].split(","))
-    except ValueError as exc:
-        raise click.BadParameter(
-            f"expected comma-separated integers, got {options['batch_sizes']!r}"
-        ) from exc
     if options["repeats"] < 1 or min(options["batch_sizes"]) < 1:
         raise click.BadParameter("--repeats and batch sizes must be positive")
     if options["new_tokens"] < 2:
@@ -56,24 +55,20 @@ def bench_steer_command(**options) -> None:
 
 
 @bench_group.command("serve")
-@click.option("--model", default="default", show_default=True, help="Model reference.")
-@click.option("--dtype", default="float32", show_default=True)
-@device_option
-@click.option("--layer", type=int, help="Steered layer (default: the middle layer).")
-@click.option("--d-sae", type=click.IntRange(1), default=4608, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True, help="Per request.")
-@click.option("--requests-per-client", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--concurrency", default="1,4,8", show_default=True, help="Comma-separated client counts.")
-@click.option("--window-ms", type=click.FloatRange(0), default=10.0, show_default=True, help="Batch window.")
+@config_option(SERVE, "model", "--model", help="Model reference.")
+@config_option(SERVE, "dtype", "--dtype")
+@config_device_option(SERVE)
+@config_option(SERVE, "layer", "--layer", type=int, help="Steered layer (default: the middle layer).")
+@config_option(SERVE, "d_sae", "--d-sae", type=click.IntRange(1))
+@config_option(SERVE, "new_tokens", "--new-tokens", type=click.IntRange(1), help="Per request.")
+@config_option(SERVE, "requests_per_client", "--requests-per-client", type=click.IntRange(1))
+@config_option(SERVE, "repeats", "--repeats", type=click.IntRange(1))
+@config_option(
+    SERVE, "concurrency", "--concurrency", type=Numbers(int), help="Comma-separated client counts."
+)
+@config_option(SERVE, "window_ms", "--window-ms", type=click.FloatRange(0), help="Batch window.")
 def bench_serve_command(**options) -> None:
     """Tokens/s and latency of the server, mixed steered/plain vs plain, batched vs one at a time (JSON)."""
-    try:
-        options["concurrency"] = tuple(int(c) for c in options["concurrency"].split(","))
-    except ValueError as exc:
-        raise click.BadParameter(
-            f"expected comma-separated integers, got {options['concurrency']!r}"
-        ) from exc
     if min(options["concurrency"]) < 1:
         raise click.BadParameter("client counts must be positive", param_hint="--concurrency")
     click.echo(json.dumps(serve_bench.run_bench(serve_bench.BenchServeConfig(**options)), indent=2))
@@ -104,11 +99,8 @@ def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_to
     """Harvesting and end-to-end training throughput vs. the sequential limit (JSON)."""
     if min(batch_size, tokens, buffer_tokens, repeats) < 1:
         raise click.BadParameter("--batch-size, --tokens, --buffer-tokens and --repeats must be positive")
-    try:
-        out = train_bench.run_bench(model_ref, list(data), layer, expansion, batch_size, tokens, buffer_tokens, repeats,
-                        autocast, dtype, device)  # fmt: skip
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    out = train_bench.run_bench(model_ref, list(data), layer, expansion, batch_size, tokens, buffer_tokens, repeats,
+                    autocast, dtype, device)  # fmt: skip
     if vs_saelens:
         from hub import load_model
 
@@ -134,14 +126,37 @@ def bench_eval(model_ref, device, dtype, data, layer, conversations, repeats, ex
     """Evaluation tokens/s (with the delta LM loss) vs two bare full forwards (JSON)."""
     if min(conversations, repeats, expansion) < 1:
         raise click.BadParameter("--conversations, --repeats and --expansion must be positive")
-    try:
-        out = eval_bench.run_bench(
-            model_ref, device, dtype, list(data), layer, conversations, repeats, expansion
-        )
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    out = eval_bench.run_bench(model_ref, device, dtype, list(data), layer, conversations, repeats, expansion)
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+INTERP = interp_bench.BenchInterpConfig
+
+
+@bench_group.command("interp")
+@config_option(INTERP, "model", "--model", help="Model reference.")
+@config_option(INTERP, "data", "--data", multiple=True, help="Conversations (JSONL files or folders).")
+@config_option(INTERP, "conversations", "--conversations", type=click.IntRange(1))
+@config_option(INTERP, "layer", "--layer", type=click.IntRange(0), help="Default: the middle layer.")
+@config_option(INTERP, "expansion", "--expansion", type=click.IntRange(1), help="SAE width / model width.")
+@config_option(INTERP, "l0", "--l0", type=click.FloatRange(0, min_open=True), help="Mean L0 of the SAE.")
+@config_option(INTERP, "dtype", "--dtype")
+@config_device_option(INTERP)
+@config_option(INTERP, "repeats", "--repeats", type=click.IntRange(1))
+@config_option(INTERP, "judge_requests", "--judge-requests", type=click.IntRange(1))
+@config_option(
+    INTERP, "judge_concurrency", "--judge-concurrency", type=Numbers(int), help="Comma-separated limits."
+)
+@config_option(
+    INTERP, "judge_delay_ms", "--judge-delay-ms", type=click.FloatRange(0), help="Fake judge delay."
+)
+def bench_interp_command(**options) -> None:
+    """Collection vs harvest tokens/s, and judge requests in flight vs the limit (JSON)."""
+    if min(options["judge_concurrency"], default=0) < 1:
+        raise click.BadParameter("limits must be positive integers", param_hint="--judge-concurrency")
+    options["data"] = tuple(options["data"])
+    click.echo(json.dumps(interp_bench.run_bench(INTERP(**options)), indent=2))
 
 
 def register(group: click.Group) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import click
 
-from apps.cli.options import device_option, model_option
+from apps.cli.options import config_option, device_option, model_option
 from steer.spec import OPS, POSITION_MODES
 
 
@@ -42,22 +42,27 @@ class ChatOptions:
     "--spec", "spec_path", type=click.Path(dir_okay=False), help="Intervention spec file (.json/.yaml)."
 )
 @click.option("--feature", type=int, help="Feature to edit (instead of --spec).")
-@click.option("--strength", type=float, help="add: norm of the added direction; scale: factor; set: value.")
-@click.option("--op", type=click.Choice(OPS), default="add", show_default=True)
 @click.option(
+    "--strength",
+    type=float,
+    help="add: norm of the added direction (a spec's unit; the demo's and steer-eval's strength s adds "
+    "s/100 x R, and their exported specs hold that norm); scale: factor; set: value.",
+)
+@config_option("steer.spec:Edit", "op", "--op", type=click.Choice(OPS))
+@config_option(
+    "steer.spec:Intervention",
+    "positions",
     "--positions",
-    default="special",
-    show_default=True,
     help=f"{' | '.join(POSITION_MODES)}, or comma-separated tokens / ids (e.g. '<|im_start|>,198').",
 )
 @click.option("--layer", type=int, help="Decoder layer (default: the layer in the SAE's metadata).")
 @click.option("--system", help="System prompt for the conversation.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@config_option(ChatOptions, "max_new_tokens", "--max-new-tokens", type=int)
 @click.option(
     "--sample", is_flag=True, help="Sample (same seed for both replies) instead of greedy decoding."
 )
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@config_option(ChatOptions, "temperature", "--temperature", type=float)
+@config_option(ChatOptions, "seed", "--seed", type=int)
 @click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per turn instead of columns.")
@@ -86,23 +91,17 @@ def chat_command(
     Without PROMPT, reads one user turn per line from stdin (multi-turn; '/reset' clears the
     history, '/quit' or end of input stops). Both conversations keep their own replies.
     """
-    from hub import ModelResolutionError, load_model
-    from steer import SpecError, SteeredModel
+    from hub import load_model
+    from steer import SteeredModel
 
     if (spec_path is None) == (feature is None):
         raise click.UsageError("give either --spec FILE or --feature K (with --sae and --strength)")
-    try:
-        model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
-    except (ModelResolutionError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
     sm = SteeredModel(model, tokenizer)
-    try:
-        specs = _build_specs(sm, spec_path, sae_source, sae_id, feature, strength, op, positions, layer)
-        compiled = [sm.compile(spec) for spec in specs]  # checked once, before the first turn
-    except (SpecError, ValueError, OSError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    specs = _build_specs(sm, spec_path, sae_source, sae_id, feature, strength, op, positions, layer)
+    compiled = [sm.compile(spec) for spec in specs]  # checked once, before the first turn
     options = ChatOptions(max_new_tokens, sample, temperature, seed)
-    label = "steered (" + "; ".join(_describe(s) for s in specs) + ")"
+    label = "steered (" + "; ".join(_describe(s, sm.load_sae(s).labels) for s in specs) + ")"
     start = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         _turn(sm, compiled, start, start, prompt, options, label, as_json)
@@ -165,9 +164,15 @@ def _parse_positions(text: str) -> str | list[str | int]:
     return [int(item) if item.isdigit() else item for item in items]
 
 
-def _describe(spec) -> str:
+def _describe(spec, labels) -> str:
+    """`L3 #12 'polite tone' add 8 @special`: the spec, each feature with its label when its SAE has labels."""
+
+    def named(feature: int) -> str:
+        label = None if labels is None else labels.get(feature)
+        return f"#{feature}" if label is None else f"#{feature} {label!r}"
+
     edits = ", ".join(
-        f"#{e.feature} {e.op}" + ("" if e.op == "ablate" else f" {e.strength:g}") for e in spec.edits
+        f"{named(e.feature)} {e.op}" + ("" if e.op == "ablate" else f" {e.strength:g}") for e in spec.edits
     )
     where = spec.positions if isinstance(spec.positions, str) else ",".join(map(str, spec.positions))
     return f"L{spec.layer} {edits} @{where}"

@@ -7,9 +7,18 @@ from pathlib import Path
 
 import click
 
-from apps.cli.options import device_option, model_option
+from apps.cli.options import (
+    config_device_option,
+    config_model_option,
+    config_option,
+    device_option,
+    model_option,
+)
+from train.config import coefficient_architectures
 
 DEFAULT_PORT = 7860
+DEMO_LIMITS = "apps.demo.settings:DemoLimits"
+MAIN_JOB = "apps.jobs.main_job:MainJobConfig"
 
 
 def _serve_options(fn):
@@ -22,18 +31,18 @@ def _serve_options(fn):
     fn = click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")(
         fn
     )
-    fn = click.option(
+    fn = config_option(
+        DEMO_LIMITS,
+        "max_new_tokens",
         "--max-new-tokens",
         type=click.IntRange(1, 4096),
-        default=256,
-        show_default=True,
         help="Most new tokens a reply may ask for.",
     )(fn)
-    fn = click.option(
+    fn = config_option(
+        DEMO_LIMITS,
+        "max_prompt_tokens",
         "--max-prompt-tokens",
         type=click.IntRange(16, 65536),
-        default=2048,
-        show_default=True,
         help="Longest conversation (in tokens) the page accepts.",
     )(fn)
     return fn
@@ -80,8 +89,12 @@ def _start(backend, host: str, port: int) -> None:
 @click.option(
     "--feature", "features", type=int, multiple=True, help="Preselect an `add` edit of this feature."
 )
-@click.option(
-    "--strength", type=float, default=None, help="Strength of preselected edits (default: the residual norm)."
+@config_option(
+    MAIN_JOB,
+    "preselect_strength",
+    "--strength",
+    type=float,
+    help="Strength s of preselected edits (the study's scale: adds s/100 x the special-position norm).",
 )
 @_serve_options
 def demo_command(
@@ -101,65 +114,58 @@ def demo_command(
     from apps.demo import DemoBackend, EditRow
     from apps.demo.loading import discover, load_demo_sae
     from apps.jobs.main_job import resolve_data, spread
-    from hub import ModelResolutionError, load_model
+    from hub import load_model
     from steer.spec import parse_sae_ref
     from train.data import load_conversations
 
-    try:
-        refs = [parse_sae_ref(arg) for arg in sae_args]
-        model, tok = load_model(model_ref, device=device)
-        saes = [load_demo_sae(ref, model) for ref in refs]
-        source = resolve_data(data)
-        sample = spread(load_conversations(source, split="held_out").items, conversations)
-        for s in saes:
-            click.echo(f"discovering special-token features of {s.name} on {len(sample)} conversations")
-            s.top_features = discover(model, tok, s, sample)
-        backend = DemoBackend(
-            model,
-            tok,
-            saes,
-            model_ref=model_ref,
-            limits=_limits(max_new_tokens, max_prompt_tokens),
-            sample_conversations=sample[:16],
+    refs = [parse_sae_ref(arg) for arg in sae_args]
+    model, tok = load_model(model_ref, device=device)
+    saes = [load_demo_sae(ref, model) for ref in refs]
+    source = resolve_data(data)
+    sample = spread(load_conversations(source, split="held_out").items, conversations)
+    for s in saes:
+        click.echo(f"discovering special-token features of {s.name} on {len(sample)} conversations")
+        s.top_features = discover(model, tok, s, sample)
+    backend = DemoBackend(
+        model,
+        tok,
+        saes,
+        model_ref=model_ref,
+        limits=_limits(max_new_tokens, max_prompt_tokens),
+        sample_conversations=sample[:16],
+    )
+    if features:
+        backend.preselect = backend.check_rows(
+            None, [EditRow(k, "add", strength, "special") for k in features]
         )
-        if features:
-            value = strength if strength is not None else round(backend.default_sae.residual_norm, 1)
-            backend.preselect = backend.check_rows(
-                None, [EditRow(k, "add", value, "special") for k in features]
-            )
-    except (ModelResolutionError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
     _start(backend, host, port)
 
 
 @click.command("run")
-@model_option
-@device_option
-@click.option("--data", default=None, help="Chat data (default: ../shared/data/chat, else a Hub dataset).")
-@click.option(
-    "--layer",
-    type=click.IntRange(0),
-    default=15,
-    show_default=True,
-    help="Decoder block whose output the SAE reads.",
+@config_model_option(MAIN_JOB)
+@config_device_option(MAIN_JOB)
+@config_option(
+    MAIN_JOB, "data", "--data", help="Chat data (default: ../shared/data/chat, else a Hub dataset)."
 )
-@click.option("--tokens", type=click.IntRange(1), default=400_000, show_default=True, help="Training tokens.")
-@click.option("--arch", type=click.Choice(["standard", "jumprelu"]), default="jumprelu", show_default=True)
-@click.option("--expansion", type=click.IntRange(1), default=8, show_default=True, help="d_sae / d_model.")
-@click.option(
-    "--batch-size", type=click.IntRange(1), default=1024, show_default=True, help="Tokens per step."
+@config_option(
+    MAIN_JOB, "layer", "--layer", type=click.IntRange(0), help="Decoder block whose output the SAE reads."
 )
-@click.option(
+@config_option(MAIN_JOB, "tokens", "--tokens", type=click.IntRange(1), help="Training tokens.")
+@config_option(MAIN_JOB, "arch", "--arch", type=click.Choice(coefficient_architectures()))
+@config_option(MAIN_JOB, "expansion", "--expansion", type=click.IntRange(1), help="d_sae / d_model.")
+@config_option(MAIN_JOB, "batch_size", "--batch-size", type=click.IntRange(1), help="Tokens per step.")
+@config_option(
+    MAIN_JOB,
+    "eval_conversations",
     "--conversations",
     type=click.IntRange(1, 1000),
-    default=48,
-    show_default=True,
     help="Held-out conversations for evaluation and for feature discovery.",
 )
-@click.option(
+@config_option(
+    MAIN_JOB,
+    "cache",
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=None,
     help="Where the SAE, its evaluation and features are kept (default: <fast-steer cache>/main-job).",
 )
 @click.option(
@@ -189,33 +195,28 @@ def run_command(
 ) -> None:
     """The main job: train (or reuse) a FAST SAE, evaluate it, find its special-token features, open the demo."""
     from apps.jobs.main_job import MainJobConfig, build_main_backend, run_main_job
-    from hub import ModelResolutionError
 
-    try:
-        cfg = MainJobConfig(
-            model=model_ref,
-            device=device,
-            data=data,
-            layer=layer,
-            tokens=tokens,
-            arch=arch,
-            expansion=expansion,
-            batch_size=batch_size,
-            exclude_first_token=not keep_first_token,
-            eval_conversations=conversations,
-            feature_conversations=conversations,
-            cache=cache_dir,
-        )
-        job, demo_sae, sample = run_main_job(cfg)
-        click.echo(
-            f"[5/5] done in {job.seconds:.0f} s; SAE at {job.sae_dir}"
-            + (" (reused)" if job.reused_sae else "")
-        )
-        if not demo:
-            return
-        backend = build_main_backend(cfg, demo_sae, sample, _limits(max_new_tokens, max_prompt_tokens))
-    except (ModelResolutionError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    cfg = MainJobConfig(
+        model=model_ref,
+        device=device,
+        data=data,
+        layer=layer,
+        tokens=tokens,
+        arch=arch,
+        expansion=expansion,
+        batch_size=batch_size,
+        exclude_first_token=not keep_first_token,
+        eval_conversations=conversations,
+        feature_conversations=conversations,
+        cache=cache_dir,
+    )
+    job, demo_sae, sample = run_main_job(cfg, echo=click.echo)
+    click.echo(
+        f"[5/5] done in {job.seconds:.0f} s; SAE at {job.sae_dir}" + (" (reused)" if job.reused_sae else "")
+    )
+    if not demo:
+        return
+    backend = build_main_backend(cfg, demo_sae, sample, _limits(max_new_tokens, max_prompt_tokens))
     _start(backend, host, port)
 
 

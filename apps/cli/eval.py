@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from apps.cli.options import device_option
+from apps.cli.options import config_option, device_option
+
+EVAL = "train.evaluate:EvalConfig"
 
 
 @click.command("eval")
@@ -33,8 +35,8 @@ from apps.cli.options import device_option
 @click.option("--model", "model_ref", help="Model reference [default: the SAE's metadata.model_name].")
 @click.option("--dtype", "model_dtype", help="Model dtype [default: the dtype the SAE was trained on].")
 @device_option
-@click.option("--max-conversations", type=int, default=200, show_default=True)
-@click.option("--max-len", type=int, default=2048, show_default=True, help="Truncation per conversation.")
+@config_option(EVAL, "max_conversations", "--max-conversations", type=int)
+@config_option(EVAL, "max_len", "--max-len", type=int, help="Truncation per conversation.")
 @click.option(
     "--special-token",
     "extra_special",
@@ -50,15 +52,16 @@ def eval_command(sae_dir, data, split, json_path, plot_dir, model_ref, model_dty
     """Evaluate the SAE(s) in SAE_DIR on conversations (the held-out split by default): MSE, MSE_st, L0,
     explained variance, dead/dense shares and delta LM loss. A sweep folder evaluates each SAE in it."""
     from hub import list_sae_ids
+    from hub.formats import CFG_FILE
     from train.eval_run import evaluate_folder
     from train.evaluate import EvalConfig, format_table
     from train.plots import plot_mse_by_token_type, plot_training
     from train.trainer import LOG_FILE
 
     root = Path(sae_dir)
-    folders = [root] if (root / "cfg.json").is_file() else [root / i for i in list_sae_ids(root)]
+    folders = [root] if (root / CFG_FILE).is_file() else [root / i for i in list_sae_ids(root)]
     if not folders:
-        raise click.ClickException(f"{root} holds no SAE (no cfg.json in it or its sub-folders)")
+        raise click.ClickException(f"{root} holds no SAE (no {CFG_FILE} in it or its sub-folders)")
     if json_path and len(folders) > 1:
         raise click.ClickException(f"{root} holds {len(folders)} SAEs; --json needs a single SAE folder")
     extra = tuple(int(t) if t.isdigit() else t for t in extra_special)
@@ -66,16 +69,13 @@ def eval_command(sae_dir, data, split, json_path, plot_dir, model_ref, model_dty
                      lm_loss=not no_lm_loss)  # fmt: skip
     loaded = None
     for folder in folders:
-        try:
-            if loaded is None and model_ref:
-                from hub import load_model
+        if loaded is None and model_ref:
+            from hub import load_model
 
-                loaded = load_model(model_ref, dtype=model_dtype or "float32", device=device)
-            result, path = evaluate_folder(folder, list(data), split=split, loaded=loaded, model_dtype=model_dtype,
-                                           device=device, cfg=cfg, json_path=json_path,
-                                           progress=not quiet)  # fmt: skip
-        except (ValueError, FileNotFoundError) as exc:
-            raise click.ClickException(str(exc)) from exc
+            loaded = load_model(model_ref, dtype=model_dtype or "float32", device=device)
+        result, path = evaluate_folder(folder, list(data), split=split, loaded=loaded, model_dtype=model_dtype,
+                                       device=device, cfg=cfg, json_path=json_path,
+                                       progress=not quiet)  # fmt: skip
         if len(folders) > 1:
             click.echo(f"== {folder}")
         click.echo(format_table(result))

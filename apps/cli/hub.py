@@ -27,15 +27,11 @@ def push_command(
 
     The token comes from $HF_TOKEN or `hf auth login` and is never printed.
     """
-    from hub import HubUnavailableError, SAEFormatError
     from hub.publish import push_saes
 
-    try:
-        result = push_saes(
-            list(sae_dirs), repo_id, dry_run_dir=dry_run_dir, private=private, commit_message=commit_message
-        )
-    except (SAEFormatError, HubUnavailableError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    result = push_saes(
+        list(sae_dirs), repo_id, dry_run_dir=dry_run_dir, private=private, commit_message=commit_message
+    )
     if result.tree is not None:
         click.echo(f"dry run: nothing uploaded; the tree for {repo_id} is in {result.tree}")
         for path in sorted(p for p in result.tree.rglob("*") if p.is_file()):
@@ -60,13 +56,9 @@ def push_command(
 @click.option("--dtype", default=None, help="Load as float32 | bfloat16 | float16 (default: as stored).")
 def pull_command(repo: str, sae_id: str | None, out: Path | None, dtype: str | None) -> None:
     """Download (only the needed files), validate and describe one SAE of REPO (a Hub repo id or a local folder)."""
-    from hub import HubUnavailableError, SAEFormatError
     from hub.publish import describe_sae, format_summary, pull_sae
 
-    try:
-        sae, source, written = pull_sae(repo, sae_id, out=out, dtype=dtype)
-    except (SAEFormatError, HubUnavailableError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    sae, source, written = pull_sae(repo, sae_id, out=out, dtype=dtype)
     click.echo(f"validated SAE in {source}")
     click.echo(format_summary(describe_sae(sae)))
     if written is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from apps.evaluation.lm_eval.run import DEFAULT_EVAL_DATA, EVAL_DATA_ENV, run_lm_eval
+from apps.evaluation.lm_eval.run import EVAL_DATA_ENV, run_lm_eval
 
 
 @click.command(
@@ -26,7 +26,7 @@ from apps.evaluation.lm_eval.run import DEFAULT_EVAL_DATA, EVAL_DATA_ENV, run_lm
     type=click.Path(file_okay=False, path_type=Path),
     envvar=EVAL_DATA_ENV,
     default=None,
-    help=f"Folder with the local benchmark JSONL files [default: ${EVAL_DATA_ENV} or {DEFAULT_EVAL_DATA} if present].",
+    help=f"Folder with the local benchmark JSONL files [default: ${EVAL_DATA_ENV}, else the shared data's eval folder if present].",
 )
 @click.argument("lm_eval_args", nargs=-1, type=click.UNPROCESSED)
 def lm_eval_command(compare: bool, eval_data: Path | None, lm_eval_args: tuple[str, ...]) -> None:
@@ -37,10 +37,7 @@ def lm_eval_command(compare: bool, eval_data: Path | None, lm_eval_args: tuple[s
     fast-steer lm-eval --model_args pretrained=default,spec=spec.json --tasks gsm8k_local --compare
     fast-steer lm-eval ls tasks
     """
-    try:
-        run_lm_eval(lm_eval_args, eval_data=eval_data, compare=compare)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    run_lm_eval(lm_eval_args, eval_data=eval_data, compare=compare, echo=click.echo)
 
 
 def register(group: click.Group) -> None:

@@ -13,12 +13,9 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def model_command(ref: str, dtype: str, as_json: bool) -> None:
     """Load REF ('default', a local folder or a Hub id) and describe it."""
-    from hub import ModelResolutionError, describe_model, load_model
+    from hub import describe_model, load_model
 
-    try:
-        info = describe_model(load_model(ref, dtype=dtype))
-    except (ModelResolutionError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    info = describe_model(load_model(ref, dtype=dtype))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

@@ -1,14 +1,113 @@
-"""Click options shared by several `fast-steer` commands."""
+"""Click options shared by several `fast-steer` commands, and `config_option`: the one way an option takes
+its default from the config dataclass field it sets (read, never copied)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-model_option = click.option(
-    "--model",
-    "model_ref",
-    default="default",
-    show_default=True,
-    help="Model: 'default', a folder or a Hub id.",
-)
+
+def default_of(config: type, name: str) -> Any:
+    """The default of dataclass field `name` of `config` (its `default_factory` called)."""
+    for item in dataclasses.fields(config):
+        if item.name == name:
+            if item.default is not dataclasses.MISSING:
+                return item.default
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+            raise TypeError(f"{config.__name__}.{name} has no default")
+    raise TypeError(f"{config.__name__} has no field {name!r}")
+
+
+class FieldDefault:
+    """A click default read from a config dataclass field when click first needs it (parsing, `--help`).
+
+    `config` is the class or `"module:Class"`; the string form keeps `fast-steer --help` from importing
+    config modules (most import torch). `str()` is what `--help` shows.
+    """
+
+    def __init__(self, config: type | str, field: str, *, many: bool = False) -> None:
+        self.config, self.field, self.many = config, field, many
+
+    def config_class(self) -> type:
+        if isinstance(self.config, type):
+            return self.config
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self) -> Any:
+        value = default_of(self.config_class(), self.field)
+        if self.many and not isinstance(value, (list, tuple)):
+            return (value,)  # one field value as the default of a repeatable option
+        return value
+
+    def __str__(self) -> str:
+        value = self()
+        if value is None:
+            return ""  # nothing to show (click shows no empty default)
+        return ", ".join(map(_shown, value)) if isinstance(value, (list, tuple)) else _shown(value)
+
+    def __repr__(self) -> str:
+        return f"FieldDefault({self.config!r}, {self.field!r})"
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_option(config: type | str, field: str, *param_decls: str, **attrs: Any) -> Callable:
+    """`click.option(*param_decls, **attrs)` whose default is `config`'s field `field` (shown in `--help`)."""
+    if "default" in attrs:
+        raise TypeError(f"option {param_decls} sets {field}: its default is read from the field, not given")
+    attrs.setdefault("show_default", True)
+    return click.option(
+        *param_decls, default=FieldDefault(config, field, many=attrs.get("multiple", False)), **attrs
+    )
+
+
+class Numbers(click.ParamType):
+    """Comma-separated numbers (`0,15,25`) -> a tuple of `kind` (float or int); a tuple (a field default)
+    passes through."""
+
+    def __init__(self, kind: type = float) -> None:
+        self.kind = kind
+        self.name = "INTEGERS" if kind is int else "NUMBERS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(self.kind(x) for x in str(value).split(",") if x.strip())
+        except ValueError:
+            example = "1,4,8" if self.kind is int else "0,15,25"
+            self.fail(f"{value!r}: expected comma-separated {self.name.lower()} like {example}", param, ctx)
+
+
+class Words(click.ParamType):
+    """Comma-separated words (`a,b`) -> a tuple of str; a tuple (a field default) passes through."""
+
+    name = "WORDS"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        return tuple(x.strip() for x in str(value).split(",") if x.strip())
+
+
+_MODEL_HELP = "Model: 'default', a folder or a Hub id."
+
+model_option = click.option("--model", "model_ref", default="default", show_default=True, help=_MODEL_HELP)
+
+
+def config_model_option(config: type | str) -> Callable:
+    """`--model` of a command whose config has a `model` field."""
+    return config_option(config, "model", "--model", "model_ref", help=_MODEL_HELP)
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -20,10 +119,13 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
+_DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps (auto: CUDA when present, else MPS, else CPU)."
+
 device_option = click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    callback=_check_device,
-    help="auto | cpu | cuda | cuda:N | mps (auto: CUDA when present, else MPS, else CPU).",
+    "--device", default="auto", show_default=True, callback=_check_device, help=_DEVICE_HELP
 )
+
+
+def config_device_option(config: type | str) -> Callable:
+    """`--device` of a command whose config has a `device` field."""
+    return config_option(config, "device", "--device", callback=_check_device, help=_DEVICE_HELP)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from apps.cli.options import device_option, model_option
+from apps.cli.options import config_option, device_option, model_option
 
 DEFAULT_PORT = 8000
+LIMITS = "apps.serve.schemas:Limits"
 
 
 @click.command("serve")
@@ -45,9 +46,7 @@ DEFAULT_PORT = 8000
 )
 @device_option
 @click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16 | auto")
-@click.option(
-    "--max-batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Rows per batch."
-)
+@config_option(LIMITS, "max_batch", "--max-batch", type=click.IntRange(1, 256), help="Rows per batch.")
 @click.option(
     "--batch-window-ms",
     type=click.FloatRange(0, 1000),
@@ -55,15 +54,11 @@ DEFAULT_PORT = 8000
     show_default=True,
     help="How long a batch waits for more requests after the first.",
 )
-@click.option(
-    "--max-queue",
-    type=click.IntRange(1),
-    default=64,
-    show_default=True,
-    help="Waiting requests; more get 429.",
+@config_option(
+    LIMITS, "max_queue", "--max-queue", type=click.IntRange(1), help="Waiting requests; more get 429."
 )
-@click.option("--max-prompt-tokens", type=click.IntRange(1), default=2048, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
+@config_option(LIMITS, "max_prompt_tokens", "--max-prompt-tokens", type=click.IntRange(1))
+@config_option(LIMITS, "max_new_tokens", "--max-new-tokens", type=click.IntRange(1))
 def serve_command(
     model_ref: str,
     sae_args: tuple[str, ...],
@@ -82,35 +77,33 @@ def serve_command(
 ) -> None:
     """Serve the OpenAI chat API (/v1/chat/completions, /v1/completions, ...) with per-request SAE steering."""
     from apps.serve.auth import check_bind
-    from apps.serve.errors import APIError
     from apps.serve.loading import default_steering, load_named_saes
     from apps.serve.schemas import Limits
     from apps.serve.server import make_service, serve
-    from hub import ModelResolutionError, load_model
-    from steer import SpecError
+    from hub import load_model
 
-    try:
-        check_bind(host, api_key)
-        limits = Limits(max_prompt_tokens, max_new_tokens, max_batch, max_queue)
-        loaded = load_model(model_ref, dtype=dtype, device=device)
-        d_model = loaded.model.config.get_text_config().hidden_size
-        saes = load_named_saes(list(sae_args), loaded.model.device, d_model)
-        default = default_steering(spec_path, saes, loaded.model.device, d_model) if spec_path else None
-        name = served_model_name or (Path(loaded.source).name if model_ref == "default" else model_ref)
-        service = make_service(
-            loaded.model,
-            loaded.tokenizer,
-            saes,
-            model_name=name,
-            limits=limits,
-            window=batch_window_ms / 1000,
-            api_key=api_key,
-            default_steering=default,
-        )
-    except APIError as exc:
-        raise click.ClickException(f"--spec {spec_path}: {exc.message}") from exc
-    except (ModelResolutionError, SpecError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    check_bind(host, api_key)
+    limits = Limits(
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        max_batch=max_batch,
+        max_queue=max_queue,
+    )
+    loaded = load_model(model_ref, dtype=dtype, device=device)
+    d_model = loaded.model.config.get_text_config().hidden_size
+    saes = load_named_saes(list(sae_args), loaded.model.device, d_model)
+    default = default_steering(spec_path, saes, loaded.model.device, d_model) if spec_path else None
+    name = served_model_name or (Path(loaded.source).name if model_ref == "default" else model_ref)
+    service = make_service(
+        loaded.model,
+        loaded.tokenizer,
+        saes,
+        model_name=name,
+        limits=limits,
+        window=batch_window_ms / 1000,
+        api_key=api_key,
+        default_steering=default,
+    )
     for s in saes:
         click.echo(f"SAE {s.name}: layer {s.sae.layer}, {s.sae.d_in}x{s.sae.d_sae} {s.sae.cfg.architecture}")
     click.echo(

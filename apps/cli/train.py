@@ -12,8 +12,15 @@ from pathlib import Path
 
 import click
 
-from apps.cli.options import device_option, model_option
+from apps.cli.options import config_device_option, config_model_option, config_option
+from steer.sae import architectures
+from train.sequences import METHODS
 
+RUN = "train.run_config:RunConfig"
+DATA = "train.run_config:DataConfig"
+STREAM = "train.run_config:StreamSettings"
+TRAIN = "train.config:TrainConfig"
+SPEC = "train.config:SAETrainSpec"
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}
 
 
@@ -32,16 +39,26 @@ class _Tokens(click.ParamType):
         return value if isinstance(value, int) else parse_tokens(value)
 
 
-def sweep_specs(archs, expansions, coefficients, ks, bandwidth, init_threshold):
-    """The SAE specs of a sweep: arch x expansion x (coefficient, or k for topk)."""
+def sweep_specs(archs, expansions, l1_coefficients, l0_coefficients, ks, bandwidth, init_threshold):
+    """The SAE specs of a sweep: arch x expansion x (its coefficient: --l1 for L1 architectures, --l0 for L0
+    ones, the preset's when not given; or --k for k ones)."""
+    from steer.sae import sae_class
     from train.config import SAETrainSpec
 
+    values = {"l1": l1_coefficients, "l0": l0_coefficients, "k": ks}
+    used = {sae_class(arch).sparsity for arch in archs}
+    for sparsity, given in values.items():
+        if given and sparsity not in used:
+            takes = " / ".join(a for a in architectures() if sae_class(a).sparsity == sparsity)
+            trains = ", ".join(f"{a} (--{sae_class(a).sparsity})" for a in dict.fromkeys(archs))
+            raise click.UsageError(f"--{sparsity} applies to {takes} SAEs; this run trains {trains}")
     specs = []
     for arch, expansion in itertools.product(archs, expansions):
-        if arch == "topk":
+        sparsity = sae_class(arch).sparsity
+        if sparsity == "k":
             if not ks:
-                raise click.UsageError("--arch topk needs --k (one or more values)")
-            specs += [SAETrainSpec(arch="topk", expansion=expansion, k=k) for k in ks]
+                raise click.UsageError(f"--arch {arch} needs --k (one or more values)")
+            specs += [SAETrainSpec(arch=arch, expansion=expansion, k=k) for k in ks]
         else:
             specs += [
                 SAETrainSpec(
@@ -51,7 +68,7 @@ def sweep_specs(archs, expansions, coefficients, ks, bandwidth, init_threshold):
                     jumprelu_bandwidth=bandwidth,
                     jumprelu_init_threshold=init_threshold,
                 )
-                for c in (coefficients or [None])
+                for c in (values[sparsity] or [None])
             ]
     return specs
 
@@ -67,22 +84,24 @@ def _dist_context(device: str):
 def stream_options(fn):
     """The model, data and stream options shared by `train` and `harvest`."""
     options = [
-        model_option,
-        device_option,
+        config_model_option(RUN),
+        config_device_option(RUN),
         click.option("--data", multiple=True, type=click.Path(), help="Conversation files/folders (repeatable)."),
         click.option("--pretrain-data", multiple=True, type=click.Path(), help="Pretraining text files/folders (bt-p)."),
         click.option("--layer", type=int, help="Residual stream after decoder block L (0-indexed)."),
-        click.option("--method", type=click.Choice(["fast", "bt-f", "bt-p"]), default="fast", show_default=True),
-        click.option("--dtype", "model_dtype", default="auto", show_default=True,
-                     help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32)."),
-        click.option("--buffer-tokens", type=int, default=65536, show_default=True, help="Mixing buffer size."),
-        click.option("--token-budget", type=int, default=8192, show_default=True, help="Padded tokens per forward."),
-        click.option("--max-len", type=int, help="FAST truncation per conversation.  [default: 8192 or the model's context]"),
-        click.option("--block-len", type=int, default=2048, show_default=True, help="BT block length."),
+        config_option(DATA, "method", "--method", type=click.Choice(METHODS)),
+        config_option(RUN, "model_dtype", "--dtype", "model_dtype",
+                      help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32)."),
+        config_option(STREAM, "buffer_tokens", "--buffer-tokens", type=int, help="Mixing buffer size."),
+        config_option(STREAM, "token_budget", "--token-budget", type=int, help="Padded tokens per forward."),
+        config_option(STREAM, "max_len", "--max-len", type=int,
+                      help="FAST truncation per conversation.  [default: 8192 or the model's context]"),
+        config_option(STREAM, "block_len", "--block-len", type=int, help="BT block length."),
         click.option("--exclude-first-token", is_flag=True, help="Drop position 0 (its norm is ~100x on SmolLM2)."),
-        click.option("--max-norm-multiple", type=float, help="Drop activations above this multiple of the median norm."),
-        click.option("--held-out-fraction", type=float, default=0.05, show_default=True),
-        click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the data order and buffer."),
+        config_option(STREAM, "max_norm_multiple", "--max-norm-multiple", type=float,
+                      help="Drop activations above this multiple of the median norm."),
+        config_option(DATA, "held_out_fraction", "--held-out-fraction", type=float),
+        config_option(DATA, "seed", "--data-seed", type=int, help="Seed of the data order and buffer."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
@@ -140,33 +159,42 @@ def run_config_from_options(opts: dict, training, activations: str | None = None
     type=int,
     help="Stop after this many passes over the data.  [default: as many as --tokens needs]",
 )
-@click.option(
+@config_option(
+    SPEC,
+    "arch",
     "--arch",
     "archs",
     multiple=True,
-    type=click.Choice(["standard", "jumprelu", "topk"]),
-    help="SAE architecture(s); several values sweep SAEs on one stream.  [default: standard]",
+    type=click.Choice(architectures()),
+    help="SAE architecture(s); several values sweep SAEs on one stream.",
 )
-@click.option(
-    "--expansion", "expansions", multiple=True, type=int, help="d_sae / d_in (repeatable).  [default: 8]"
+@config_option(
+    SPEC, "expansion", "--expansion", "expansions", multiple=True, type=int, help="d_sae / d_in (repeatable)."
 )
 @click.option(
     "--l1",
-    "coefficients",
+    "l1_coefficients",
     multiple=True,
     type=float,
-    help="Sparsity coefficient(s): L1 for standard, L0 for jumprelu.  [default: the preset's]",
+    help="L1 coefficient(s) of standard SAEs (repeatable).  [default: the preset's]",
+)
+@click.option(
+    "--l0",
+    "l0_coefficients",
+    multiple=True,
+    type=float,
+    help="L0 coefficient(s) of jumprelu SAEs (repeatable).  [default: the preset's]",
 )
 @click.option("--k", "ks", multiple=True, type=int, help="k of topk SAEs (repeatable).")
 @click.option("--tokens", type=_Tokens(), help="Training tokens (e.g. 2M).  [default: the preset's]")
 @click.option(
     "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (required unless --dry-run)."
 )
-@click.option(
+@config_option(
+    TRAIN,
+    "preset",
     "--preset",
     type=click.Choice(["default", "paper"]),
-    default="default",
-    show_default=True,
     help="paper: App. C of arXiv 2506.07691, value for value; default: a useful SAE on a CPU in minutes.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the resolved run config as JSON and exit.")
@@ -191,7 +219,7 @@ def run_config_from_options(opts: dict, training, activations: str | None = None
 )
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write training-curve PNGs here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_command(activations, archs, expansions, coefficients, ks, tokens, out_dir, preset, dry_run, resume,
+def train_command(activations, archs, expansions, l1_coefficients, l0_coefficients, ks, tokens, out_dir, preset, dry_run, resume,
                   batch_size, lr, lr_end, seed, checkpoint_every, log_every, gsnr_every, autocast, jumprelu_bandwidth,
                   jumprelu_init_threshold, plot_dir, quiet, **opts) -> None:  # fmt: skip
     """Train SAEs on the residual stream of a chat model (FAST by default) and write SAELens folders."""
@@ -200,22 +228,19 @@ def train_command(activations, archs, expansions, coefficients, ks, tokens, out_
     from train.plots import plot_training
     from train.trainer import LOG_FILE
 
-    try:
-        specs = sweep_specs(archs or ("standard",), expansions or (8,), coefficients, ks,
-                            jumprelu_bandwidth, jumprelu_init_threshold)  # fmt: skip
-        training = preset_config(preset, saes=specs, total_tokens=tokens, batch_size=batch_size, lr=lr,
-                                 lr_end=lr_end, seed=seed, checkpoint_every=checkpoint_every,
-                                 log_every=log_every, gsnr_every=gsnr_every, autocast=autocast)  # fmt: skip
-        cfg = run_config_from_options(opts, training, activations)
-        if dry_run:
-            click.echo(json.dumps(dry_run_report(cfg), indent=2))
-            return
-        if not out_dir:
-            raise click.UsageError("--out is required (unless --dry-run)")
-        dist = _dist_context(cfg.device)
-        result = train(cfg, out_dir, resume=resume, progress=not quiet, dist=dist)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    specs = sweep_specs(archs, expansions, l1_coefficients, l0_coefficients, ks, jumprelu_bandwidth,
+                        jumprelu_init_threshold)  # fmt: skip
+    training = preset_config(preset, saes=specs, total_tokens=tokens, batch_size=batch_size, lr=lr,
+                             lr_end=lr_end, seed=seed, checkpoint_every=checkpoint_every,
+                             log_every=log_every, gsnr_every=gsnr_every, autocast=autocast)  # fmt: skip
+    cfg = run_config_from_options(opts, training, activations)
+    if dry_run:
+        click.echo(json.dumps(dry_run_report(cfg), indent=2))
+        return
+    if not out_dir:
+        raise click.UsageError("--out is required (unless --dry-run)")
+    dist = _dist_context(cfg.device)
+    result = train(cfg, out_dir, resume=resume, progress=not quiet, dist=dist)
     if not dist.is_main:
         return
     if plot_dir:
@@ -276,14 +301,11 @@ def harvest_command(out_dir, tokens, cache_dtype, shard_tokens, quiet, **opts) -
     from train.config import TrainConfig
     from train.pipeline import open_stream
 
-    try:
-        # the batch size only sizes the mixing buffer check; harvesting does not mix
-        cfg = run_config_from_options(opts, TrainConfig(total_tokens=1, batch_size=1))
-        stream, source = open_stream(cfg, _dist_context(cfg.device))
-        manifest = write_cache(stream, out_dir, model_source=source, dtype=cache_dtype, max_tokens=tokens,
-                               shard_tokens=shard_tokens, progress=not quiet)  # fmt: skip
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    # the batch size only sizes the mixing buffer check; harvesting does not mix
+    cfg = run_config_from_options(opts, TrainConfig(total_tokens=1, batch_size=1))
+    stream, source = open_stream(cfg, _dist_context(cfg.device))
+    manifest = write_cache(stream, out_dir, model_source=source, dtype=cache_dtype, max_tokens=tokens,
+                           shard_tokens=shard_tokens, progress=not quiet)  # fmt: skip
     click.echo(json.dumps({"out": out_dir, "tokens": manifest["tokens"], "shards": len(manifest["shards"]),
                            "sequences": manifest["stats"]["sequences"], "dtype": cache_dtype}, indent=2))  # fmt: skip
 

@@ -8,6 +8,7 @@ steered reply is generated, so nothing else may run on it at that time.
 from __future__ import annotations
 
 import collections
+import html
 import math
 import threading
 from collections.abc import Iterator
@@ -23,7 +24,8 @@ from apps.demo.settings import DemoInputError, DemoLimits, GenerationSettings
 from apps.demo.spec_io import build_interventions, export_spec, import_spec
 from apps.demo.streaming import stream_reply
 from apps.demo.token_view import TokenActivation, render_token_html
-from steer.positions import resolve_special_tokens
+from steer.errors import ConfigError
+from steer.positions import SINK_POSITION, pad_token_id, resolve_special_tokens
 from steer.sae import SAE
 from steer.spec import SAERef
 from steer.steered_model import SteeredModel
@@ -48,25 +50,32 @@ class DemoSAE:
         return self.sae.source
 
     @property
+    def labels(self):
+        """The default labelling its folder carried (`hub.labels.Labelling`), or None."""
+        return self.sae.labels
+
+    @property
     def layer(self) -> int:
         """The layer the SAE was trained on (`load_demo_sae` checks that its metadata names one)."""
         return self.sae.layer
 
     @property
     def residual_norm(self) -> float:
-        return self.sample.typical_norm() if self.sample is not None else 1.0
+        """The strength scale `R` of the SAE's layer (`ResidualSample.scale_norm`; 1.0 without a sample):
+        an `add` edit of strength s adds s/100 x R, as in steer-eval and the sweep."""
+        return self.sample.scale_norm if self.sample is not None else 1.0
 
 
 def check_fits(sae: SAE, layer: int, model, name: str) -> None:
     """A ValueError when the SAE cannot be used with the model (width or layer mismatch)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if sae.d_in != cfg.hidden_size:
-        raise ValueError(
+        raise ConfigError(
             f"SAE {name!r} does not fit the model: it reads d_in={sae.d_in} but the model's residual "
             f"stream has hidden_size={cfg.hidden_size}"
         )
     if not 0 <= layer < cfg.num_hidden_layers:
-        raise ValueError(
+        raise ConfigError(
             f"SAE {name!r} does not fit the model: layer {layer} is outside the model's "
             f"{cfg.num_hidden_layers} layers (0 to {cfg.num_hidden_layers - 1})"
         )
@@ -87,10 +96,10 @@ class DemoBackend:
         preselect: list[EditRow] | None = None,
     ) -> None:
         if not saes:
-            raise ValueError("the demo needs at least one SAE")
+            raise ConfigError("the demo needs at least one SAE")
         names = [s.name for s in saes]
         if len(set(names)) != len(names):
-            raise ValueError(f"SAE names must be unique, got {names}")
+            raise ConfigError(f"SAE names must be unique, got {names}")
         self.model = model
         self.tokenizer = tokenizer
         self.model_ref = model_ref
@@ -98,6 +107,8 @@ class DemoBackend:
         self.special = resolve_special_tokens(tokenizer)
         self.steered = SteeredModel(model, tokenizer)
         self.saes = {s.name: s for s in saes}
+        # with labels on any SAE, the feature and intervention tables get a label column and the page a search
+        self.labelled = any(s.labels is not None for s in saes)
         self.lock = threading.Lock()
         samples: dict[int, ResidualSample] = {}
         for s in saes:
@@ -123,7 +134,8 @@ class DemoBackend:
         return self.saes[name]
 
     def max_strength(self, sae: DemoSAE) -> float:
-        return self.limits.max_strength(sae.residual_norm)
+        """The largest |strength| of an edit on `sae` (on the study's scale, so the same for every SAE)."""
+        return self.limits.max_strength()
 
     def _row_limits(self, sae: DemoSAE) -> tuple[int, float, int]:
         return sae.sae.d_sae, self.max_strength(sae), self.limits.max_edits
@@ -136,8 +148,8 @@ class DemoBackend:
         s = self.sae(name)
         return (
             f"**{s.name}** ({s.sae.cfg.architecture}, {s.sae.d_sae} features) at layer {s.layer} of "
-            f"`{self.model_ref}` · typical residual norm at this layer: **{s.residual_norm:.1f}** "
-            f"(strength limit ±{self.max_strength(s)})"
+            f"`{self.model_ref}` · strength scale R at this layer: **{s.residual_norm:.2f}** "
+            f"(an add of strength s adds s/100 x R; limit ±{self.max_strength(s)})"
         )
 
     # -- chat --------------------------------------------------------------------------------
@@ -196,8 +208,45 @@ class DemoBackend:
 
     # -- features ----------------------------------------------------------------------------
     def feature_rows(self, sae_name: str | None) -> list[list]:
-        """The discovery table: [token, feature, mean max activation] per row."""
-        return [[t.token, t.feature, round(t.mean_max, 3)] for t in self.sae(sae_name).top_features]
+        """The discovery table: [token, feature, mean max activation(, label)] per row."""
+        s = self.sae(sae_name)
+        return [
+            [t.token, t.feature, round(t.mean_max, 3), *self._label_cell(s, t.feature)]
+            for t in s.top_features
+        ]
+
+    def edit_rows(self, sae_name: str | None, rows: list[EditRow]) -> list[list]:
+        """The intervention table: [feature, op, strength, positions(, label)] per edit."""
+        s = self.sae(sae_name)
+        return [[*r.as_list(), *self._label_cell(s, r.feature)] for r in rows]
+
+    def _label_cell(self, s: DemoSAE, feature: int) -> list[str]:
+        """The label column's cell of `feature` (empty when unlabelled), or no cell on a page without labels."""
+        if not self.labelled:
+            return []
+        return [(s.labels.get(feature) if s.labels is not None else None) or ""]
+
+    def feature_title(self, sae_name: str | None, feature: int) -> str:
+        """`feature 12 ("polite tone")`, or `feature 12` without a label."""
+        s = self.sae(sae_name)
+        label = s.labels.get(feature) if s.labels is not None else None
+        return f"feature {feature}" if label is None else f'feature {feature} ("{label}")'
+
+    def search(self, sae_name: str | None, query) -> list[list]:
+        """[match, feature, label, judge score, density] of the SAE's features whose labels match `query`,
+        best first (`hub.labels.Labelling.search`); an empty query, no match or no labels: no rows."""
+        s = self.sae(sae_name)
+        query = str(query or "")
+        if len(query) > self.limits.max_search_chars:
+            raise DemoInputError(
+                f"the search is {len(query)} characters long; the limit is {self.limits.max_search_chars}"
+            )
+        if s.labels is None:
+            return []
+        return [
+            [round(h.match, 3), h.feature, h.label, h.score, h.density]
+            for h in s.labels.search(query, self.limits.max_search_results)
+        ]
 
     def check_feature(self, sae_name: str | None, feature) -> int:
         s = self.sae(sae_name)
@@ -222,7 +271,7 @@ class DemoBackend:
             peaks = []
             for i, residual in enumerate(s.sample.residuals):
                 acts = feature_activations(s.sae, residual, feature)
-                acts[0] = 0.0  # the first token's residual is an outlier
+                acts[SINK_POSITION] = 0.0  # the attention sink's residual is an outlier
                 peaks.append((float(acts.max()), int(acts.argmax()), i, acts))
         peaks.sort(key=lambda p: -p[0])
         items = []
@@ -239,7 +288,8 @@ class DemoBackend:
             items.append(render_token_html(tokens, feature, title=title, legend=False))
         if not items:
             return f"<em>Feature {feature} does not fire on the {len(s.sample.residuals)} sample conversations.</em>"
-        return f"<div class='fs-contexts'><b>Top contexts of feature {feature}</b>{''.join(items)}</div>"
+        head = html.escape(f"Top contexts of {self.feature_title(sae_name, feature)}")
+        return f"<div class='fs-contexts'><b>{head}</b>{''.join(items)}</div>"
 
     def token_view_html(self, sae_name: str | None, feature, conversation: Conversation) -> str:
         """The conversation's tokens coloured by the feature's activation at the SAE's layer."""
@@ -251,7 +301,7 @@ class DemoBackend:
         ids = ids[: self.limits.max_prompt_tokens]
         with self.lock, torch.no_grad():
             residual = Harvester(self.model, s.layer).per_sequence(
-                make_batch([ids], self.tokenizer.pad_token_id)
+                make_batch([ids], pad_token_id(self.tokenizer))
             )[0]
             acts = feature_activations(s.sae, residual, feature)
         marks = self.special.mask(torch.tensor(ids)).tolist()
@@ -259,7 +309,8 @@ class DemoBackend:
             TokenActivation(self.tokenizer.decode([t]), float(a), m)
             for t, a, m in zip(ids, acts.tolist(), marks, strict=True)
         ]
-        return render_token_html(tokens, feature, title=f"feature {feature} on the steered conversation")
+        title = f"{self.feature_title(sae_name, feature)} on the steered conversation"
+        return render_token_html(tokens, feature, title=title)
 
     # -- spec export / import ------------------------------------------------------------------
     def export(self, sae_name: str | None, rows: list[EditRow]) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from apps.demo.settings import DemoInputError
+
 Conversation = list[dict[str, str]]
 
 
@@ -25,7 +27,7 @@ def to_conversation(history: list | None) -> Conversation:
         role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
         content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
         if role not in ("system", "user", "assistant"):
-            raise ValueError(
+            raise DemoInputError(
                 f"chat history has a message with role {role!r}; expected system, user or assistant"
             )
         out.append({"role": role, "content": message_text(content)})

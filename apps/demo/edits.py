@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from apps.demo.settings import OPS, POSITIONS, DemoInputError
+from apps.demo.settings import DemoInputError
+from steer.spec import OPS, POSITION_MODES
 
 EDIT_HEADERS = ["feature", "op", "strength", "positions"]
 
@@ -62,9 +63,9 @@ def validate_rows(rows: list[EditRow], d_sae: int, max_strength: float, max_edit
             )
         if row.op not in OPS:
             raise DemoInputError(f"row {i}: unknown op {row.op!r}; expected one of {', '.join(OPS)}")
-        if row.positions not in POSITIONS:
+        if row.positions not in POSITION_MODES:
             raise DemoInputError(
-                f"row {i}: unknown positions {row.positions!r}; expected one of {', '.join(POSITIONS)}"
+                f"row {i}: unknown positions {row.positions!r}; expected one of {', '.join(POSITION_MODES)}"
             )
         if not math.isfinite(row.strength) or abs(row.strength) > max_strength:
             raise DemoInputError(

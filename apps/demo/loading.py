@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from apps.demo.backend import DemoSAE, check_fits
+from steer.errors import ConfigError
 from steer.spec import SAERef, load_sae_reference, sae_ref_name
 from train.feature_table import TopFeature, top_features
 from train.features import discover_features
@@ -14,7 +15,7 @@ def load_demo_sae(ref: SAERef, model, name: str | None = None) -> DemoSAE:
     layer = sae.layer
     name = name or sae_ref_name(ref)
     if layer is None:
-        raise ValueError(
+        raise ConfigError(
             f"SAE {name!r} does not say which layer it reads (no residual-stream hook_name in its cfg.json "
             "metadata); the demo needs an SAE on the residual stream after a decoder block"
         )

@@ -1,39 +1,41 @@
-"""Sampling settings shared by every chat pane, and the safety limits the server enforces."""
+"""Sampling settings shared by every chat pane, and the safety limits the demo enforces."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-OPS = ("add", "scale", "set", "ablate")
-POSITIONS = ("special", "all", "prompt", "generated")
+from apps.evaluation.primitives import strength_of
+from apps.limits import RequestLimits
+from steer.errors import ConfigError, FastSteerError
 
 
-class DemoInputError(ValueError):
+class DemoInputError(FastSteerError, ValueError):
     """Input from the page (or the API) that the demo refuses, with a message meant for the user."""
 
 
 @dataclass(frozen=True)
-class DemoLimits:
-    """What one request may ask for. The server applies these to the page and to API calls alike."""
+class DemoLimits(RequestLimits):
+    """What one request may ask for (the shared `RequestLimits`, plus the page's own). The demo applies
+    these to the page and to API calls alike."""
 
-    max_prompt_tokens: int = 2048
-    max_new_tokens: int = 256
     max_message_chars: int = 4000
     max_edits: int = 16
-    strength_norm_multiple: float = 4.0  # |strength| <= this x the layer's typical residual norm
+    # |strength| <= 100 x this: an `add` edit adds at most this x the layer's strength-scale norm R
+    strength_norm_multiple: float = 4.0
     concurrency: int = 1
     max_queue: int = 32
+    max_search_chars: int = 200  # longest query of the feature search (by label)
+    max_search_results: int = 20  # rows the feature search shows
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_new_tokens", "max_message_chars", "max_edits", "concurrency"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DemoLimits.{name} must be positive, got {getattr(self, name)}")
+        super().__post_init__()
         if self.strength_norm_multiple <= 0:
-            raise ValueError(f"strength_norm_multiple must be positive, got {self.strength_norm_multiple}")
+            raise ConfigError(f"strength_norm_multiple must be positive, got {self.strength_norm_multiple}")
 
-    def max_strength(self, residual_norm: float) -> float:
-        """The largest |strength| accepted at a layer whose typical residual norm is `residual_norm`."""
-        return round(max(self.strength_norm_multiple * residual_norm, 1.0), 1)
+    def max_strength(self) -> float:
+        """The largest |strength| accepted, on the study's scale (`apps.evaluation.primitives`: strength s
+        adds s/100 x R), so the same at every layer."""
+        return round(strength_of(self.strength_norm_multiple, 1.0), 1)  # adds strength_norm_multiple x R
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """The page's intervention table as `steer.Intervention` specs, and back.
 
-Edits with the same positions form one Intervention on the chosen SAE; several groups export as a JSON
-list (what `steer.load_interventions`, `fast-steer chat --spec` and `fast-steer lm-eval` read). Import
-never loads an SAE: the spec's `sae` reference must name one the server was started with.
+Edits with the same positions form one Intervention on the chosen SAE. The page's strengths are on the
+study's scale (`apps.evaluation.primitives`): an `add` of strength s adds `added_norm(s, R)`, R being the
+SAE's layer's strength-scale norm, and that added norm is what a spec holds. Export writes
+`{"interventions": [...], "metadata": {"strength_scale": ...}}` (what `steer.load_interventions`,
+`fast-steer chat --spec` and `fast-steer lm-eval` read), the metadata stating R and each `add` edit's
+strength s. Import converts back with the demo's own R and never loads an SAE: the spec's `sae`
+reference must name one the server was started with.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from apps.demo.edits import EditRow
 from apps.demo.settings import DemoInputError
+from apps.evaluation.primitives import SCALE_STATISTIC, added_norm, scale_note, strength_of
 from steer.spec import Edit, Intervention, SpecError, dump_interventions, sae_ref_key
 
 if TYPE_CHECKING:
@@ -22,7 +27,8 @@ def build_interventions(sae: DemoSAE, rows: list[EditRow]) -> list[Intervention]
     """One Intervention per distinct `positions` among `rows`, in order of first appearance."""
     groups: dict[str, list[Edit]] = {}
     for row in rows:
-        groups.setdefault(row.positions, []).append(Edit(row.feature, row.op, row.strength))
+        strength = added_norm(row.strength, sae.residual_norm) if row.op == "add" else row.strength
+        groups.setdefault(row.positions, []).append(Edit(row.feature, row.op, strength))
     return [
         Intervention(layer=sae.layer, sae=sae.sae, edits=edits, positions=positions)
         for positions, edits in groups.items()
@@ -30,11 +36,28 @@ def build_interventions(sae: DemoSAE, rows: list[EditRow]) -> list[Intervention]
 
 
 def export_spec(sae: DemoSAE, rows: list[EditRow]) -> str:
-    """JSON of the intervention: one object, or a list when the edits use several position modes."""
+    """JSON of the interventions (one per position mode) with the strength scale they were made on."""
     if not rows:
         raise DemoInputError("the intervention has no edits yet: add a feature edit before exporting")
-    specs = build_interventions(sae, rows)
-    return specs[0].to_json() if len(specs) == 1 else dump_interventions(specs)
+    return dump_interventions(build_interventions(sae, rows), {"strength_scale": strength_scale(sae, rows)})
+
+
+def strength_scale(sae: DemoSAE, rows: list[EditRow]) -> dict[str, Any]:
+    """The exported spec's statement of its scale: R, how it was measured, each `add` edit's strength s."""
+    if sae.sample is None:
+        rule = "the demo had no sample conversations to measure R on: strength s adds s/100 (R = 1)"
+    else:
+        rule = scale_note(sae.residual_norm, sae.layer, len(sae.sample.token_ids))
+    return {
+        "norm": sae.residual_norm,
+        "statistic": SCALE_STATISTIC if sae.sample is not None else None,
+        "rule": rule,
+        "add_strengths": [
+            {"feature": r.feature, "positions": r.positions, "strength": r.strength}
+            for r in rows
+            if r.op == "add"
+        ],
+    }
 
 
 def import_spec(text: str, saes: list[DemoSAE]) -> tuple[str, list[EditRow]]:
@@ -79,5 +102,12 @@ def import_spec(text: str, saes: list[DemoSAE]) -> tuple[str, list[EditRow]]:
                 f"intervention {i} lists explicit position tokens {spec.positions}; the demo supports the modes "
                 "special / all / prompt / generated (use `fast-steer chat --spec` for token lists)"
             )
-        rows += [EditRow(e.feature, e.op, e.strength, spec.positions) for e in spec.edits]
+        rows += [
+            EditRow(e.feature, e.op, _page_strength(e, sae.residual_norm), spec.positions) for e in spec.edits
+        ]
     return chosen.name, rows  # items is non-empty, so an SAE was chosen
+
+
+def _page_strength(edit: Edit, norm: float) -> float:
+    """An edit's strength on the page's scale: `add` edits from added norm to s, the others unchanged."""
+    return round(strength_of(edit.strength, norm), 6) if edit.op == "add" else edit.strength

@@ -9,6 +9,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from steer.positions import pad_token_id
+
 
 class _Cancelled(StoppingCriteria):
     """Stops `generate` at the next step once the consumer has gone away."""
@@ -49,7 +51,7 @@ def stream_reply(
                     attention_mask=torch.ones_like(input_ids),
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
-                    pad_token_id=tokenizer.pad_token_id,
+                    pad_token_id=pad_token_id(tokenizer),
                     **gen_kwargs,
                 )
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer below

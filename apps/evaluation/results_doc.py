@@ -13,7 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from train.results_table import METHOD_LABELS, RESULTS_FILE, results_markdown, rows_from_payload
+from steer.errors import MissingFileError
+from train.results_table import RESULTS_FILE, results_markdown, rows_from_payload
+from train.sequences import METHOD_LABELS
 
 RESULT_FILES = (RESULTS_FILE, "results.png", "frontier.png")
 STEER_FILES = ("steer_eval.json", "steer_eval.png")
@@ -33,7 +35,7 @@ def copy_results(reproduce_dir: Path, steer_dir: Path | None, doc: Path) -> dict
         for name in names:
             source = folder / name
             if not source.is_file():
-                raise FileNotFoundError(f"{source} is missing: run the experiment that writes it first")
+                raise MissingFileError(f"{source} is missing: run the experiment that writes it first")
             if source.resolve() != (target / name).resolve():  # a report rebuilt from its own copies
                 shutil.copyfile(source, target / name)
             copies[name] = target / name
@@ -108,8 +110,15 @@ def _command_block(commands: list[str]) -> str:
     return "```bash\n" + "\n".join(commands) + "\n```\n"
 
 
-def render(payload: dict[str, Any], steer: dict[str, Any] | None, notes: str = "") -> str:
-    """The whole document from the copied JSON payloads (and optional prose notes)."""
+def render(
+    payload: dict[str, Any],
+    steer: dict[str, Any] | None,
+    notes: str = "",
+    interp: dict[str, dict[str, Any]] | None = None,
+    reproduce_dir: str = "OUT",
+) -> str:
+    """The whole document from the copied JSON payloads (and optional prose notes); `interp`: the study's
+    `interp.json` per method (`apps.interp.study.load_runs`)."""
     from apps.evaluation.steer_eval import report_markdown
 
     commands = [payload["command"]] if payload.get("command") else []
@@ -137,6 +146,10 @@ def render(payload: dict[str, Any], steer: dict[str, Any] | None, notes: str = "
     if steer:
         parts.append("![steer-eval](steer_eval/steer_eval.png)\n")
         parts.append(report_markdown(steer, level=2))
+    if interp:
+        from apps.interp.report import interp_markdown
+
+        parts.append(interp_markdown(interp, reproduce_dir, level=2))
     return "\n".join(parts)
 
 
@@ -160,12 +173,35 @@ def steering_verdicts(steer: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_doc(reproduce_dir: Path, steer_dir: Path | None, doc: Path, notes: Path | None = None) -> Path:
-    """Copy the result files beside `doc` and write `doc` from the copies."""
+def copy_interp(interp: list[Path], doc: Path) -> dict[str, dict[str, Any]]:
+    """The study's `interp.json` per method (`apps.interp.study.load_runs`), copied to `interp/<method>/`
+    beside `doc`; the copies' content."""
+    from apps.interp.run import INTERP_FILE
+    from apps.interp.study import load_runs
+
+    runs = load_runs(interp)
+    for method, run in runs.items():
+        target = doc.parent / "interp" / method
+        target.mkdir(parents=True, exist_ok=True)
+        (target / INTERP_FILE).write_text(
+            json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+    return load_runs([doc.parent / "interp" / method for method in runs])
+
+
+def write_doc(
+    reproduce_dir: Path,
+    steer_dir: Path | None,
+    doc: Path,
+    notes: Path | None = None,
+    interp: list[Path] | None = None,
+) -> Path:
+    """Copy the result files beside `doc` and write `doc` from the copies (`interp`: the study's run
+    folders, or folders holding one per method)."""
     copies = copy_results(reproduce_dir, steer_dir, doc)
+    runs = copy_interp(interp, doc) if interp else None
     payload = json.loads(copies[RESULTS_FILE].read_text(encoding="utf-8"))
     steer = json.loads(copies["steer_eval.json"].read_text(encoding="utf-8")) if steer_dir else None
-    doc.write_text(
-        render(payload, steer, notes.read_text(encoding="utf-8") if notes else ""), encoding="utf-8"
-    )
+    notes_text = notes.read_text(encoding="utf-8") if notes else ""
+    doc.write_text(render(payload, steer, notes_text, runs, str(reproduce_dir)), encoding="utf-8")
     return doc

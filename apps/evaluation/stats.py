@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from steer.errors import ConfigError
+
 RESAMPLES = 2000
 LEVEL = 0.95
 
@@ -72,13 +74,13 @@ def _arrays(items: Items) -> tuple[np.ndarray, np.ndarray]:
 
 def _indices(n: int, resamples: int, seed: int) -> np.ndarray:
     if resamples < 1:
-        raise ValueError(f"resamples must be positive, got {resamples}")
+        raise ConfigError(f"resamples must be positive, got {resamples}")
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
 def _interval(estimate: float, stats: np.ndarray, level: float) -> Interval:
     if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
+        raise ConfigError(f"level must lie in (0, 1), got {level}")
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])
     return Interval(estimate=float(estimate), low=float(low), high=float(high))

@@ -19,8 +19,10 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from apps.evaluation.primitives import DEFAULT_EVAL_DATA, added_norm, distinct_3gram_share, lm_eval_run
+from apps.evaluation.primitives import added_norm, distinct_n_share, lm_eval_run, scale_note
 from steer import Edit, Intervention, SteeredModel
+from steer.errors import ConfigError
+from train.data import shared_data_dir
 from train.features import ANCHOR_TOKEN, special_residual_norm, top_anchor_feature
 
 log = logging.getLogger(__name__)
@@ -49,20 +51,20 @@ class SweepConfig:
     max_new_tokens: int = 48
     mmlu_subjects: tuple[str, ...] = MMLU_SUBJECTS
     mmlu_limit: int | None = 25  # items per subject; None = all
-    eval_data: Path = DEFAULT_EVAL_DATA
+    eval_data: Path = field(default_factory=lambda: shared_data_dir("eval"))  # local MMLU files
     batch_size: int = 8
     feature: int | None = None  # None = discover the top <|im_start|> feature
 
     def __post_init__(self) -> None:
         self.sae_dir, self.out, self.eval_data = Path(self.sae_dir), Path(self.out), Path(self.eval_data)
         if not self.strengths or any(s < 0 for s in self.strengths):
-            raise ValueError(
+            raise ConfigError(
                 f"strengths must be a non-empty list of non-negative numbers, got {list(self.strengths)}"
             )
         if not self.prompts:
-            raise ValueError("the sweep needs at least one prompt")
+            raise ConfigError("the sweep needs at least one prompt")
         if self.mmlu_limit is not None and self.mmlu_limit < 1:
-            raise ValueError(f"mmlu_limit must be positive or None, got {self.mmlu_limit}")
+            raise ConfigError(f"mmlu_limit must be positive or None, got {self.mmlu_limit}")
 
 
 @dataclass
@@ -132,7 +134,7 @@ def run_sweep(
     sae = load_sae(cfg.sae_dir, device=model.device)
     layer = sae_layer(sae)
     if layer is None:
-        raise ValueError(f"{cfg.sae_dir}: the SAE metadata names no residual-stream layer (hook_name)")
+        raise ConfigError(f"{cfg.sae_dir}: the SAE metadata names no residual-stream layer (hook_name)")
     if cfg.feature is None:
         feature, activation = top_anchor_feature(model, tokenizer, sae, layer, conversations, progress)
     else:
@@ -145,11 +147,7 @@ def run_sweep(
         feature=feature,
         feature_mean_max_activation=activation,
         residual_norm_median=norm,
-        scaling=(
-            f"strength s adds s/100 x {norm:.1f} (the median residual norm at special positions of layer {layer}, "
-            f"position 0 left out, over {len(conversations)} held-out conversations) along the unit decoder "
-            f"direction of feature {feature}, at special positions"
-        ),
+        scaling=f"{scale_note(norm, layer, len(conversations))} (feature {feature}), at special positions",
         prompts=list(cfg.prompts),
         mmlu_tasks=[f"mmlu_local_{s}" for s in cfg.mmlu_subjects],
     )
@@ -158,7 +156,7 @@ def run_sweep(
         local = materialize_tasks(cfg.eval_data, tmp)
         missing = [t for t in result.mmlu_tasks if t not in local.tasks]
         if missing:
-            raise ValueError(f"MMLU subjects not in {cfg.eval_data}: {', '.join(missing)}")
+            raise ConfigError(f"MMLU subjects not in {cfg.eval_data}: {', '.join(missing)}")
         task_manager = TaskManager(include_path=str(local.include_path), include_defaults=False)
         for strength in cfg.strengths:
             alpha = added_norm(strength, norm)
@@ -177,7 +175,7 @@ def run_sweep(
                     mmlu_stderr=stderr,
                     mmlu_items=items,
                     replies=replies,
-                    distinct_3gram_share=distinct_3gram_share(replies),
+                    distinct_3gram_share=distinct_n_share(replies, 3),
                     mean_reply_words=statistics.fmean(len(r.split()) for r in replies),
                 )
             )

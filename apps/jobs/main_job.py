@@ -13,19 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import click
 
 from apps.demo.backend import DemoBackend, DemoSAE
 from apps.demo.edits import EditRow
 from apps.demo.settings import DemoLimits
 from hub.cache import cache_dir, hub_reachable
+from steer.errors import ConfigError, MissingFileError
+from train.data import shared_data_dir
 from train.feature_table import FEATURES_FILE, TopFeature, read_top_features, save_top_features, top_features
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_CHAT = REPO_ROOT.parent / "shared" / "data" / "chat"
 HUB_CHAT_DATASET = "HuggingFaceTB/everyday-conversations-llama3.1-2k:train_sft"
 CACHE_VERSION = 3
 
@@ -52,14 +51,14 @@ class MainJobConfig:
     sample_conversations: int = 16
     features_per_token: int = 5
     preselect: int = 1  # top features preselected in the demo (0 = none)
-    preselect_strength: float = 2.0  # their `add` strength, in units of the layer's typical residual norm
+    preselect_strength: float = 200.0  # their `add` strength s on the study's scale (s/100 x the layer's R)
     cache: Path | None = None  # None: <fast-steer cache>/main-job
 
     def __post_init__(self) -> None:
         if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+            raise ConfigError(f"layer must be >= 0, got {self.layer}")
         if self.tokens < self.batch_size:
-            raise ValueError(f"tokens must be at least one batch ({self.batch_size}), got {self.tokens}")
+            raise ConfigError(f"tokens must be at least one batch ({self.batch_size}), got {self.tokens}")
         for name in (
             "eval_conversations",
             "feature_conversations",
@@ -67,12 +66,13 @@ class MainJobConfig:
             "features_per_token",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.preselect < 0:
-            raise ValueError(f"preselect must be >= 0, got {self.preselect}")
-        if not 0 <= self.preselect_strength <= 4:
-            raise ValueError(
-                f"preselect_strength must be between 0 and 4 residual norms, got {self.preselect_strength}"
+            raise ConfigError(f"preselect must be >= 0, got {self.preselect}")
+        if not 0 <= self.preselect_strength <= DemoLimits().max_strength():
+            raise ConfigError(
+                f"preselect_strength must be between 0 and {DemoLimits().max_strength():g} (the demo's limit), "
+                f"got {self.preselect_strength}"
             )
 
 
@@ -91,14 +91,15 @@ def resolve_data(data: str | None) -> str:
     """`data` when given; else the shared chat folder; else the Hub dataset when the Hub is reachable."""
     if data:
         return data
-    if SHARED_CHAT.is_dir():
-        return str(SHARED_CHAT)
-    ok, why = hub_reachable()
-    if ok:
-        return HUB_CHAT_DATASET
-    raise click.ClickException(
-        f"no chat data: {SHARED_CHAT} does not exist and the Hub is not reachable ({why}); pass --data PATH"
-    )
+    try:
+        return str(shared_data_dir("chat"))
+    except MissingFileError as missing:
+        ok, why = hub_reachable()
+        if ok:
+            return HUB_CHAT_DATASET
+        raise MissingFileError(
+            f"{missing}; the Hub is not reachable either ({why}); pass --data PATH"
+        ) from None
 
 
 def run_config(cfg: MainJobConfig, data: str):
@@ -145,7 +146,9 @@ def spread(items: list, n: int) -> list:
     return [items[int(i * step)] for i in range(n)]
 
 
-def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, DemoSAE, list]:
+def run_main_job(
+    cfg: MainJobConfig, echo: Callable[[str], None] = print
+) -> tuple[MainJobResult, DemoSAE, list]:
     """Train or reuse the SAE, print its evaluation and top features; returns the result, the SAE for
     the demo (on the float32 model's device) and the held-out sample conversations."""
     from hub import load_model, load_sae, resolve_device
@@ -164,9 +167,7 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
     echo(f"[1/5] model {cfg.model!r} ({dtype} on {device} for harvesting) and data {data}")
     n_layers = model.config.get_text_config().num_hidden_layers
     if cfg.layer >= n_layers:
-        raise click.ClickException(
-            f"--layer {cfg.layer} is out of range: the model has layers 0..{n_layers - 1}"
-        )
+        raise ConfigError(f"--layer {cfg.layer} is out of range: the model has layers 0..{n_layers - 1}")
     out = job_dir(cfg, run, load_model_source(cfg.model, model))
     held_out = load_conversations(data, split="held_out").items
 
@@ -226,16 +227,15 @@ def run_main_job(cfg: MainJobConfig, echo=click.echo) -> tuple[MainJobResult, De
 
 def build_main_backend(cfg: MainJobConfig, demo_sae: DemoSAE, sample: list, limits: DemoLimits | None = None):
     """The demo backend of the main job: the float32 model, its SAE, and the strongest special-token
-    features preselected as `add` edits at special positions, `cfg.preselect_strength` times the
-    layer's typical residual norm strong."""
+    features preselected as `add` edits at special positions of strength `cfg.preselect_strength` (the
+    study's scale)."""
     from hub import load_model
 
     model, tok = load_model(cfg.model, device=cfg.device)
     backend = DemoBackend(
         model, tok, [demo_sae], model_ref=cfg.model, limits=limits, sample_conversations=sample
     )
-    strength = cfg.preselect_strength * backend.default_sae.residual_norm
-    rows = preselected_edits(demo_sae.top_features, cfg.preselect, strength)
+    rows = preselected_edits(demo_sae.top_features, cfg.preselect, cfg.preselect_strength)
     backend.preselect = backend.check_rows(None, rows)
     return backend
 

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-compatible endpoints over the batching engine, steered per request.
 
-Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /v1/saes,
-GET / PUT /v1/steering, GET /health. Every refusal is an OpenAI-shaped error (400 bad request,
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /v1/saes (with labels),
+GET /v1/saes/{name}/features?q=TEXT&limit=N (search by label), GET / PUT /v1/steering, GET /health. Every refusal is an OpenAI-shaped error (400 bad request,
 401 no key, 404 unknown model, 429 full queue).
 """
 
@@ -14,10 +14,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
 
 from apps.serve.auth import Gate
 from apps.serve.engine import Engine, QueueFull
 from apps.serve.errors import APIError, install_error_handlers
+from apps.serve.labels import search_features
 from apps.serve.responses import Choice, ResponseFormat, sse
 from apps.serve.rows import Delta, Event, Failure, Finish, Row
 from apps.serve.schemas import (
@@ -65,6 +67,10 @@ def build_app(service: Service) -> FastAPI:
     async def saes() -> dict[str, Any]:
         return {"object": "list", "data": [s.describe() for s in service.steering.saes.values()]}
 
+    @app.get("/v1/saes/{name}/features")
+    def search(name: str, q: str = "", limit: str | None = None) -> list[dict[str, Any]]:
+        return search_features(service.steering.saes, name, q, limit, service.limits)
+
     @app.get("/v1/steering")
     async def get_steering() -> dict[str, Any]:
         return {"steering": service.steering.describe_default()}
@@ -81,7 +87,7 @@ def build_app(service: Service) -> FastAPI:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
                 "input_ids"
             ]
-        except Exception as exc:  # noqa: BLE001 - a template that refuses the conversation (roles, order)
+        except (TemplateError, ValueError) as exc:  # a template that refuses the conversation (roles, order)
             raise APIError.bad_request(
                 f"the chat template refused these messages: {exc}", "messages"
             ) from None

@@ -9,6 +9,7 @@ import ipaddress
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from apps.serve.errors import APIError
+from steer.errors import ConfigError
 
 OPEN_PATHS = ("/health",)
 
@@ -26,7 +27,7 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, api_key: str | None) -> None:
     """A ValueError when `host` would expose the server to the network without an API key."""
     if not is_loopback(host) and not api_key:
-        raise ValueError(
+        raise ConfigError(
             f"--host {host} accepts connections from other machines: give --api-key KEY (or set "
             "FAST_STEER_API_KEY) so that only clients sending 'Authorization: Bearer KEY' are served"
         )

@@ -31,7 +31,8 @@ from transformers import (
 
 from apps.serve.rows import Row, RowDecoder
 from apps.serve.sampling import RowSampler
-from steer import SteeredModel
+from steer import FastSteerError, SteeredModel
+from steer.positions import pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,8 @@ class _Finished(StoppingCriteria):
 class Engine:
     """Runs queued requests (groups of rows that share one batch, e.g. a steered/plain comparison)."""
 
-    def __init__(
-        self, sm: SteeredModel, *, max_batch: int = 8, max_queue: int = 64, window: float = 0.01
-    ) -> None:
+    def __init__(self, sm: SteeredModel, *, max_batch: int, max_queue: int, window: float) -> None:
+        """`max_batch` rows per batch and `max_queue` waiting requests (`Limits`); `window` seconds of waiting."""
         self.sm = sm
         self.max_batch, self.max_queue, self.window = max_batch, max_queue, window
         # A copy for decoding in this thread while the app's thread encodes prompts with the original
@@ -114,7 +114,7 @@ class Engine:
         self.eos_ids = frozenset(
             [*eos, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]
         )
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.pad_id = pad_token_id(tokenizer)
         self._queue: deque[list[Row]] = deque()
         self._wake = threading.Condition()
         self._stats = EngineStats()
@@ -163,9 +163,11 @@ class Engine:
                 self._generate(decoders)
         except Exception as exc:  # noqa: BLE001 - reported to every client of the batch, then go on
             log.exception("batch of %d rows failed", len(rows))
+            # a FastSteerError says what was wrong; any other text is a bug's, kept for the server log
+            said = str(exc) if isinstance(exc, FastSteerError) else "internal error (see the server log)"
             for decoder in decoders:
                 if not decoder.done:
-                    decoder.fail(f"generation failed: {type(exc).__name__}: {exc}")
+                    decoder.fail(f"generation failed: {said}")
         with self._wake:
             s = self._stats
             s.running = 0

@@ -1,4 +1,8 @@
-"""OpenAI-shaped errors: every refusal is `{"error": {"message", "type", "param", "code"}}` with a 4xx status."""
+"""OpenAI-shaped errors: every refusal is `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+
+A `FastSteerError` that reaches a handler is a 400 with its message; any other exception is a bug: a 500 whose
+body says nothing of it (the traceback goes to the server log).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
+from steer.errors import FastSteerError
 
 
 class APIError(Exception):
@@ -70,7 +76,8 @@ def _is_union_member(part: str) -> bool:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Route every refusal (ours, pydantic's, Starlette's 404/405) through the OpenAI error shape."""
+    """Route every refusal (ours, pydantic's, Starlette's 404/405, a `FastSteerError`) and every bug (a 500
+    without its text) through the OpenAI error shape."""
 
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
@@ -84,6 +91,15 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, kind
         ).response()
 
+    async def on_fast_steer_error(request: Request, exc: FastSteerError) -> JSONResponse:
+        return APIError.bad_request(str(exc)).response()
+
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette raises `exc` again once this is sent, so the server (uvicorn) logs the traceback
+        return APIError(500, "internal server error (see the server log)", None, "server_error").response()
+
     app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(FastSteerError, on_fast_steer_error)
+    app.add_exception_handler(Exception, on_bug)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from apps.limits import RequestLimits
 from apps.serve.errors import APIError
 from apps.serve.sampling import SamplingParams
 
@@ -16,19 +17,14 @@ SteeringField = dict[str, Any] | list[dict[str, Any]] | None
 
 
 @dataclass(frozen=True)
-class Limits:
-    """What one request, and the server as a whole, may ask for."""
+class Limits(RequestLimits):
+    """What one request (the shared `RequestLimits`), and the server as a whole, may ask for."""
 
-    max_prompt_tokens: int = 2048
-    max_new_tokens: int = 256
-    max_batch: int = 8
-    max_queue: int = 64
+    max_batch: int = 8  # rows per batch
+    max_queue: int = 64  # waiting requests; more get 429
     max_body_bytes: int = 1_000_000
-
-    def __post_init__(self) -> None:
-        for name, value in self.__dict__.items():
-            if value < 1:
-                raise ValueError(f"limit {name} must be positive, got {value}")
+    max_search_query_chars: int = 200  # longest `q` of a feature search
+    max_search_limit: int = 100  # most results one feature search may ask for
 
 
 class _Body(BaseModel):

@@ -11,9 +11,10 @@ import uvicorn
 from apps.serve.app import Service, build_app
 from apps.serve.auth import check_bind
 from apps.serve.engine import Engine
+from apps.serve.errors import APIError
 from apps.serve.schemas import Limits
 from apps.serve.steering import NamedSAE, Steering
-from steer import SteeredModel
+from steer import SpecError, SteeredModel
 
 DEFAULT_WINDOW = 0.01
 
@@ -33,7 +34,10 @@ def make_service(
     limits = limits or Limits()
     sm = SteeredModel(model, tokenizer)
     steering = Steering(sm, saes)
-    steering.default = steering.parse(default_steering)
+    try:
+        steering.default = steering.parse(default_steering)
+    except APIError as exc:  # the operator's spec, not a client's request: a startup error
+        raise SpecError(f"the default steering (--spec): {exc.message}") from exc
     engine = Engine(sm, max_batch=limits.max_batch, max_queue=limits.max_queue, window=window).start()
     return Service(sm, steering, engine, limits, model_name, api_key)
 

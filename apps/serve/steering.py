@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from apps.serve.errors import APIError
+from apps.serve.labels import describe_labels
 from steer import SAE, Intervention, SpecError, SteeredModel
+from steer.errors import ConfigError
 from steer.hooks import CompiledIntervention
 
 COMPILED_CACHE_SIZE = 256
@@ -39,6 +41,7 @@ class NamedSAE:
             "d_sae": self.sae.d_sae,
             "architecture": self.sae.cfg.architecture,
             "top_features": None if self.top_features is None else list(self.top_features),
+            "labels": describe_labels(self.sae.labels),
         }
 
 
@@ -58,7 +61,7 @@ class Steering:
         self.sm = sm
         self.saes = {s.name: s for s in saes}
         if len(self.saes) != len(saes):
-            raise ValueError(f"SAE names must be unique, got {[s.name for s in saes]}")
+            raise ConfigError(f"SAE names must be unique, got {[s.name for s in saes]}")
         self._compiled: OrderedDict[str, RowSpec] = OrderedDict()
         self._lock = threading.Lock()
         self.default: RowSpec | None = None

@@ -14,13 +14,16 @@ from hub.formats.base import FileTensor, FolderLayout
 from hub.validate import SAEFormatError, read_json
 
 CFG_FILE = "cfg.json"
-WEIGHTS_FILES = (saelens.WEIGHTS_FILE, sparsify.WEIGHTS_FILE)
-# Training methods of the FAST paper; its release keeps each SAE under `{method}/...`.
-FAST_METHODS = ("FAST", "BT(P)", "BT(F)")
+WEIGHTS_FILE = saelens.WEIGHTS_FILE  # what fast-steer writes
+WEIGHTS_FILES = (saelens.WEIGHTS_FILE, sparsify.WEIGHTS_FILE)  # what it reads
+# The training methods of the FAST paper (`train --method` name -> label). The label is what an SAE's
+# metadata records as `method`, and the paper's release keeps each SAE under `{label}/...`.
+METHOD_LABELS = {"fast": "FAST", "bt-f": "BT(F)", "bt-p": "BT(P)"}
 
 __all__ = [
     "CFG_FILE",
-    "FAST_METHODS",
+    "METHOD_LABELS",
+    "WEIGHTS_FILE",
     "WEIGHTS_FILES",
     "FileTensor",
     "FolderLayout",
@@ -44,7 +47,7 @@ def parse_folder(folder: Path) -> FolderLayout:
         layout = sparsify.parse(cfg, where, folder, run_cfg)
     else:
         layout = saelens.parse(cfg, where)
-    if folder.parent.name in FAST_METHODS:
+    if folder.parent.name in METHOD_LABELS.values():
         layout.cfg.metadata.setdefault("method", folder.parent.name)
     if not (folder / layout.weights_file).is_file():
         raise SAEFormatError(

@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from steer.errors import ConfigError
+
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in")
 
 
@@ -31,19 +33,19 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+            raise ConfigError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.normalize_activations not in NORMALIZATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"normalize_activations={self.normalize_activations!r} is not supported; "
                 f"expected one of {', '.join(NORMALIZATIONS)}"
             )
         if self.normalize_activations == "expected_average_only_in" and not self.norm_scaling_factor:
-            raise ValueError(
+            raise ConfigError(
                 "normalize_activations='expected_average_only_in' needs a stored norm_scaling_factor "
                 "(a positive float in cfg.json)"
             )
         if self.reshape_activations != "none":
-            raise ValueError(
+            raise ConfigError(
                 f"reshape_activations={self.reshape_activations!r} is not supported; "
                 "fast-steer SAEs read the residual stream ('none')"
             )
@@ -66,6 +68,9 @@ class SAE(nn.Module):
     """
 
     architecture: ClassVar[str]
+    sparsity: ClassVar[
+        str
+    ]  # what sets its sparsity in training: "l1" / "l0" coefficient, or "k" (no coefficient)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -78,6 +83,7 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
         self._norm_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self.source: str | dict[str, str] | None = None  # where it was loaded from: a spec's SAE reference
+        self.labels: Any = None  # the default labelling its folder carried (`hub.labels.Labelling`), if any
         self.reset_parameters()
 
     # -- attributes -------------------------------------------------------------------------
@@ -249,7 +255,7 @@ def sae_class(architecture: str) -> type[SAE]:
     try:
         return _REGISTRY[architecture]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown SAE architecture {architecture!r}; expected one of {', '.join(architectures())}"
         ) from None
 
@@ -275,7 +281,7 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
         return name
     key = str(name).removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; expected one of float32, bfloat16, float16, float64")
+        raise ConfigError(f"unsupported dtype {name!r}; expected one of float32, bfloat16, float16, float64")
     return _DTYPES[key]
 
 

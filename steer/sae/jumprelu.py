@@ -9,6 +9,7 @@ from steer.sae.base import ElementwiseSAE, SAEConfig, register
 @register
 class JumpReLUSAE(ElementwiseSAE):
     architecture = "jumprelu"
+    sparsity = "l0"
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)

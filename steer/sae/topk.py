@@ -4,16 +4,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from steer.errors import ConfigError
 from steer.sae.base import SAE, SAEConfig, register
 
 
 @register
 class TopKSAE(SAE):
     architecture = "topk"
+    sparsity = "k"
 
     def __init__(self, cfg: SAEConfig) -> None:
         if not cfg.k or not 0 < cfg.k <= cfg.d_sae:
-            raise ValueError(f"topk SAE needs 0 < k <= d_sae={cfg.d_sae}, got k={cfg.k}")
+            raise ConfigError(f"topk SAE needs 0 < k <= d_sae={cfg.d_sae}, got k={cfg.k}")
         super().__init__(cfg)
 
     @property

@@ -69,3 +69,29 @@ def test_fast_dtype_follows_the_hardware():
     flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     native = {"amx_bf16", "avx512_bf16"} & set(flags.split())
     assert fast_dtype("cpu") == ("bfloat16" if native else "float32")
+
+
+def test_out_of_memory_is_not_a_route_miss(monkeypatch):
+    """Only "this route does not apply" (files not there) moves on: running out of memory is raised as it is,
+    so a CUDA OOM on the cached copy never starts a GGUF conversion."""
+    import hub.model
+
+    tried: list[str] = []
+
+    def missing() -> str:
+        tried.append("cache")
+        raise FileNotFoundError("no converted copy")
+
+    def out_of_memory() -> str:
+        tried.append("hub")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def convert() -> str:
+        tried.append("gguf")
+        raise AssertionError("the GGUF conversion must not be attempted")
+
+    routes = [("cache", missing), ("hub", out_of_memory), ("wheel", convert)]
+    monkeypatch.setattr(hub.model, "_routes", lambda ref: iter(routes))
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+        load_model("default")
+    assert tried == ["cache", "hub"]

@@ -172,3 +172,28 @@ def test_smollm2_roles(default_model):
     assert dict(st.to_dict()["role_tokens"])["assistant"] == ["ass", "istant"]
     ids = _render(tok, [{"role": "user", "content": "Hi"}])
     assert [label for label in st.labels(ids) if label][-3:] == ["<|im_start|>", "ass", "istant"]
+
+
+def test_pad_token_id_is_pad_else_eos_else_a_clear_error(chatml_tokenizer):
+    import copy
+
+    from steer.errors import ConfigError
+    from steer.positions import pad_token_id
+
+    assert pad_token_id(chatml_tokenizer) == chatml_tokenizer.pad_token_id
+    tok = copy.deepcopy(chatml_tokenizer)
+    tok.pad_token = None
+    assert tok.pad_token_id is None and pad_token_id(tok) == tok.eos_token_id
+    tok.eos_token = None
+    with pytest.raises(ConfigError, match="neither a pad nor an eos token"):
+        pad_token_id(tok)
+
+
+def test_without_sink_unmarks_position_0_only():
+    from steer.positions import SINK_POSITION, without_sink
+
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    out = without_sink(mask)
+    assert out.tolist() == [[False, True, False], [False, False, True]] and SINK_POSITION == 0
+    assert mask[:, 0].all(), "the input is left as it was"
+    assert without_sink(torch.ones(0, dtype=torch.bool)).numel() == 0

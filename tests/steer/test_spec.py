@@ -183,6 +183,15 @@ def test_spec_files_and_sae_loading_through_hub(tmp_path):
     assert (restored.W_dec == sae.W_dec).all()
     with pytest.raises(SpecError, match="holds 2 interventions"):
         Intervention.from_file(tmp_path / "two.json")
+    # A `metadata` mapping beside the interventions (notes such as a strength scale) is carried, not read.
+    (tmp_path / "noted.json").write_text(dump_interventions(specs, {"strength_scale": {"norm": 194.3}}))
+    assert json.loads((tmp_path / "noted.json").read_text())["metadata"] == {
+        "strength_scale": {"norm": 194.3}
+    }
+    assert [s.edits for s in load_interventions(tmp_path / "noted.json")] == [s.edits for s in specs]
+    (tmp_path / "bad.json").write_text(json.dumps({"interventions": [specs[0].to_dict()], "metadata": 3}))
+    with pytest.raises(SpecError, match="metadata must be a mapping"):
+        load_interventions(tmp_path / "bad.json")
     with pytest.raises(SpecError, match="must end in .json, .yaml or .yml"):
         (tmp_path / "spec.txt").write_text("{}")
         load_interventions(tmp_path / "spec.txt")

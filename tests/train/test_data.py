@@ -127,3 +127,30 @@ def test_load_split_on_real_chat_data():
 def test_real_pretraining_text():
     corpus = load_texts(PRETRAIN_DATA / "us_presidential_speeches.jsonl")
     assert len(corpus) == 120 and all(isinstance(t, str) and t for t in corpus)
+
+
+def test_shared_data_dir_honours_the_env_var_and_says_what_it_tried(tmp_path, monkeypatch):
+    from train.data import SHARED_DATA_ENV, find_shared_data, shared_data_dir
+
+    (tmp_path / "mine" / "chat").mkdir(parents=True)
+    monkeypatch.setenv(SHARED_DATA_ENV, str(tmp_path / "mine"))
+    assert shared_data_dir("chat") == tmp_path / "mine" / "chat"
+    with pytest.raises(FileNotFoundError, match=f"tried {tmp_path / 'mine' / 'eval'}; set {SHARED_DATA_ENV}"):
+        shared_data_dir("eval")  # the variable is the only place looked at when it is set
+    assert find_shared_data("eval") is None
+
+
+def test_shared_data_dir_looks_beside_the_working_directory_first(tmp_path, monkeypatch):
+    from train.data import SHARED_DATA_ENV, shared_data_dir
+
+    monkeypatch.delenv(SHARED_DATA_ENV, raising=False)
+    (tmp_path / "shared" / "data" / "chat").mkdir(parents=True)
+    (tmp_path / "work" / "shared" / "data" / "chat").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert shared_data_dir("chat") == tmp_path / "shared" / "data" / "chat"  # <cwd>/../shared/data
+    monkeypatch.chdir(tmp_path)
+    assert shared_data_dir("chat") == tmp_path / "shared" / "data" / "chat"  # <cwd>/shared/data
+    with pytest.raises(FileNotFoundError) as info:
+        shared_data_dir("no-such-folder")
+    # all three places are named, the source tree's last
+    assert str(info.value).count("no-such-folder") == 4 and str(tmp_path.parent / "shared") in str(info.value)

@@ -21,6 +21,8 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from steer.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "fast-steer"
@@ -46,22 +48,20 @@ class FastSteerLM(HFLM):
 
         `spec`: an intervention file (one or several interventions), an `Intervention`, or a list of
         them; `sae` (+ `sae_id` for a sub-folder): an SAE folder, Hub repo or loaded SAE that replaces
-        the SAE of every spec.
+        the SAE of every spec. `dtype`: as `hub.load_model` takes it (`auto`: `hub.fast_dtype(device)`).
         """
         from steer import SteeredModel
 
         device = _pick_device(device)
-        if dtype == "auto":  # lm-eval's usual default: full precision on CPU, bfloat16 on accelerators
-            dtype = "float32" if device == "cpu" else "bfloat16"
         if isinstance(pretrained, str | Path):
             from hub import load_model
 
             if tokenizer is not None:
-                raise ValueError("pass `tokenizer` only with a loaded model as `pretrained`")
+                raise ConfigError("pass `tokenizer` only with a loaded model as `pretrained`")
             model, tok = load_model(str(pretrained), dtype=dtype, device=device)
         else:
             if tokenizer is None:
-                raise ValueError("a loaded model as `pretrained` needs its `tokenizer` too")
+                raise ConfigError("a loaded model as `pretrained` needs its `tokenizer` too")
             model, tok = pretrained, tokenizer
         kwargs.pop("backend", None)
         super().__init__(pretrained=model, tokenizer=tok, backend="causal", **kwargs)
@@ -143,7 +143,7 @@ def _flag(value: bool | str, name: str) -> bool:
         return True
     if text in ("false", "0", "no"):
         return False
-    raise ValueError(f"model_args {name}={value!r} must be true or false")
+    raise ConfigError(f"model_args {name}={value!r} must be true or false")
 
 
 def load_specs(spec: Any, sae: Any = None, sae_id: str | None = None) -> list:
@@ -156,7 +156,7 @@ def load_specs(spec: Any, sae: Any = None, sae_id: str | None = None) -> list:
 
     if spec in (None, ""):
         if sae not in (None, ""):
-            raise ValueError("model_args has sae=... but no spec=FILE: the spec says which features to edit")
+            raise ConfigError("model_args has sae=... but no spec=FILE: the spec says which features to edit")
         return []
     items = list(spec) if isinstance(spec, Sequence) and not isinstance(spec, str) else [spec]
     specs: list = []

@@ -14,17 +14,16 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import click
+from steer.errors import ConfigError, MissingFileError
+from train.data import find_shared_data
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-DEFAULT_EVAL_DATA = REPO_ROOT.parent / "shared" / "data" / "eval"
 EVAL_DATA_ENV = "FAST_STEER_EVAL_DATA"
 
 
@@ -60,12 +59,15 @@ def ensure_offline_env() -> bool:
 
 
 def run_lm_eval(
-    args: Sequence[str], eval_data: str | Path | None = None, compare: bool = False
+    args: Sequence[str],
+    eval_data: str | Path | None = None,
+    compare: bool = False,
+    echo: Callable[[str], None] = print,
 ) -> list | None:
     """Hand `args` (lm-eval command-line arguments) to lm-eval's CLI; with `compare`, return the rows.
 
     `eval_data`: the folder with the local benchmark files; None = `$FAST_STEER_EVAL_DATA` or
-    `../shared/data/eval` next to the repository when present.
+    the shared data's `eval` folder when present (`train.data.find_shared_data`). `echo` prints the comparison table.
     """
     ensure_offline_env()
     from lm_eval._cli import HarnessCLI
@@ -92,8 +94,8 @@ def run_lm_eval(
             namespace.model = apps.evaluation.lm_eval.model.MODEL_NAME
         if compare:
             if getattr(namespace, "command", None) != "run":
-                raise click.UsageError("--compare works with `run` (the default lm-eval command)")
-            return compare_run(namespace, local)
+                raise ConfigError("--compare works with `run` (the default lm-eval command)")
+            return compare_run(namespace, local, echo)
         cli.execute(namespace)
     return None
 
@@ -112,14 +114,14 @@ def _eval_data_dir(eval_data: str | Path | None) -> Path | None:
     if eval_data is not None:
         path = Path(eval_data).expanduser()
         if not path.is_dir():
-            raise click.BadParameter(f"{path} is not a folder", param_hint="--eval-data")
+            raise MissingFileError(f"--eval-data: {path} is not a folder")
         return path
     if os.environ.get(EVAL_DATA_ENV):
         return _eval_data_dir(os.environ[EVAL_DATA_ENV])
-    return DEFAULT_EVAL_DATA if DEFAULT_EVAL_DATA.is_dir() else None
+    return find_shared_data("eval")
 
 
-def compare_run(namespace, local=None) -> list[CompareRow]:
+def compare_run(namespace, local=None, echo: Callable[[str], None] = print) -> list[CompareRow]:
     """Evaluate the plain and the steered model (one load) on the same tasks; print and return the rows.
 
     When every task asked for is a local one (`local`: what `materialize_tasks` wrote), lm-eval's
@@ -146,13 +148,13 @@ def compare_run(namespace, local=None) -> list[CompareRow]:
         task_manager = cfg.process_tasks(cfg.metadata)
     model_cls = get_model(cfg.model)
     if not issubclass(model_cls, FastSteerLM):
-        raise click.UsageError(f"--compare needs --model fast-steer, got --model {cfg.model}")
+        raise ConfigError(f"--compare needs --model fast-steer, got --model {cfg.model}")
     lm = model_cls.create_from_arg_obj(
         cfg.model_args,
         {"batch_size": cfg.batch_size, "max_batch_size": cfg.max_batch_size, "device": cfg.device},
     )
     if not lm.specs:
-        raise click.UsageError("--compare needs a steering spec: --model_args ...,spec=FILE")
+        raise ConfigError("--compare needs a steering spec: --model_args ...,spec=FILE")
     seeds = cfg.seed or [None, None, None, None]
     common = dict(
         tasks=cfg.tasks,
@@ -177,7 +179,7 @@ def compare_run(namespace, local=None) -> list[CompareRow]:
         base = simple_evaluate(model=lm, **common)
     steered = simple_evaluate(model=lm, **common)
     rows = compare_results(base, steered)
-    click.echo("\n" + format_compare_table(rows))
+    echo("\n" + format_compare_table(rows))
     if cfg.output_path:
         out = Path(cfg.output_path)
         out = out if out.suffix == ".json" else out / "compare.json"
@@ -189,7 +191,7 @@ def compare_run(namespace, local=None) -> list[CompareRow]:
             "steered": steered,
         }
         out.write_text(json.dumps(payload, indent=2, default=handle_non_serializable), encoding="utf-8")
-        click.echo(f"wrote {out}")
+        echo(f"wrote {out}")
     return rows
 
 

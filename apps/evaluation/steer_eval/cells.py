@@ -17,6 +17,7 @@ from apps.evaluation.primitives import (
     lm_eval_run,
 )
 from apps.evaluation.steer_eval.config import ARC_METRIC, IFEVAL_METRICS, Cell, Condition, SteerEvalConfig
+from hub.formats import CFG_FILE
 
 
 def random_direction_sae(d_in: int, layer: int, seed: int, folder: Path, model_ref: str) -> Path:
@@ -38,7 +39,7 @@ def folder_digest(folder: str | Path) -> str:
     """SHA-256 over an SAE folder's `cfg.json` and weight files, so a retrained SAE invalidates its cells."""
     digest = hashlib.sha256()
     for path in sorted(Path(folder).iterdir()):
-        if path.name == "cfg.json" or path.suffix in (".safetensors", ".pt", ".bin"):
+        if path.name == CFG_FILE or path.suffix in (".safetensors", ".pt", ".bin"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from apps.evaluation.lm_eval.tasks import IFEVAL_FILES
-from apps.evaluation.primitives import (
-    DEFAULT_EVAL_DATA,
-)
 from apps.evaluation.stats import RESAMPLES
+from hub.formats import CFG_FILE
 from steer import Edit, Intervention
+from steer.errors import ConfigError, MissingFileError
 from steer.sae import SAE
+from train.data import shared_data_dir
 
 STRENGTHS = (15.0, 25.0, 50.0, 100.0, 150.0, 200.0)  # the paper's grid, in % of the special-position norm
 
@@ -71,7 +71,7 @@ class SteerEvalConfig:
     test: int = 200  # disjoint IFEval prompts to report on
     arc: int = 200  # ARC-Easy test items
     max_new_tokens: int = 256
-    eval_data: Path = DEFAULT_EVAL_DATA
+    eval_data: Path = field(default_factory=lambda: shared_data_dir("eval"))
     batch_size: int = 8
     seed: int = 0  # split, random direction and bootstrap seeds derive from it
     resamples: int = RESAMPLES
@@ -80,24 +80,24 @@ class SteerEvalConfig:
         self.fast_sae, self.btf_sae = Path(self.fast_sae), Path(self.btf_sae)
         self.out, self.eval_data = Path(self.out), Path(self.eval_data)
         for name, folder in (("FAST", self.fast_sae), ("BT(F)", self.btf_sae)):
-            if not (folder / "cfg.json").is_file():
-                raise FileNotFoundError(
-                    f"{name} SAE folder {folder} has no cfg.json (expected an SAE folder)"
+            if not (folder / CFG_FILE).is_file():
+                raise MissingFileError(
+                    f"{name} SAE folder {folder} has no {CFG_FILE} (expected an SAE folder)"
                 )
         if (
             not self.strengths
             or any(s <= 0 for s in self.strengths)
             or len(set(self.strengths)) != len(self.strengths)
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"strengths must be distinct positive numbers (plain is its own condition), got {list(self.strengths)}"
             )
         self.strengths = tuple(sorted(self.strengths))
         for name in ("dev", "test", "arc", "max_new_tokens", "batch_size", "resamples"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not (self.eval_data / IFEVAL_FILES[0]).is_file():
-            raise FileNotFoundError(f"no {IFEVAL_FILES[0]} in {self.eval_data}")
+            raise MissingFileError(f"no {IFEVAL_FILES[0]} in {self.eval_data}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,9 @@ def split_items(n_items: int, n_dev: int, n_test: int, seed: int) -> tuple[list[
     """Disjoint dev and test document indices drawn from `range(n_items)` by a seeded permutation: test
     first, so that the test set depends only on (`seed`, `n_test`) and a larger dev split keeps it."""
     if n_dev + n_test > n_items:
-        raise ValueError(f"dev {n_dev} + test {n_test} prompts exceed the {n_items} IFEval prompts available")
+        raise ConfigError(
+            f"dev {n_dev} + test {n_test} prompts exceed the {n_items} IFEval prompts available"
+        )
     order = np.random.default_rng(seed).permutation(n_items)
     return sorted(int(i) for i in order[n_test : n_test + n_dev]), sorted(int(i) for i in order[:n_test])
 
@@ -148,5 +150,5 @@ def split_items(n_items: int, n_dev: int, n_test: int, seed: int) -> tuple[list[
 def choose_strength(scores: dict[float, float]) -> float:
     """The strength with the best score; ties go to the smaller strength."""
     if not scores:
-        raise ValueError("no strengths to choose from")
+        raise ConfigError("no strengths to choose from")
     return min(scores, key=lambda s: (-scores[s], s))

@@ -17,6 +17,7 @@ from apps.evaluation.lm_eval.tasks import (
     IFEVAL_TASK,
     materialize_tasks,
 )
+from apps.evaluation.primitives import scale_note
 from apps.evaluation.stats import bootstrap_ratio, format_interval, paired_difference
 from apps.evaluation.steer_eval.cells import CellRunner, random_direction_sae
 from apps.evaluation.steer_eval.config import (
@@ -36,6 +37,7 @@ from apps.evaluation.steer_eval.config import (
 from apps.evaluation.steer_eval.provenance import sae_provenance
 from apps.evaluation.steer_eval.replies import reply_stats
 from apps.evaluation.steer_eval.report import write_report
+from steer.errors import ConfigError, MissingFileError
 from train.experiment import run_environment
 from train.features import special_residual_norm, top_anchor_feature
 
@@ -62,14 +64,14 @@ def run_steer_eval(
     btf = load_sae(cfg.btf_sae, device=model.device)
     layer = sae_layer(fast)
     if layer is None or sae_layer(btf) != layer:
-        raise ValueError(
+        raise ConfigError(
             f"the FAST SAE ({cfg.fast_sae}, layer {layer}) and the BT(F) SAE ({cfg.btf_sae}, layer "
             f"{sae_layer(btf)}) must name the same residual-stream layer in their metadata"
         )
     n_ifeval = _count_lines(cfg.eval_data / IFEVAL_FILES[0])
     n_arc = _count_lines(cfg.eval_data / ARC_EASY_FILES[-1])
     if cfg.arc > n_arc:
-        raise ValueError(f"--arc {cfg.arc} exceeds the {n_arc} ARC-Easy test items in {cfg.eval_data}")
+        raise ConfigError(f"--arc {cfg.arc} exceeds the {n_arc} ARC-Easy test items in {cfg.eval_data}")
     dev_ids, test_ids = split_items(n_ifeval, cfg.dev, cfg.test, cfg.seed)
     norm = special_residual_norm(model, tokenizer, layer, conversations)
     random_dir = random_direction_sae(
@@ -91,7 +93,7 @@ def run_steer_eval(
         local = materialize_tasks(cfg.eval_data, tmp)
         missing = [t for t in (IFEVAL_TASK, ARC_EASY_TASK) if t not in local.tasks]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{cfg.eval_data}: missing the data for {', '.join(missing)} (ifeval_input_data.jsonl with "
                 f"{nltk_data}, arc_easy_{{train,validation,test}}.jsonl)"
             )
@@ -140,11 +142,7 @@ def run_steer_eval(
                 "paired": "per prompt / item",
             },
             "residual_norm_median": norm,
-            "scaling": (
-                f"strength s adds s/100 x {norm:.2f} (median residual norm at special positions of layer {layer}, "
-                f"position 0 left out, over {len(conversations)} held-out conversations) along the unit decoder "
-                "direction, op add, at special positions"
-            ),
+            "scaling": f"{scale_note(norm, layer, len(conversations))}, op add, at special positions",
             "command": command,
             "environment": run_environment(str(model.device)),
         },

@@ -6,9 +6,7 @@ import statistics
 
 from transformers import PreTrainedTokenizerBase
 
-from apps.evaluation.primitives import (
-    distinct_3gram_share,
-)
+from apps.evaluation.primitives import distinct_n_share
 
 
 def reply_stats(
@@ -25,13 +23,8 @@ def reply_stats(
     return {
         "mean_tokens": statistics.fmean(tokens),
         "mean_words": statistics.fmean(len(r.split()) for r in replies),
-        "distinct_1": _distinct(replies, 1),
-        "distinct_2": _distinct(replies, 2),
-        "repetition": statistics.fmean(1 - distinct_3gram_share([r]) for r in replies),
+        "distinct_1": distinct_n_share(replies, 1),
+        "distinct_2": distinct_n_share(replies, 2),
+        "repetition": statistics.fmean(1 - distinct_n_share([r], 3) for r in replies),
         "ended": sum(n < max_new_tokens for n in tokens) / len(tokens),
     }
-
-
-def _distinct(texts: list[str], n: int) -> float:
-    grams = [tuple(w[i : i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 1.0

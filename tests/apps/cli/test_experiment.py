@@ -8,7 +8,6 @@ import pytest
 from click.testing import CliRunner
 
 from apps.cli import main
-from apps.evaluation.primitives import distinct_3gram_share
 from tests.conftest import EVAL_DATA, build_tiny_model
 from tests.train.test_experiment import write_small_data
 
@@ -66,11 +65,6 @@ def test_sweep_without_reproduce_output_says_what_to_run(tmp_path):
 def test_reproduce_rejects_bad_token_count():
     result = CliRunner().invoke(main, ["experiment", "reproduce", "--tokens", "lots"])
     assert result.exit_code == 2 and "is not a token count" in result.output
-
-
-def test_distinct_3gram_share():
-    assert distinct_3gram_share(["a b c a b c"]) == pytest.approx(3 / 4)
-    assert distinct_3gram_share(["hi"]) == 1.0
 
 
 def test_report_names_what_is_missing(tmp_path):

@@ -75,7 +75,7 @@ def test_serve_command(saved):
         assert plain["choices"][0]["message"] != steered["choices"][0]["message"]
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=120)
 
 
 def test_serve_refuses_open_host_without_key(saved):

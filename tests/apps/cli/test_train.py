@@ -171,3 +171,27 @@ def test_paper_preset_dry_run_prints_every_app_c_value():
     assert (
         res.exit_code != 0 and "unknown device 'gpu'; expected auto, cpu, cuda, cuda:N or mps" in res.output
     )
+
+
+def test_l1_and_l0_set_the_coefficients_of_their_own_architectures():
+    """`train --l1` / `--l0` mean what they mean in `experiment reproduce`: standard's L1, jumprelu's L0."""
+    from train.config import preset_config
+
+    base = ["train", "--layer", "1", "--data", str(CHAT_DATA), "--dry-run", "--device", "cpu"]
+    both = [*base, "--arch", "standard", "--arch", "jumprelu"]
+
+    def coefficients(args):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        return [(s["arch"], s["sparsity_coefficient"]) for s in json.loads(res.output)["training"]["saes"]]
+
+    assert coefficients([*both, "--l1", "2", "--l1", "3", "--l0", "0.5"]) == [
+        ("standard", 2.0), ("standard", 3.0), ("jumprelu", 0.5)
+    ]  # fmt: skip
+    preset = preset_config("default", total_tokens=1)
+    assert coefficients([*both, "--l0", "0.5"]) == [("standard", preset.l1_coefficient), ("jumprelu", 0.5)]
+    assert coefficients([*both, "--l1", "2"]) == [("standard", 2.0), ("jumprelu", preset.l0_coefficient)]
+    res = CliRunner().invoke(main, [*base, "--arch", "jumprelu", "--l1", "3"])
+    assert (
+        res.exit_code != 0 and "--l1 applies to standard SAEs; this run trains jumprelu (--l0)" in res.output
+    )

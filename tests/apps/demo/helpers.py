@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,14 +30,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_backend(tokenizer, folder: Path, preselect: list[EditRow] | None = None) -> DemoBackend:
-    """A backend on a tiny Llama (d_model 64) with a random standard SAE (256 features) at layer 2."""
+def tiny_backend(
+    tokenizer,
+    folder: Path,
+    preselect: list[EditRow] | None = None,
+    before_load: Callable[[Path], object] | None = None,
+    limits: DemoLimits | None = None,
+) -> DemoBackend:
+    """A backend on a tiny Llama (d_model 64) with a random standard SAE (256 features) at layer 2;
+    `before_load(folder)` runs between saving the SAE and loading it (to add labels, say)."""
     model = build_tiny_model("llama", len(tokenizer))
     torch.manual_seed(1)
     sae = build_sae(
         SAEConfig("standard", d_in=64, d_sae=D_SAE, metadata={"hook_name": f"blocks.{LAYER}.hook_resid_post"})
     )
     save_sae(sae, folder)
+    if before_load is not None:
+        before_load(folder)
     demo_sae = load_demo_sae(str(folder), model, name="tiny-sae")
     conversations = read_conversations(n=8)
     demo_sae.top_features = discover(model, tokenizer, demo_sae, conversations, per_token=3, progress=False)
@@ -45,7 +55,7 @@ def tiny_backend(tokenizer, folder: Path, preselect: list[EditRow] | None = None
         tokenizer,
         [demo_sae],
         model_ref="tiny-llama",
-        limits=DemoLimits(max_new_tokens=24, max_prompt_tokens=1024),
+        limits=limits or DemoLimits(max_new_tokens=24, max_prompt_tokens=1024),
         sample_conversations=conversations,
         preselect=preselect,
     )

@@ -12,12 +12,19 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from apps.demo import EditRow  # noqa: E402
+from apps.demo.backend import DemoSAE  # noqa: E402
 from apps.demo.conversation import to_conversation  # noqa: E402
 from apps.demo.loading import load_demo_sae  # noqa: E402
+from apps.demo.residuals import sample_residuals  # noqa: E402
+from apps.demo.spec_io import build_interventions  # noqa: E402
+from apps.evaluation.primitives import added_norm  # noqa: E402
 from hub import save_sae  # noqa: E402
 from steer.sae import SAEConfig, build_sae  # noqa: E402
 from steer.spec import Intervention, load_interventions  # noqa: E402
 from tests.apps.demo.helpers import D_SAE, GRADIO_WARNINGS, LAYER, serve, tiny_backend  # noqa: E402
+from tests.conftest import read_conversations  # noqa: E402
+from train.features import special_residual_norm  # noqa: E402
+from train.sequences import render_conversation  # noqa: E402
 
 pytestmark = GRADIO_WARNINGS
 
@@ -164,14 +171,20 @@ def test_export_import_round_trip(server, tmp_path):
     assert table["data"] == [[feature + 1, "ablate", 0.0, "all"], [feature, "add", 0.75, "special"]]
     text = client.predict("tiny-sae", table, api_name="/export_spec")
     data = json.loads(text)
-    assert isinstance(data, list) and len(data) == 2  # two position modes -> two interventions
-    # What the page exports is what `fast-steer chat --spec` reads: it loads the SAE folder by reference.
+    assert len(data["interventions"]) == 2  # two position modes -> two interventions
+    # The spec states its scale: R and the page's strength of each add edit.
+    norm = backend.default_sae.residual_norm
+    scale = data["metadata"]["strength_scale"]
+    assert scale["norm"] == pytest.approx(norm)
+    assert scale["add_strengths"] == [{"feature": feature, "positions": "special", "strength": 0.75}]
+    # What the page exports is what `fast-steer chat --spec` reads: it loads the SAE folder by reference,
+    # and an add edit holds the norm it adds (strength 0.75 adds 0.75 % of R).
     path = tmp_path / "spec.json"
     path.write_text(text)
     specs = load_interventions(path)
     assert [(s.positions, [e.to_dict() for e in s.edits]) for s in specs] == [
         ("all", [{"feature": feature + 1, "op": "ablate", "strength": 0.0}]),
-        ("special", [{"feature": feature, "op": "add", "strength": 0.75}]),
+        ("special", [{"feature": feature, "op": "add", "strength": pytest.approx(0.0075 * norm)}]),
     ]
     assert all(s.layer == LAYER for s in specs)
     loaded = specs[0].load_sae()
@@ -179,9 +192,30 @@ def test_export_import_round_trip(server, tmp_path):
     name, rows = client.predict(text, api_name="/import_spec")
     assert name == "tiny-sae"
     assert rows["data"] == table["data"]
-    # A single-mode intervention exports as one object that Intervention.from_json reads.
+    # A single-mode intervention exports as one intervention beside the same metadata.
     single = client.predict("tiny-sae", {**EMPTY_TABLE, "data": [table["data"][1]]}, api_name="/export_spec")
-    assert Intervention.from_json(single).edits[0].strength == 0.75
+    (spec,) = json.loads(single)["interventions"]
+    assert Intervention.from_dict(spec).edits[0].strength == pytest.approx(0.0075 * norm)
+
+
+def test_strength_is_on_the_study_scale(server):
+    """The demo's R is steer-eval's statistic; a demo strength adds what steer-eval's `added_norm` does."""
+    backend, _ = server
+    model, tok = backend.model, backend.tokenizer
+    # conversations the demo's sample keeps whole (it truncates at 512 tokens, steer-eval at 2048)
+    short = [c for c in read_conversations(n=40) if len(render_conversation(tok, c)) <= 512][:8]
+    s = DemoSAE(
+        "tiny-sae",
+        backend.default_sae.sae,
+        sample=sample_residuals(model, tok, short, LAYER, backend.special),
+    )
+    norm = special_residual_norm(model, tok, LAYER, short)
+    assert s.residual_norm == pytest.approx(norm, rel=1e-5)
+    (spec,) = build_interventions(s, [EditRow(3, "add", 150.0, "special")])
+    assert spec.edits[0].strength == pytest.approx(added_norm(150.0, norm), rel=1e-5)
+    # A typical-norm statistic over all positions would differ: this one reads special positions only.
+    everything = torch.cat([r[1:].norm(dim=-1) for r in s.sample.residuals]).median()
+    assert float(everything) != pytest.approx(norm, rel=1e-3)
 
 
 def test_bad_input_gives_clear_errors(server, tmp_path):

@@ -101,14 +101,15 @@ def test_spec_export_import_round_trip(page):
     tab.click("#export-spec")
     code = tab.locator("#spec-json .cm-content")
     tab.wait_for_function("document.querySelector('#spec-json .cm-content').innerText.includes('\"edits\"')")
-    exported = code.inner_text()
-    spec = Intervention.from_json(exported)  # what `fast-steer chat --spec` reads
+    exported = json.loads(code.inner_text())  # what `fast-steer chat --spec` reads
+    (spec,) = [Intervention.from_dict(item) for item in exported["interventions"]]
     assert spec.layer == LAYER and spec.positions == "all"
     assert [e.op for e in spec.edits] == ["add"]
+    assert exported["metadata"]["strength_scale"]["norm"] == backend.default_sae.residual_norm
     before = _cells(tab, "#edits")
     tab.click("#clear-edits")
     tab.wait_for_function("document.querySelectorAll('#edits [role=gridcell]').length === 0")
     tab.click("#import-spec")
     tab.wait_for_function("document.querySelectorAll('#edits [role=gridcell]').length === 4")
     assert _cells(tab, "#edits") == before
-    assert json.loads(exported)["sae"] == backend.default_sae.ref
+    assert exported["interventions"][0]["sae"] == backend.default_sae.ref

@@ -229,3 +229,14 @@ def test_default_model_spec_changes_mmlu_scores(local_tasks, tmp_path):
     lm.use_specs(str(tmp_path / "empty.json"))
     assert _loglikelihoods(lm, tm) == plain
     assert max(abs(a - b) for a, b in zip(steered, plain, strict=True)) > 1e-2
+
+
+def test_dtype_auto_means_what_hub_means(tiny):
+    """`dtype=auto` in the adapter is `hub.load_model`'s auto (`hub.fast_dtype` of the device), one rule."""
+    from hub import fast_dtype, load_model
+    from steer.sae import dtype_from_name
+
+    *_, root = tiny
+    lm = FastSteerLM(pretrained=str(root / "model"), dtype="auto", device="cpu", batch_size=1)
+    assert lm.steered.model.dtype == dtype_from_name(fast_dtype("cpu"))
+    assert lm.steered.model.dtype == load_model(str(root / "model"), dtype="auto", device="cpu").model.dtype

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from apps.cli import main
+from apps.demo.spec_io import build_interventions
 from apps.jobs.main_job import MainJobConfig, build_main_backend, job_dir, run_config, run_main_job
 from tests.conftest import CHAT_DATA
 
@@ -86,5 +87,10 @@ def test_main_job_trains_then_reuses_the_cached_sae(tmp_path):
     assert [(r.feature, r.op, r.positions) for r in backend.preselect] == [
         (strongest.feature, "add", "special")
     ]
-    assert backend.preselect[0].strength == pytest.approx(2 * backend.default_sae.residual_norm, abs=0.05)
+    # Its strength is on the study's scale: it adds preselect_strength % of the special-position norm R.
+    assert backend.preselect[0].strength == cfg.preselect_strength
+    (spec,) = build_interventions(backend.default_sae, backend.preselect)
+    assert spec.edits[0].strength == pytest.approx(
+        cfg.preselect_strength / 100 * backend.default_sae.residual_norm
+    )
     assert backend.feature_rows(None)[0][1] == job.features[0].feature

@@ -13,6 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from steer.errors import ConfigError, MissingFileError
+from train.data import DataFormatError
+
 TEMPLATE_DIR = Path(__file__).resolve().parent
 PLACEHOLDER = "__EVAL_DATA__"
 MMLU_FILES = ("mmlu_test.jsonl", "mmlu_val.jsonl", "mmlu_dev.jsonl")
@@ -45,9 +48,9 @@ def materialize_tasks(eval_data: str | Path, dest: str | Path) -> LocalTasks:
     """
     data = Path(eval_data).expanduser().resolve()
     if not data.is_dir():
-        raise FileNotFoundError(f"eval data folder {data} does not exist")
+        raise MissingFileError(f"eval data folder {data} does not exist")
     if any(ch in str(data) for ch in '"\\\n'):
-        raise ValueError(f"eval data folder {data} contains a quote, backslash or newline; use another path")
+        raise ConfigError(f"eval data folder {data} contains a quote, backslash or newline; use another path")
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
     tasks: list[str] = []
@@ -78,7 +81,7 @@ def materialize_tasks(eval_data: str | Path, dest: str | Path) -> LocalTasks:
         tasks.append(ARC_EASY_TASK)
     if not tasks:
         expected = (MMLU_FILES, GSM8K_FILES, IFEVAL_FILES, ARC_EASY_FILES)
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no benchmark files in {data}: expected any of the sets "
             + "; ".join(", ".join(files) for files in expected)
         )
@@ -94,12 +97,14 @@ def _mmlu_subjects(path: Path) -> list[str]:
             try:
                 subjects.add(json.loads(line)["subject"])
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(
+                raise DataFormatError(
                     f"{path}:{lineno}: expected a JSON object with a 'subject' field ({exc})"
                 ) from exc
     bad = [s for s in subjects if not s.isidentifier()]
     if bad:
-        raise ValueError(f"{path}: subject names must be identifiers like 'abstract_algebra', got {bad[:3]}")
+        raise DataFormatError(
+            f"{path}: subject names must be identifiers like 'abstract_algebra', got {bad[:3]}"
+        )
     return sorted(subjects)
 
 
