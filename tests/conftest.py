@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,18 +79,8 @@ def build_tiny_model(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 
     common = dict(
         vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False
     )
-    if arch == "llama":
-        cfg = LlamaConfig(
-            hidden_size=d_model,
-            intermediate_size=2 * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            **common,
-        )
-    elif arch == "qwen2":
-        cfg = Qwen2Config(
+    if arch in ("llama", "qwen2"):
+        cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](
             hidden_size=d_model,
             intermediate_size=2 * d_model,
             num_hidden_layers=n_layers,
@@ -103,6 +95,21 @@ def build_tiny_model(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 
         raise ValueError(arch)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def save_tiny_model(folder: Path, tokenizer, n_layers: int = 4):
+    """A tiny random Llama saved with `tokenizer` into `folder` (what `--model` takes); returns the model."""
+    model = build_tiny_model("llama", len(tokenizer), n_layers=n_layers)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(params=TINY_ARCHS)

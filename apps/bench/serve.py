@@ -23,6 +23,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from apps.bench.config import ModelBenchConfig
 from apps.bench.steer import PROMPTS
 
 TARGETS = {"mixed_over_plain": 0.95, "batched_over_one_at_a_time": 3.0}
@@ -30,17 +31,19 @@ SAE_NAME = "bench"
 
 
 @dataclass
-class BenchServeConfig:
-    model: str = "default"
-    dtype: str = "float32"
-    device: str = "auto"
-    layer: int | None = None
-    d_sae: int = 4608
+class BenchServeConfig(ModelBenchConfig):
+    """`fast-steer bench serve`."""
+
     new_tokens: int = 32
+    """New tokens per request."""
     requests_per_client: int = 3
+    """Requests each client sends, one after the other."""
     repeats: int = 5
+    """Interleaved repeats of every scenario."""
     concurrency: tuple[int, ...] = (1, 4, 8)
+    """Client counts measured."""
     window_ms: float = 10.0
+    """Batch window of the server."""
 
 
 def _spec(layer: int) -> dict:

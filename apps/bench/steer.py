@@ -19,6 +19,8 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+from apps.bench.config import ModelBenchConfig
+
 PROMPTS = (
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -33,16 +35,17 @@ TARGETS = {"special_add": 0.99, "few_feature": 0.99, "full_sae_all": 0.97}
 
 
 @dataclass
-class BenchConfig:
-    model: str = "default"
-    dtype: str = "float32"
-    device: str = "auto"
-    layer: int | None = None
-    d_sae: int = 4608
+class BenchConfig(ModelBenchConfig):
+    """`fast-steer bench steer`."""
+
     topk: int = 64
+    """k of the TopK SAE (the full-SAE case)."""
     new_tokens: int = 16
+    """New tokens per `generate` (the first forward is the prefill)."""
     repeats: int = 20
+    """Interleaved repeats (a warm-up repeat runs first, unrecorded)."""
     batch_sizes: tuple[int, ...] = (1, 8)
+    """Prompts per batch, one measurement each."""
 
 
 def build_cases(sm, layer: int, d_sae: int, topk: int) -> dict:
@@ -66,11 +69,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     import torch
     from tqdm import tqdm
 
-    from hub import load_model
+    from hub import load_model, resolve_device
     from steer import SteeredModel
     from steer.positions import pad_token_id
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)  # again: `bench all` invokes commands without option callbacks
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ from apps.bench import interp as interp_bench
 from apps.bench import serve as serve_bench
 from apps.bench import steer as steer_bench
 from apps.bench import train as train_bench
-from apps.cli.options import Numbers, config_device_option, config_option, device_option
+from apps.cli.options import Numbers, config_device_option, config_option, device_option, stack
 
 
 @click.group("bench")
@@ -35,12 +36,19 @@ STEER = steer_bench.BenchConfig
 SERVE = serve_bench.BenchServeConfig
 
 
+def _model_bench_options(config: type) -> Callable:
+    """The options of every `ModelBenchConfig`: model, dtype, device, steered layer, SAE width."""
+    return stack(
+        config_option(config, "model", "--model", help="Model reference."),
+        config_option(config, "dtype", "--dtype"),
+        config_device_option(config),
+        config_option(config, "layer", "--layer", type=click.IntRange(0), help="Steered layer (default: the middle layer)."),
+        config_option(config, "d_sae", "--d-sae", type=click.IntRange(1), help="Width of the random SAE."),
+    )  # fmt: skip
+
+
 @bench_group.command("steer")
-@config_option(STEER, "model", "--model", help="Model reference.")
-@config_option(STEER, "dtype", "--dtype")
-@config_option(STEER, "device", "--device", help="auto | cpu | cuda")
-@config_option(STEER, "layer", "--layer", type=int, help="Hooked layer (default: the middle layer).")
-@config_option(STEER, "d_sae", "--d-sae", type=int)
+@_model_bench_options(STEER)
 @config_option(STEER, "topk", "--topk", type=int, help="k of the TopK SAE (full-SAE case).")
 @config_option(STEER, "new_tokens", "--new-tokens", type=int)
 @config_option(STEER, "repeats", "--repeats", type=int)
@@ -55,11 +63,7 @@ def bench_steer_command(**options) -> None:
 
 
 @bench_group.command("serve")
-@config_option(SERVE, "model", "--model", help="Model reference.")
-@config_option(SERVE, "dtype", "--dtype")
-@config_device_option(SERVE)
-@config_option(SERVE, "layer", "--layer", type=int, help="Steered layer (default: the middle layer).")
-@config_option(SERVE, "d_sae", "--d-sae", type=click.IntRange(1))
+@_model_bench_options(SERVE)
 @config_option(SERVE, "new_tokens", "--new-tokens", type=click.IntRange(1), help="Per request.")
 @config_option(SERVE, "requests_per_client", "--requests-per-client", type=click.IntRange(1))
 @config_option(SERVE, "repeats", "--repeats", type=click.IntRange(1))

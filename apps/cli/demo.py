@@ -13,6 +13,8 @@ from apps.cli.options import (
     config_option,
     device_option,
     model_option,
+    request_limit_options,
+    stack,
 )
 from train.config import coefficient_architectures
 
@@ -21,31 +23,19 @@ DEMO_LIMITS = "apps.demo.settings:DemoLimits"
 MAIN_JOB = "apps.jobs.main_job:MainJobConfig"
 
 
-def _serve_options(fn):
-    fn = click.option(
+# Where the page listens, and what one request may ask for (`demo` and `run`).
+_serve_options = stack(
+    click.option(
         "--host",
         default="127.0.0.1",
         show_default=True,
         help="Address to bind. Anything but 127.0.0.1 exposes the model to your network.",
-    )(fn)
-    fn = click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on.")(
-        fn
-    )
-    fn = config_option(
-        DEMO_LIMITS,
-        "max_new_tokens",
-        "--max-new-tokens",
-        type=click.IntRange(1, 4096),
-        help="Most new tokens a reply may ask for.",
-    )(fn)
-    fn = config_option(
-        DEMO_LIMITS,
-        "max_prompt_tokens",
-        "--max-prompt-tokens",
-        type=click.IntRange(16, 65536),
-        help="Longest conversation (in tokens) the page accepts.",
-    )(fn)
-    return fn
+    ),
+    click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on."),
+    request_limit_options(
+        DEMO_LIMITS, new_tokens=click.IntRange(1, 4096), prompt_tokens=click.IntRange(16, 65536)
+    ),
+)
 
 
 def _limits(max_new_tokens: int, max_prompt_tokens: int):

@@ -15,6 +15,7 @@ from apps.cli.options import config_device_option, config_model_option, config_o
 COLLECT = "train.interp.collect:CollectConfig"
 RUN = "apps.interp.run:InterpConfig"
 JUDGE = "apps.interp.judge:JudgeConfig"
+NEURONPEDIA = "apps.interp.neuronpedia.export:NeuronpediaConfig"
 
 
 @click.group("interp")
@@ -191,6 +192,88 @@ def label_command(sae_dir: Path, run_dir: Path) -> None:
         click.echo(f"stored {labelling.describe()}")
     click.echo(f"default labelling: {labels.default.describe()}")
     click.echo(f"wrote {folder / LABELS_FILE}")
+
+
+def _from_option(command):
+    return click.option(
+        "--from",
+        "run_dir",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="The --out folder of `fast-steer interp run` (its interp.json and collection).",
+    )(command)
+
+
+def _features_option(command):
+    return click.option(
+        "--features",
+        "features",
+        default=None,
+        help="Only these features, e.g. 3,17,40-45 (default: every feature that fired).",
+    )(command)
+
+
+@interp_group.command("dashboard")
+@click.argument("sae_dir")
+@_from_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of the static site.",
+)
+@_features_option
+def dashboard_command(sae_dir: str, run_dir: Path, out: Path, features: str | None) -> None:
+    """Write an offline feature dashboard of the SAE in SAE_DIR: OUT/index.html (a searchable, sortable table)
+    and one card per feature, working from file:// with no network."""
+    from apps.interp.dashboard import DashboardConfig, build_dashboard
+    from apps.interp.results import parse_feature_list
+
+    chosen = None if features is None else parse_feature_list(features)
+    info = build_dashboard(DashboardConfig(sae=sae_dir, run_dir=run_dir, out=out, features=chosen))
+    click.echo(f"{info['features']} feature cards ({info['scored']} scored by the judge)")
+    click.echo(f"wrote {out / 'index.html'}")
+
+
+@interp_group.command("export-neuronpedia")
+@click.argument("sae_dir")
+@_from_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Exports folder; the files go to OUT/<modelId>/<sourceId>/.",
+)
+@config_option(
+    NEURONPEDIA, "model_id", "--model-id", help="Neuronpedia model id (default: from the SAE's model)."
+)
+@config_option(NEURONPEDIA, "source_set", "--source-set", help="Source set name (the source is LAYER-NAME).")
+@config_option(NEURONPEDIA, "creator", "--creator", help="creatorId / creatorName of the records.")
+@_features_option
+def export_neuronpedia_command(
+    sae_dir: str,
+    run_dir: Path,
+    out: Path,
+    model_id: str | None,
+    source_set: str | None,
+    creator: str,
+    features: str | None,
+) -> None:
+    """Export the SAE in SAE_DIR for Neuronpedia's bulk import: features, activations and explanations in
+    JSONL batches, each record validated against the schema. No network call."""
+    from apps.interp.neuronpedia import NeuronpediaConfig, export_neuronpedia
+    from apps.interp.results import parse_feature_list
+
+    config = NeuronpediaConfig(
+        sae=sae_dir,
+        run_dir=run_dir,
+        out=out,
+        model_id=model_id,
+        source_set=source_set,
+        creator=creator,
+        features=None if features is None else parse_feature_list(features),
+    )
+    click.echo(f"wrote {export_neuronpedia(config)}")
 
 
 def register(group: click.Group) -> None:

@@ -69,6 +69,30 @@ def config_option(config: type | str, field: str, *param_decls: str, **attrs: An
     )
 
 
+def stack(*options: Callable) -> Callable:
+    """One decorator made of several options, in the order given (as if written one above the other)."""
+
+    def apply(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+def request_limit_options(
+    config: str, *, new_tokens: click.ParamType | None = None, prompt_tokens: click.ParamType | None = None
+) -> Callable:
+    """`--max-new-tokens` and `--max-prompt-tokens`, the `apps.limits.RequestLimits` fields of `config` (a
+    surface's limits class); each value must be positive unless its own type says more."""
+    return stack(
+        config_option(config, "max_new_tokens", "--max-new-tokens", type=new_tokens or click.IntRange(1),
+                      help="Most new tokens a reply may ask for."),
+        config_option(config, "max_prompt_tokens", "--max-prompt-tokens", type=prompt_tokens or click.IntRange(1),
+                      help="Longest conversation (in tokens, chat template applied) a request may send."),
+    )  # fmt: skip
+
+
 class Numbers(click.ParamType):
     """Comma-separated numbers (`0,15,25`) -> a tuple of `kind` (float or int); a tuple (a field default)
     passes through."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from apps.cli.options import config_option, device_option, model_option
+from apps.cli.options import config_option, device_option, model_option, request_limit_options
 
 DEFAULT_PORT = 8000
 LIMITS = "apps.serve.schemas:Limits"
@@ -57,8 +57,7 @@ LIMITS = "apps.serve.schemas:Limits"
 @config_option(
     LIMITS, "max_queue", "--max-queue", type=click.IntRange(1), help="Waiting requests; more get 429."
 )
-@config_option(LIMITS, "max_prompt_tokens", "--max-prompt-tokens", type=click.IntRange(1))
-@config_option(LIMITS, "max_new_tokens", "--max-new-tokens", type=click.IntRange(1))
+@request_limit_options(LIMITS)
 def serve_command(
     model_ref: str,
     sae_args: tuple[str, ...],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from apps.cli.options import config_device_option, config_model_option, config_option
+from apps.cli.options import config_device_option, config_model_option, config_option, stack
 from steer.sae import architectures
 from train.sequences import METHODS
 
@@ -103,9 +103,7 @@ def stream_options(fn):
         config_option(DATA, "held_out_fraction", "--held-out-fraction", type=float),
         config_option(DATA, "seed", "--data-seed", type=int, help="Seed of the data order and buffer."),
     ]  # fmt: skip
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return stack(*options)(fn)
 
 
 def run_config_from_options(opts: dict, training, activations: str | None = None):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from apps.colours import ACTIVATION_RGB, SPECIAL_OUTLINE
+
 
 @dataclass(frozen=True)
 class TokenActivation:
@@ -34,7 +36,7 @@ def render_token_html(
         classes = "fs-tok fs-special" if tok.special else "fs-tok"
         spans.append(
             f"<span class='{classes}' title='{tok.activation:.3f}' data-act='{tok.activation:.4f}' "
-            f"style='background: rgba(255, 120, 0, {alpha:.3f})'>{text}</span>"
+            f"style='background: rgba({ACTIVATION_RGB}, {alpha:.3f})'>{text}</span>"
         )
     active = sum(t.activation > 0 for t in tokens)
     head = html.escape(title) if title else f"feature {feature}"
@@ -52,8 +54,8 @@ def render_token_html(
     )
 
 
-TOKEN_VIEW_CSS = """
-.fs-tok { border-radius: 3px; padding: 0 1px; }
-.fs-special { outline: 1px dashed #5b6cff; font-weight: 600; }
-.fs-tokens-head { font-size: 0.85em; opacity: 0.8; margin-bottom: 4px; }
+TOKEN_VIEW_CSS = f"""
+.fs-tok {{ border-radius: 3px; padding: 0 1px; }}
+.fs-special {{ outline: {SPECIAL_OUTLINE}; font-weight: 600; }}
+.fs-tokens-head {{ font-size: 0.85em; opacity: 0.8; margin-bottom: 4px; }}
 """

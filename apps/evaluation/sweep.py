@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,9 +124,7 @@ def run_sweep(
     progress: bool = True,
 ) -> SweepResult:
     """The whole sweep; writes `sweep.json`, `sweep.md` and `sweep.png` into `cfg.out`."""
-    from lm_eval.tasks import TaskManager
-
-    from apps.evaluation.lm_eval.tasks import materialize_tasks
+    from apps.evaluation.lm_eval.tasks import local_task_manager
     from hub.sae_io import load_sae, sae_layer
 
     start = time.perf_counter()
@@ -152,12 +149,7 @@ def run_sweep(
         mmlu_tasks=[f"mmlu_local_{s}" for s in cfg.mmlu_subjects],
     )
     sm = SteeredModel(model, tokenizer)
-    with tempfile.TemporaryDirectory(prefix="fast-steer-sweep-tasks-") as tmp:
-        local = materialize_tasks(cfg.eval_data, tmp)
-        missing = [t for t in result.mmlu_tasks if t not in local.tasks]
-        if missing:
-            raise ConfigError(f"MMLU subjects not in {cfg.eval_data}: {', '.join(missing)}")
-        task_manager = TaskManager(include_path=str(local.include_path), include_defaults=False)
+    with local_task_manager(cfg.eval_data, result.mmlu_tasks, " (MMLU subjects)") as task_manager:
         for strength in cfg.strengths:
             alpha = added_norm(strength, norm)
             spec = (

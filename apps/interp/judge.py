@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from tqdm.auto import tqdm
 
 from steer.errors import ConfigError, FastSteerError
 
@@ -54,6 +55,8 @@ class JudgeConfig:
     """Seed sent with every request (servers that support it decode reproducibly)."""
     max_tokens: int = 64
     """Default completion budget of one answer."""
+    progress: bool = True
+    """Show a progress bar (requests/s) while answers are pending."""
     top_logprobs: int = 5
     """Alternatives per token asked for (0: ask for no log-probs at all)."""
     concurrency: int = 8
@@ -216,7 +219,10 @@ class Judge:
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         try:
             async with httpx.AsyncClient(headers=headers, timeout=self.config.timeout_s) as client:
+                bar = tqdm(total=len(requests), desc="judge", unit="req", disable=not self.config.progress)
                 tasks = [asyncio.create_task(self._ask(client, limit, r)) for r in requests]
+                for task in tasks:
+                    task.add_done_callback(lambda _task: bar.update())
                 try:
                     return list(await asyncio.gather(*tasks))
                 except BaseException:
@@ -224,6 +230,8 @@ class Judge:
                         task.cancel()
                     await asyncio.gather(*tasks, return_exceptions=True)
                     raise
+                finally:
+                    bar.close()
         finally:
             self.stats.end_busy(started)
 

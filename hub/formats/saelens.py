@@ -82,6 +82,29 @@ def _normalization(value: Any, factor: Any, where: str) -> str:
     return str(value)
 
 
+def _sae_config(
+    cfg: dict[str, Any], where: str, shape: tuple[str, int, int, str, str], **fields: Any
+) -> SAEConfig:
+    """`build_config` from what a version has read its own way (`shape`: architecture, d_in, d_sae, dtype,
+    normalisation; and `fields`), plus the keys SAELens v5 and v6 spell alike (device, b_dec on the input,
+    the stored normalisation scale) read from `cfg` here, once."""
+    architecture, d_in, d_sae, dtype, normalize = shape
+    return build_config(
+        where,
+        architecture=architecture,
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype=dtype,
+        device=str(cfg.get("device", "cpu")),
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        normalize_activations=normalize,
+        norm_scaling_factor=cfg.get("norm_scaling_factor")
+        if normalize == "expected_average_only_in"
+        else None,
+        **fields,
+    )
+
+
 def parse_v6(cfg: dict[str, Any], where: str) -> FolderLayout:
     for key in ("architecture", "d_in", "d_sae"):
         if cfg.get(key) is None:
@@ -91,20 +114,12 @@ def parse_v6(cfg: dict[str, Any], where: str) -> FolderLayout:
     dtype = canonical_dtype(cfg.get("dtype", "float32"), where)
     metadata = dict(cfg.get("metadata") or {})
     normalize = _normalization(cfg.get("normalize_activations"), cfg.get("norm_scaling_factor"), where)
-    sae_cfg = build_config(
+    sae_cfg = _sae_config(
+        cfg,
         where,
-        architecture=architecture,
-        d_in=d_in,
-        d_sae=d_sae,
-        dtype=dtype,
-        device=str(cfg.get("device", "cpu")),
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        normalize_activations=normalize,
+        (architecture, d_in, d_sae, dtype, normalize),
         reshape_activations=str(cfg.get("reshape_activations", "none")),
         k=topk_k(cfg.get("k"), d_sae, where) if architecture == "topk" else None,
-        norm_scaling_factor=cfg.get("norm_scaling_factor")
-        if normalize == "expected_average_only_in"
-        else None,
         metadata=metadata,
     )
     fold = fold_decoder_norm if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm") else None
@@ -140,22 +155,14 @@ def parse_v5(cfg: dict[str, Any], where: str) -> FolderLayout:
     if "hook_point" in cfg and "hook_name" not in metadata:
         metadata["hook_name"] = cfg["hook_point"]
     hook_name = str(metadata.get("hook_name", ""))
-    sae_cfg = build_config(
+    sae_cfg = _sae_config(
+        cfg,
         where,
-        architecture=architecture,
-        d_in=d_in,
-        d_sae=d_sae,
-        dtype=dtype,
-        device=str(cfg.get("device", "cpu")),
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        normalize_activations=normalize,
+        (architecture, d_in, d_sae, dtype, normalize),
         reshape_activations=str(
             cfg.get("reshape_activations", "hook_z" if "hook_z" in hook_name else "none")
         ),
         k=k,
-        norm_scaling_factor=cfg.get("norm_scaling_factor")
-        if normalize == "expected_average_only_in"
-        else None,
         metadata=metadata,
     )
     tensors = standard_tensors(sae_cfg)

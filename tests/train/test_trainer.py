@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from hub import load_sae
+from tests.conftest import free_port
 from train.config import SAETrainSpec, TrainConfig
 from train.trainer import LOG_FILE, SUMMARY_FILE, SAETrainer, geometric_median
 
@@ -127,17 +127,9 @@ def test_bad_batches_are_rejected_with_the_expected_shape(tmp_path):
         trainer.fit(iter([torch.zeros(64, 15)]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_run_matches_one_process(tmp_path):
     torch.set_num_threads(1)
-    mp.start_processes(
-        dp_worker, args=(2, _free_port(), str(tmp_path / "dp")), nprocs=2, start_method="spawn"
-    )
+    mp.start_processes(dp_worker, args=(2, free_port(), str(tmp_path / "dp")), nprocs=2, start_method="spawn")
     r0 = load_file(str(tmp_path / "dp/rank0.safetensors"))
     r1 = load_file(str(tmp_path / "dp/rank1.safetensors"))
     for k in r0:

@@ -51,7 +51,9 @@ class CollectConfig:
     instances: int = 10_000  # conversations to read (the FAST paper's 10,000); fewer if the data has fewer
     split: str = "held-out"  # held-out: train.data's hash split, never trained on; all: every conversation
     model: str = "default"  # the model reference ('default', a folder, a Hub id); part of the key
-    dtype: str = "float32"  # the model's dtype while collecting
+    dtype: str = (
+        "auto"  # the model's dtype while collecting (auto: as `fast-steer harvest`, bfloat16 where fast)
+    )
     max_len: int = 2048  # tokens per conversation (longer ones are truncated)
     skip_first: bool = True  # leave position 0 (attention sink) out: not encoded, not counted
     histogram_bins: int = 20  # bins of each feature's activation histogram over [0, max]

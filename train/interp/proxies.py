@@ -67,19 +67,22 @@ def peak_concentration(examples: FeatureExamples) -> tuple[str | None, float, fl
     return token, most / n, normalised, special
 
 
-def decoder_neighbours(sae: SAE, features: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, cosine) of each feature's nearest other decoder row."""
+def decoder_neighbours(sae: SAE, features: Sequence[int], k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, cosine), each [len(features), k]: every feature's `k` nearest other decoder rows, nearest
+    first."""
     with torch.no_grad():
         unit = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=-1)
         chosen = torch.as_tensor(list(features), dtype=torch.long, device=unit.device)
+        k = min(k, max(len(unit) - 1, 1))
         index, cosine = [], []
         for block in chosen.split(NEIGHBOUR_BLOCK):
             sims = unit[block] @ unit.T
             sims[torch.arange(len(block)), block] = -math.inf
-            value, where = sims.max(dim=-1)
+            value, where = sims.topk(k, dim=-1)
             index.append(where.cpu())
             cosine.append(value.cpu())
-    return torch.cat(index), torch.cat(cosine)
+    empty = torch.zeros(0, k)
+    return torch.cat(index or [empty.long()]), torch.cat(cosine or [empty])
 
 
 def unembedding(model: PreTrainedModel) -> torch.Tensor:
@@ -136,8 +139,8 @@ def feature_proxies(
                 top_token_share=share,
                 top_token_entropy=entropy,
                 special_share=special,
-                nearest_feature=int(nearest[row]),
-                nearest_cosine=float(cosine[row]),
+                nearest_feature=int(nearest[row, 0]),
+                nearest_cosine=float(cosine[row, 0]),
                 promoted=named(up_v[row], up_i[row]),
                 suppressed=named(down_v[row], down_i[row]),
             )

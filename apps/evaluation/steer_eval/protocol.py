@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -15,7 +14,7 @@ from apps.evaluation.lm_eval.tasks import (
     ARC_EASY_TASK,
     IFEVAL_FILES,
     IFEVAL_TASK,
-    materialize_tasks,
+    local_task_manager,
 )
 from apps.evaluation.primitives import scale_note
 from apps.evaluation.stats import bootstrap_ratio, format_interval, paired_difference
@@ -37,7 +36,7 @@ from apps.evaluation.steer_eval.config import (
 from apps.evaluation.steer_eval.provenance import sae_provenance
 from apps.evaluation.steer_eval.replies import reply_stats
 from apps.evaluation.steer_eval.report import write_report
-from steer.errors import ConfigError, MissingFileError
+from steer.errors import ConfigError
 from train.experiment import run_environment
 from train.features import special_residual_norm, top_anchor_feature
 
@@ -53,7 +52,6 @@ def run_steer_eval(
 ) -> dict:
     """The whole evaluation; writes `steer_eval.{json,md,png}` (and `cells/`) into `cfg.out`.
     `command`: the command line, recorded in the settings."""
-    from lm_eval.tasks import TaskManager
     from tqdm.auto import tqdm
 
     from hub.sae_io import load_sae, sae_layer
@@ -89,23 +87,9 @@ def run_steer_eval(
         "layer": layer,
         "eval_data": str(cfg.eval_data.resolve()),
     }
-    with tempfile.TemporaryDirectory(prefix="fast-steer-steer-eval-tasks-") as tmp:
-        local = materialize_tasks(cfg.eval_data, tmp)
-        missing = [t for t in (IFEVAL_TASK, ARC_EASY_TASK) if t not in local.tasks]
-        if missing:
-            raise MissingFileError(
-                f"{cfg.eval_data}: missing the data for {', '.join(missing)} (ifeval_input_data.jsonl with "
-                f"{nltk_data}, arc_easy_{{train,validation,test}}.jsonl)"
-            )
-        runner = CellRunner(
-            cfg,
-            model,
-            tokenizer,
-            layer,
-            norm,
-            TaskManager(include_path=str(local.include_path), include_defaults=False),
-            key,
-        )
+    hint = f" (ifeval_input_data.jsonl with {nltk_data}, arc_easy_{{train,validation,test}}.jsonl)"
+    with local_task_manager(cfg.eval_data, (IFEVAL_TASK, ARC_EASY_TASK), hint) as task_manager:
+        runner = CellRunner(cfg, model, tokenizer, layer, norm, task_manager, key)
         planned = len(BASELINES) * 3 + len(STEERED) * (len(cfg.strengths) + 3)
         bar = tqdm(total=planned, desc="steer-eval cells", unit="cell", disable=not progress)
 

@@ -12,14 +12,13 @@ from click.testing import CliRunner
 from apps.bench.steer import TARGETS, _summarise
 from apps.bench.train import _memory_estimate
 from apps.cli import main
-from tests.conftest import CHAT_DATA, build_tiny_model
+from tests.conftest import CHAT_DATA, build_tiny_model, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, chatml_tokenizer):
     root = tmp_path_factory.mktemp("bench")
-    build_tiny_model("llama", len(chatml_tokenizer), n_layers=3).save_pretrained(root / "model")
-    chatml_tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model", chatml_tokenizer, n_layers=3)
     return root / "model"
 
 

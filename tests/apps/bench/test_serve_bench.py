@@ -8,12 +8,11 @@ import json
 from click.testing import CliRunner
 
 from apps.cli import main
-from tests.conftest import build_tiny_model
+from tests.conftest import save_tiny_model
 
 
 def test_bench_serve_reports_ratios(tmp_path, chatml_tokenizer):
-    build_tiny_model("llama", len(chatml_tokenizer), n_layers=3).save_pretrained(tmp_path / "model")
-    chatml_tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", chatml_tokenizer, n_layers=3)
     args = ["bench", "serve", "--model", str(tmp_path / "model"), "--d-sae", "64", "--new-tokens", "4",
             "--requests-per-client", "2", "--repeats", "2", "--concurrency", "1,3"]  # fmt: skip
     result = CliRunner().invoke(main, args)

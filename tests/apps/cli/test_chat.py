@@ -11,7 +11,7 @@ from apps.cli import main
 from apps.cli.chat import side_by_side
 from steer import Edit, Intervention
 from steer.spec import dump_interventions
-from tests.conftest import build_tiny_model
+from tests.conftest import save_tiny_model
 from tests.steer.helpers import random_sae
 
 
@@ -21,9 +21,7 @@ def saved(tmp_path_factory, chatml_tokenizer):
     from hub import save_sae
 
     root = tmp_path_factory.mktemp("chat")
-    model = build_tiny_model("llama", len(chatml_tokenizer), n_layers=3)
-    model.save_pretrained(root / "model")
-    chatml_tokenizer.save_pretrained(root / "model")
+    model = save_tiny_model(root / "model", chatml_tokenizer, n_layers=3)
     sae = random_sae(model.config.hidden_size, 32)
     sae.cfg.metadata["hook_name"] = "blocks.1.hook_resid_post"
     save_sae(sae, root / "sae")

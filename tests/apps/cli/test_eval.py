@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from apps.cli import main
 from hub import save_sae
 from steer.sae import SAEConfig, build_sae
-from tests.conftest import build_tiny_model, read_conversations
+from tests.conftest import read_conversations, save_tiny_model
 from train.data import is_held_out
 
 N_CONVERSATIONS = 150
@@ -23,8 +23,7 @@ FRACTION = 0.05
 def setup(tmp_path_factory, chatml_tokenizer):
     """A tiny Llama folder, a JSONL of 150 conversations and an SAE folder reading its layer 1."""
     root = tmp_path_factory.mktemp("eval")
-    build_tiny_model("llama", len(chatml_tokenizer)).save_pretrained(root / "model")
-    chatml_tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model", chatml_tokenizer)
     convs = read_conversations("taskmaster4_coffee.jsonl", N_CONVERSATIONS)
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs), encoding="utf-8")

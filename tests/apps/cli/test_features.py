@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from apps.cli import main
 from hub.sae_io import save_sae
-from tests.conftest import CHAT_DATA, build_tiny_model, read_conversations
+from tests.conftest import CHAT_DATA, read_conversations, save_tiny_model
 from tests.train.test_features import LAYER, PLANTED, planted_sae
 
 N = 16
@@ -18,9 +18,7 @@ N = 16
 @pytest.fixture(scope="module")
 def saved(chatml_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("features_cli")
-    model = build_tiny_model("llama", len(chatml_tokenizer))
-    model.save_pretrained(root / "model")
-    chatml_tokenizer.save_pretrained(root / "model")
+    model = save_tiny_model(root / "model", chatml_tokenizer)
     sae = planted_sae(model, chatml_tokenizer, read_conversations(n=N))
     save_sae(sae, root / "sae")
     return root

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from apps.cli import main
 from hub.sae_io import save_sae
-from tests.conftest import CHAT_DATA, build_tiny_model, read_conversations
+from tests.conftest import CHAT_DATA, read_conversations, save_tiny_model
 from tests.train.test_interp_collect import random_sae
 from train.interp import store
 
@@ -19,9 +19,7 @@ N = 12
 @pytest.fixture(scope="module")
 def saved(chatml_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("interp_cli")
-    model = build_tiny_model("llama", len(chatml_tokenizer))
-    model.save_pretrained(root / "model")
-    chatml_tokenizer.save_pretrained(root / "model")
+    model = save_tiny_model(root / "model", chatml_tokenizer)
     save_sae(random_sae(model, chatml_tokenizer, read_conversations(n=N), seed=0), root / "sae")
     return root
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from apps.cli import main
 from hub import save_sae
 from hub.labels import LABELS_FILE, read_labels
-from tests.conftest import CHAT_DATA, build_tiny_model, read_conversations
+from tests.conftest import CHAT_DATA, build_tiny_model, read_conversations, save_tiny_model
 from tests.hub.label_factory import label_sae, write_run
 from tests.steer.helpers import random_sae
 from tests.train.test_features import PLANTED, planted_sae
@@ -23,9 +23,7 @@ N = 16
 def saved(chatml_tokenizer, tmp_path_factory):
     """(model folder, SAE folder) of a tiny Llama and an SAE whose feature PLANTED fires on <|im_start|>."""
     root = tmp_path_factory.mktemp("labels_cli")
-    model = build_tiny_model("llama", len(chatml_tokenizer))
-    model.save_pretrained(root / "model")
-    chatml_tokenizer.save_pretrained(root / "model")
+    model = save_tiny_model(root / "model", chatml_tokenizer)
     save_sae(planted_sae(model, chatml_tokenizer, read_conversations(n=N)), root / "sae")
     return root / "model", root / "sae"
 

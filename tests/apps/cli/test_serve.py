@@ -4,10 +4,6 @@ feature table `fast-steer run` writes), a `--spec` file whose `sae` is a folder,
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -17,14 +13,8 @@ from apps.cli import main
 from apps.serve.loading import default_steering, load_named_saes
 from hub import sae_metadata, save_sae
 from steer import SpecError
-from tests.apps.serve.helpers import LAYER, STRONG, tiny_parts
+from tests.apps.serve.helpers import LAYER, STRONG, serve_process, tiny_parts
 from tests.steer.helpers import random_sae
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +34,9 @@ def saved(chatml_tokenizer, tmp_path_factory):
 
 
 def test_serve_command(saved):
-    port = _free_port()
-    args = [sys.executable, "-m", "apps", "serve", "--model", str(saved / "model"), "--served-model-name", "tiny",
-            "--sae", f"mine={saved / 'sae'}", "--spec", str(saved / "spec.json"), "--port", str(port),
-            "--device", "cpu"]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+    options = ["--model", str(saved / "model"), "--served-model-name", "tiny", "--sae", f"mine={saved / 'sae'}",
+               "--spec", str(saved / "spec.json"), "--device", "cpu"]  # fmt: skip
+    with serve_process(*options) as base:
         (sae,) = httpx.get(base + "/v1/saes").json()["data"]
         assert sae["id"] == "mine" and sae["layer"] == LAYER
         assert sae["top_features"] == [{"token": "<|im_start|>", "feature": 3, "mean_max_activation": 1.5}]
@@ -73,9 +49,6 @@ def test_serve_command(saved):
         plain = httpx.post(base + "/v1/chat/completions", json={**body, "steering": None}).json()
         assert by_default["choices"][0]["message"] == steered["choices"][0]["message"]
         assert plain["choices"][0]["message"] != steered["choices"][0]["message"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
 
 
 def test_serve_refuses_open_host_without_key(saved):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from apps.cli import main
-from tests.conftest import CHAT_DATA, build_tiny_model, read_conversations
+from tests.conftest import CHAT_DATA, read_conversations, save_tiny_model
 from tests.train.kill import kill_after_first_checkpoint
 
 
@@ -20,8 +20,7 @@ from tests.train.kill import kill_after_first_checkpoint
 def tiny_setup(tmp_path_factory, chatml_tokenizer):
     """A tiny Llama saved as a model folder, and a JSONL of 120 conversations."""
     root = tmp_path_factory.mktemp("tiny")
-    build_tiny_model("llama", len(chatml_tokenizer)).save_pretrained(root / "model")
-    chatml_tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model", chatml_tokenizer)
     data = root / "chat.jsonl"
     with open(data, "w", encoding="utf-8") as fh:
         for conv in read_conversations("taskmaster4_coffee.jsonl", 120):

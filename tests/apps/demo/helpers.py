@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from apps.demo import DemoBackend, DemoLimits, EditRow, build_app, launch_app
 from apps.demo.loading import discover, load_demo_sae
 from hub import save_sae
 from steer.sae import SAEConfig, build_sae
-from tests.conftest import build_tiny_model, read_conversations
+from tests.conftest import build_tiny_model, free_port, read_conversations
 
 # Gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix.
 GRADIO_WARNINGS = [
@@ -22,12 +21,6 @@ GRADIO_WARNINGS = [
 ]
 LAYER = 2
 D_SAE = 256
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_backend(

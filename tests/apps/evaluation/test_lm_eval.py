@@ -16,7 +16,7 @@ from apps.evaluation.lm_eval.model import FastSteerLM
 from apps.evaluation.lm_eval.tasks import materialize_tasks
 from hub.sae_io import save_sae
 from steer import Intervention, SAEConfig, build_sae
-from tests.conftest import EVAL_DATA, build_tiny_model
+from tests.conftest import EVAL_DATA, save_tiny_model
 
 MMLU_TASK = "mmlu_local_abstract_algebra"
 LAYER = 1
@@ -32,9 +32,7 @@ def local_tasks(tmp_path_factory):
 def tiny(chatml_tokenizer, tmp_path_factory):
     """A saved tiny Llama, an SAE folder for its layer 1 and a strong `add` spec file pointing at it."""
     root = tmp_path_factory.mktemp("tiny_lm_eval")
-    model = build_tiny_model("llama", len(chatml_tokenizer))
-    model.save_pretrained(root / "model")
-    chatml_tokenizer.save_pretrained(root / "model")
+    model = save_tiny_model(root / "model", chatml_tokenizer)
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(architecture="standard", d_in=model.config.hidden_size, d_sae=16))
     save_sae(sae, root / "sae")

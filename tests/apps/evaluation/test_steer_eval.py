@@ -12,7 +12,7 @@ from apps.cli import main
 from apps.evaluation.stats import bootstrap_ratio, paired_difference, ratio
 from apps.evaluation.steer_eval import choose_strength, folder_digest, reply_stats, split_items
 from hub.sae_io import sae_metadata, save_sae
-from tests.conftest import EVAL_DATA, SHARED_DATA, build_tiny_model, read_conversations
+from tests.conftest import EVAL_DATA, SHARED_DATA, read_conversations, save_tiny_model
 from tests.steer.helpers import random_sae
 from train.experiment import HELDOUT_FILE
 
@@ -98,9 +98,7 @@ def test_folder_digest_follows_the_weights(tmp_path):
 @pytest.fixture
 def tiny_setup(tmp_path, chatml_tokenizer):
     """A saved tiny Llama, two random SAE folders on its layer 1, chat data and a small eval folder."""
-    model = build_tiny_model("llama", len(chatml_tokenizer))
-    model.save_pretrained(tmp_path / "model")
-    chatml_tokenizer.save_pretrained(tmp_path / "model")
+    model = save_tiny_model(tmp_path / "model", chatml_tokenizer)
     saes = {}
     for name, seed in (("fast", 0), ("btf", 1)):
         sae = random_sae(model.config.hidden_size, d_sae=32, seed=seed)

@@ -4,13 +4,13 @@ the key, and requests in flight."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 
 import pytest
 
 from apps.interp.fake_judge import FakeAnswer, constant, serve_fake_judge
 from apps.interp.judge import Judge, JudgeConfig, JudgeRequest, JudgeUnavailableError
+from tests.conftest import free_port
 
 KEY = "sk-test-secret-7f3a9"
 
@@ -95,9 +95,7 @@ def test_persistent_server_errors_are_reported_after_the_retries(tmp_path, statu
 
 
 def test_unreachable_judge_gives_one_clear_error(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     judge = Judge(config(f"http://127.0.0.1:{port}", tmp_path, retries=1))
     with pytest.raises(JudgeUnavailableError) as err:
         ask(judge, requests(4))

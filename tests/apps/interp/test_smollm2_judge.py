@@ -5,17 +5,13 @@ wholly from the cache (the server generates nothing new)."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
 
 from apps.interp.judge import Judge, JudgeConfig
 from apps.interp.run import InterpConfig, run_interp
 from tests.apps.interp.test_run import setup  # noqa: F401  (the module fixture: tiny model, data, SAE)
+from tests.apps.serve.helpers import serve_process
 from train.interp.collect import CollectConfig
 
 pytestmark = pytest.mark.integration
@@ -25,25 +21,8 @@ FEATURES = 4
 
 @pytest.fixture(scope="module")
 def judge_server(default_model):  # noqa: ARG001  (converts SmolLM2 once, before the server loads it)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [sys.executable, "-m", "apps", "serve", "--model", "default", "--served-model-name", "smol",
-            "--port", str(port), "--device", "cpu"]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+    with serve_process("--model", "default", "--served-model-name", "smol", "--device", "cpu") as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def _config(setup, out, url: str) -> InterpConfig:  # noqa: F811

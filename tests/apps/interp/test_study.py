@@ -16,7 +16,7 @@ from apps.interp.report import PAPER
 from apps.interp.study import load_runs
 from steer.errors import ConfigError, MissingFileError
 from tests.apps.interp.test_run import scripted
-from tests.conftest import build_tiny_model
+from tests.conftest import save_tiny_model
 from tests.train.test_experiment import write_small_data
 from train.sequences import METHODS
 
@@ -25,8 +25,7 @@ from train.sequences import METHODS
 def study(tmp_path_factory, chatml_tokenizer):
     root = tmp_path_factory.mktemp("study")
     model = root / "tiny-llama"
-    build_tiny_model("llama", len(chatml_tokenizer)).save_pretrained(model)
-    chatml_tokenizer.save_pretrained(model)
+    save_tiny_model(model, chatml_tokenizer)
     chat, pre = write_small_data(root, n_chats=400)
     out = root / "exp"
     runner = CliRunner()

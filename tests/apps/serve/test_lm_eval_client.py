@@ -7,9 +7,8 @@ import json
 
 import pytest
 from lm_eval import simple_evaluate
-from lm_eval.tasks import TaskManager
 
-from apps.evaluation.lm_eval.tasks import materialize_tasks
+from apps.evaluation.lm_eval.tasks import local_task_manager
 from tests.apps.serve.helpers import MODEL, STRONG, client, serving, tiny_parts
 from tests.conftest import EVAL_DATA
 
@@ -22,9 +21,9 @@ def tiny(chatml_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def task_manager(tmp_path_factory):
-    local = materialize_tasks(EVAL_DATA, tmp_path_factory.mktemp("tasks"))
-    return TaskManager(include_path=str(local.include_path), include_defaults=False)
+def task_manager():
+    with local_task_manager(EVAL_DATA, [TASK]) as manager:
+        yield manager
 
 
 def _run(server, task_manager) -> list[dict]:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from steer.errors import ConfigError, MissingFileError
 from train.data import DataFormatError
@@ -86,6 +90,21 @@ def materialize_tasks(eval_data: str | Path, dest: str | Path) -> LocalTasks:
             + "; ".join(", ".join(files) for files in expected)
         )
     return LocalTasks(include_path=out, tasks=tasks, groups=groups)
+
+
+@contextmanager
+def local_task_manager(eval_data: str | Path, needed: Sequence[str], hint: str = "") -> Iterator[Any]:
+    """lm-eval's `TaskManager` over the local tasks of `eval_data` only, written to a temporary folder that
+    lasts as long as the block. `MissingFileError` (with `hint` appended) names any `needed` task whose
+    files are not there."""
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="fast-steer-tasks-") as tmp:
+        local = materialize_tasks(eval_data, tmp)
+        missing = [task for task in needed if task not in local.tasks]
+        if missing:
+            raise MissingFileError(f"{eval_data}: missing the data for {', '.join(missing)}{hint}")
+        yield TaskManager(include_path=str(local.include_path), include_defaults=False)
 
 
 def _mmlu_subjects(path: Path) -> list[str]:
