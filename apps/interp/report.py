@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from apps.interp import metrics
@@ -100,10 +101,17 @@ def study_command(reproduce_dir: str, run: dict[str, Any], url: str, model: str)
     return shlex.join(args + (["--controls"] if settings["controls"] else []))
 
 
+def study_folder(run: dict[str, Any], fallback: str) -> str:
+    """The reproduce folder whose SAE `run` scored: the nearest parent of its SAE holding experiment.json."""
+    sae = Path(run["settings"]["sae"])
+    return next((str(folder) for folder in sae.parents if (folder / "experiment.json").is_file()), fallback)
+
+
 def interp_markdown(runs: dict[str, dict[str, Any]], reproduce_dir: str, level: int = 2) -> str:
     """The section (see the module docstring) for the runs of each method present."""
     h = "#" * level
     first = next(iter(runs.values()))
+    reproduce_dir = study_folder(first, reproduce_dir)
     judge = first["settings"]["judge"]
     parts = [
         f"{h} What a feature means: auto-interpretability, FAST vs BT\n",
