@@ -116,7 +116,8 @@ def interp_markdown(runs: dict[str, dict[str, Any]], reproduce_dir: str, level: 
     parts = [
         f"{h} What a feature means: auto-interpretability, FAST vs BT\n",
         f"Judge: `{judge['model']}` at `{judge['url']}`; {first['settings']['features']} features sampled per SAE "
-        f"(seed {first['settings']['seed']}), the FAST paper's rubric (`fast-paper`), detection and fuzzing. "
+        f"(seed {first['settings']['seed']}); protocols run: {', '.join(f'`{p}`' for p in first['settings']['protocols'])}"
+        f"{', with controls' if first['settings']['controls'] else ''}. "
         "Rendered from [interp/](interp/) (one `interp.json` per method).\n",
         f"{h}# The judge's verdict\n",
     ]
