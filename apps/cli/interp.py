@@ -204,6 +204,13 @@ def _from_option(command):
     )(command)
 
 
+def _out_option(help_text: str):
+    """The required output folder of a command that writes a set of files."""
+    return click.option(
+        "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help=help_text
+    )
+
+
 def _features_option(command):
     return click.option(
         "--features",
@@ -216,12 +223,7 @@ def _features_option(command):
 @interp_group.command("dashboard")
 @click.argument("sae_dir")
 @_from_option
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder of the static site.",
-)
+@_out_option("Folder of the static site.")
 @_features_option
 def dashboard_command(sae_dir: str, run_dir: Path, out: Path, features: str | None) -> None:
     """Write an offline feature dashboard of the SAE in SAE_DIR: OUT/index.html (a searchable, sortable table)
@@ -238,12 +240,7 @@ def dashboard_command(sae_dir: str, run_dir: Path, out: Path, features: str | No
 @interp_group.command("export-neuronpedia")
 @click.argument("sae_dir")
 @_from_option
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Exports folder; the files go to OUT/<modelId>/<sourceId>/.",
-)
+@_out_option("Exports folder; the files go to OUT/<modelId>/<sourceId>/.")
 @config_option(
     NEURONPEDIA, "model_id", "--model-id", help="Neuronpedia model id (default: from the SAE's model)."
 )
