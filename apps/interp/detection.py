@@ -3,8 +3,8 @@
 - Explanation: the judge describes the feature from 20 training windows (the 10 top ones, and one from each
   activation decile), active tokens `<<marked>>` with their activations.
 - Test set, disjoint from training by conversation: 20 positives (2 per decile, as far as the deciles have
-  them) and 20 negatives (10 random chat windows, 10 hard ones: the feature's top token or special token where
-  it does not fire, or the decoder-nearest feature's windows; supplied by the collection).
+  them) and 20 negatives (10 random chat windows, 10 hard ones where the feature is 0: half on its top peak
+  tokens, half on the decoder-nearest feature's strongest activations, then special tokens; from the collection).
 - Detection shows a test window as plain text: is the feature active in it? Fuzzing shows it with tokens marked
   (a positive's firing tokens; as many random tokens of a negative as positives have on average): are they
   marked correctly? One window per call, so log-probs give P(1) and AUROC.

@@ -130,13 +130,23 @@ def _prepare(
     )
     chosen = fast_paper.sample_features(collection.live_features().tolist(), collection.feature, k, cfg.seed)
     sae = load_sae(folder, device=next(model.parameters()).device)
-    proxies = feature_proxies(collection, sae, [f.feature for f in chosen], model=model, tokenizer=tokenizer)
+    proxies = {
+        p.feature: asdict(p)
+        for p in feature_proxies(
+            collection, sae, [f.feature for f in chosen], model=model, tokenizer=tokenizer
+        )
+    }
     splits = (
         [
             detection.split(
                 f,
                 collection.negatives(f.feature, 3 * detection.RANDOM_NEGATIVES, cfg.seed),
-                collection.hard_negatives(f.feature, detection.HARD_NEGATIVES, cfg.seed),
+                collection.hard_negatives(
+                    f.feature,
+                    detection.HARD_NEGATIVES,
+                    cfg.seed,
+                    neighbour=proxies[f.feature]["nearest_feature"],
+                ),
                 cfg.seed,
             )
             for f in chosen
@@ -144,7 +154,7 @@ def _prepare(
         if set(cfg.protocols) & set(detection.SCORERS)
         else []
     )
-    return _Prepared(sae, collection, chosen, splits, {p.feature: asdict(p) for p in proxies})
+    return _Prepared(sae, collection, chosen, splits, proxies)
 
 
 def _baseline(
@@ -345,6 +355,8 @@ def _settings(cfg: InterpConfig, manifest: dict[str, Any], chosen: list[FeatureE
             "test_positives_per_decile": detection.TEST_PER_DECILE,
             "random_negatives": detection.RANDOM_NEGATIVES,
             "hard_negatives": detection.HARD_NEGATIVES,
+            "hard_negative_sources": "half on the feature's top peak tokens where it is 0, half on the decoder-nearest "
+            "feature's strongest activations where it is 0, then special tokens",
             "disjoint": "test windows share no conversation with the explainer's",
             "window_radius": detection.RADIUS,
             "per_call": 1,

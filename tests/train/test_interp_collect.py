@@ -185,6 +185,21 @@ def test_negatives_have_zero_activation(collection):
     assert found > 0 and hard_found > 0
 
 
+def test_hard_negatives_take_half_from_the_decoder_neighbour(collection):
+    from_neighbour = 0
+    features = live(collection)[:12]
+    for f, g in zip(features, features[1:], strict=False):
+        near_index, _ = collection.entries(g)
+        hard = collection.hard_negatives(f, 6, seed=3, neighbour=g)
+        assert all(max(w.activations) == 0 for w in hard)
+        assert len({w.key for w in hard}) == len(hard) <= 6
+        centres = {int(collection.offsets[w.conversation]) + w.start + w.peak for w in hard}
+        from_neighbour += len(centres & set(near_index.tolist()))
+    assert from_neighbour > 0  # windows centred where the neighbour fires and the feature does not
+    with pytest.raises(ConfigError, match="out of range"):
+        collection.hard_negatives(features[0], 4, neighbour=collection.d_sae)
+
+
 def test_density_and_histogram_match_a_direct_computation(setup, collection):
     model, tokenizer, data, saes, _ = setup
     from hub.sae_io import load_sae

@@ -230,21 +230,33 @@ class Collection:
             candidates[: max(n, 1) * TRIES_PER_WINDOW], index, values, n, _Chosen(self.canonical)
         )
 
-    def hard_negatives(self, feature: int, n: int, seed: int = 0) -> list[Window]:
-        """Up to `n` windows on which `feature` is 0 everywhere, centred on the tokens it peaks on most
-        (its top windows' peak tokens, most common first), then on chat-template special tokens."""
+    def hard_negatives(
+        self, feature: int, n: int, seed: int = 0, neighbour: int | None = None
+    ) -> list[Window]:
+        """Up to `n` windows on which `feature` is 0 everywhere: centred on the tokens it peaks on most (its
+        top windows' peak tokens, most common first); with `neighbour` (the decoder-nearest feature), half of
+        them on that feature's strongest activations instead; then on chat-template special tokens."""
         top = self.feature(feature).top
         targets = [token for token, _ in Counter(w.token_ids[w.peak] for w in top).most_common()]
         index, values = self.entries(feature)
         rng = np.random.default_rng([seed, feature, 2])
         chosen, out = _Chosen(self.canonical), []
         pools = [np.flatnonzero((self.token_ids == t) & self.measured) for t in targets]
-        pools.append(np.flatnonzero(self.special & self.measured & ~np.isin(self.token_ids, targets)))
         for pool in pools:
             rng.shuffle(pool)
-            out += self._zero_windows(pool, index, values, n - len(out), chosen)
-            if len(out) >= n:
-                break
+        special = np.flatnonzero(self.special & self.measured & ~np.isin(self.token_ids, targets))
+        rng.shuffle(special)
+        quotas = [(pools, n if neighbour is None else n - n // 2)]
+        if neighbour is not None:
+            self._check(neighbour)
+            near_index, near_values = self.entries(neighbour)
+            quotas.append(([near_index[np.argsort(-near_values, kind="stable")]], n))
+        quotas.append(([*pools, special], n))
+        for candidates, quota in quotas:
+            for pool in candidates:
+                if len(out) >= quota:
+                    break
+                out += self._zero_windows(pool, index, values, quota - len(out), chosen)
         return out
 
     def _zero_windows(
