@@ -301,7 +301,12 @@ COLLECT = "train.interp.collect:CollectConfig"
               help="The reproduce folder; results go to OUT/interp/<method>/.  [default: <fast-steer cache>/experiments/reproduce]")  # fmt: skip
 @click.option("--judge-url", required=True, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000.")
 @click.option("--judge-model", required=True, help="Model name sent to the judge (recorded in the results).")
-@config_option(INTERP, "protocol", "--protocol", help="fast-paper | detection | fuzzing | all.")
+@config_option(
+    INTERP,
+    "protocol",
+    "--protocol",
+    help="fast-paper | detection | fuzzing | all, or a comma-separated list.",
+)
 @config_option(
     INTERP, "controls", "--controls", is_flag=True, help="Run the controls and give a judge verdict."
 )

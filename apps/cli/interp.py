@@ -80,7 +80,9 @@ def collect_command(
 )
 @click.option("--judge-url", required=True, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000.")
 @click.option("--judge-model", required=True, help="Model name sent to the judge (recorded in the results).")
-@config_option(RUN, "protocol", "--protocol", help="fast-paper | detection | fuzzing | all.")
+@config_option(
+    RUN, "protocol", "--protocol", help="fast-paper | detection | fuzzing | all, or a comma-separated list."
+)
 @config_option(RUN, "controls", "--controls", is_flag=True, help="Run the controls and give a judge verdict.")
 @config_option(RUN, "features", "--features", type=int, help="Features sampled at random (seeded).")
 @config_option(COLLECT, "instances", "--instances", type=int, help="Conversations to read.")

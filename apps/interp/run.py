@@ -52,7 +52,7 @@ class InterpConfig:
     judge: JudgeConfig
     """The judge endpoint and how it is asked."""
     protocol: str = "all"
-    """fast-paper | detection | fuzzing | all."""
+    """fast-paper | detection | fuzzing | all, or a comma-separated list (`fast-paper,detection`)."""
     controls: bool = False
     """Also run the controls and give a verdict on the judge."""
     features: int = fast_paper.FEATURES
@@ -67,14 +67,20 @@ class InterpConfig:
     """Folder of collections (default OUT/collections)."""
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        unknown = [p for p in self.protocol.split(",") if p.strip() not in PROTOCOLS]
+        if unknown or not self.protocol.strip():
+            raise ConfigError(
+                f"protocol must be one of {', '.join(PROTOCOLS)} or a comma-separated list of them, "
+                f"got {self.protocol!r}"
+            )
         if self.features < 1:
             raise ConfigError(f"--features must be at least 1, got {self.features}")
 
     @property
     def protocols(self) -> list[str]:
-        return ["fast-paper", *detection.SCORERS] if self.protocol == "all" else [self.protocol]
+        """The protocols to run, in the canonical order (`all` expands to every one)."""
+        named = {p.strip() for p in self.protocol.split(",")}
+        return [p for p in ("fast-paper", *detection.SCORERS) if "all" in named or p in named]
 
 
 def run_interp(

@@ -93,3 +93,36 @@ def test_too_many_features_is_refused_before_any_judge_call(setup, tmp_path):
             run_interp(config(setup, tmp_path, server.url, features=999), model=model, tokenizer=tokenizer)
         assert server.hits == 0
     assert not (tmp_path / INTERP_FILE).exists() and not (tmp_path / EXPLANATIONS_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "expected"),
+    [
+        ("all", ["fast-paper", "detection", "fuzzing"]),
+        ("detection,fast-paper", ["fast-paper", "detection"]),
+        ("fuzzing", ["fuzzing"]),
+    ],
+)
+def test_protocol_lists_expand_in_canonical_order(tmp_path, protocol, expected):
+    cfg = InterpConfig(
+        "sae",
+        ["data"],
+        tmp_path,
+        JudgeConfig("http://127.0.0.1:9", "judge", tmp_path / "cache"),
+        protocol=protocol,
+    )
+    assert cfg.protocols == expected
+
+
+@pytest.mark.parametrize("protocol", ["", "fast-paper,typo", "rubric"])
+def test_an_unknown_protocol_is_refused_naming_the_choices(tmp_path, protocol):
+    from steer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="comma-separated list"):
+        InterpConfig(
+            "sae",
+            ["data"],
+            tmp_path,
+            JudgeConfig("http://127.0.0.1:9", "judge", tmp_path / "cache"),
+            protocol=protocol,
+        )
