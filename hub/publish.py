@@ -17,7 +17,7 @@ from hub.card import CardEntry, render_card
 from hub.formats import CFG_FILE, parse_folder, saelens
 from hub.labels import LABELS_FILE, read_labels
 from hub.remote import HubUnavailableError, list_remote_sae_ids, require_hub, resolve_token, scrub
-from hub.sae_io import load_sae, read_sae_folder, resolve_sae_folder, sae_layer, save_sae
+from hub.sae_io import locate_sae, read_sae_folder, resolve_sae_folder, sae_layer, save_sae
 from hub.validate import read_json
 from steer.errors import ConfigError
 from steer.sae import SAE
@@ -158,8 +158,8 @@ def pull_sae(
     """Download (only the needed files), validate and load one SAE; with `out`, also save it there in the
     SAELens v6 layout (e.g. to convert a FAST release SAE), its labels with it. Returns (sae, source folder,
     written folder)."""
-    source = resolve_sae_folder(repo_id, sae_id)
-    sae = load_sae(source, dtype=dtype)
+    source, entry = locate_sae(repo_id, sae_id)
+    sae = read_sae_folder(source, dtype=dtype, entry=entry)
     written = save_sae(sae, out) if out is not None else None
     if written is not None and (source / LABELS_FILE).is_file():
         shutil.copy2(source / LABELS_FILE, written / LABELS_FILE)

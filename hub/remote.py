@@ -19,8 +19,9 @@ from huggingface_hub.errors import (
 )
 
 from hub.cache import hub_reachable
-from hub.formats import CFG_FILE, sparsify, weights_file_for
+from hub.formats import CFG_FILE, REMOTE_FILES, sparsify, weights_file_for
 from hub.labels import LABELS_FILE
+from hub.registry import ReleaseEntry
 from hub.validate import SAEFormatError, read_json
 from steer.errors import FastSteerError
 
@@ -97,6 +98,22 @@ def download_sae_folder(
         parent = prefix.rstrip("/").rsplit("/", 1)[0] + "/" if "/" in prefix.rstrip("/") else ""
         _fetch(repo_id, parent + sparsify.RUN_CONFIG_FILE, revision, token, optional=True)
     return cfg_path.parent
+
+
+def download_release_files(
+    entry: ReleaseEntry, *, revision: str | None = None, token: str | None = None
+) -> Path:
+    """Download the files of a registered SAELens release entry (only those its format needs) and return
+    its cached folder."""
+    if entry.format not in REMOTE_FILES:  # a SAELens folder: cfg.json says which weights file
+        return download_sae_folder(entry.repo_id, entry.path, revision=revision, token=token)
+    token = resolve_token(token)
+    prefix = f"{entry.path.strip('/')}/"
+    required, optional = REMOTE_FILES[entry.format]
+    paths = [_fetch(entry.repo_id, prefix + name, revision, token) for name in required]
+    for name in optional:
+        _fetch(entry.repo_id, prefix + name, revision, token, optional=True)
+    return paths[0].parent
 
 
 def list_remote_sae_ids(repo_id: str, *, revision: str | None = None, token: str | None = None) -> list[str]:

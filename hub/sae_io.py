@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from hub.formats import CFG_FILE, WEIGHTS_FILES, parse_folder, saelens
+from hub import registry
+from hub.formats import CFG_FILE, WEIGHTS_FILES, is_sae_folder, parse_folder, pickled, saelens
+from hub.formats.tensor_files import open_tensor_file
 from hub.labels import default_labels
 from hub.validate import (
     SAEFormatError,
@@ -102,22 +103,91 @@ def load_sae(
     expected_d_in: int | None = None,
     revision: str | None = None,
 ) -> SAE:
-    """Load an SAE from a local folder (any supported format) or a Hub repo id plus `sae_id` sub-folder.
+    """Load an SAE from a local folder (any supported format), a Hub repo id plus `sae_id` sub-folder, or a
+    SAELens release id plus `sae_id` (as `SAE.from_pretrained(release, sae_id)`), also written
+    `"RELEASE:SAE_ID"` / `"owner/name:sub/folder"` (see `hub.registry` for why that is unambiguous).
 
     `dtype` defaults to the stored dtype; tensors are converted one at a time. `expected_d_in` is the
     width of the model layer the SAE will be attached to; `revision` a Hub branch, tag or commit.
     Raises `SAEFormatError` (a `ValueError`) on any problem with the files, and
     `hub.remote.HubUnavailableError` when they must be downloaded but cannot. `.labels` is the default
     labelling of the folder's explanations.json (`hub.labels`), None without one (or, with a warning, when
-    it is malformed).
+    it is malformed). A registered SAE's metadata carries its `neuronpedia_id` (when it has one).
     """
-    folder = resolve_sae_folder(source, sae_id, revision=revision)
-    sae = read_sae_folder(folder, dtype=dtype, device=device, expected_d_in=expected_d_in)
-    if not Path(source).expanduser().exists():  # a Hub repo: keep the reference, not the download cache
+    folder, entry = locate_sae(source, sae_id, revision=revision)
+    sae = read_sae_folder(folder, dtype=dtype, device=device, expected_d_in=expected_d_in, entry=entry)
+    source, sae_id, release = split_reference(source, sae_id)
+    if release is not None:
+        sae.source = {"release": release, "sae_id": str(sae_id)}
+    elif not Path(source).expanduser().exists():  # a Hub repo: keep the reference, not the download cache
         sae.source = {"repo": str(source), **({"sae_id": sae_id} if sae_id else {})}
-        if revision:
-            sae.source["revision"] = revision
+    if revision and isinstance(sae.source, dict):
+        sae.source["revision"] = revision
     return sae
+
+
+def locate_sae(
+    source: str | Path, sae_id: str | None = None, *, revision: str | None = None
+) -> tuple[Path, registry.ReleaseEntry | None]:
+    """The local folder of an SAE reference (downloading only the files it needs) and its registry entry
+    (None for a folder or Hub repo that is not registered). A pickle-only release is refused here."""
+    source, sae_id, release = split_reference(source, sae_id)
+    if release is None:
+        entry = (
+            None if Path(source).expanduser().exists() else registry.find_location(str(source), sae_id or "")
+        )
+        if entry is None:
+            return resolve_sae_folder(source, sae_id, revision=revision), None
+    else:
+        entry = registry.lookup(release, sae_id)
+    if entry.needs_pickle:
+        raise pickled.refusal(
+            f"SAELens release {release}:{sae_id} ({entry.format}, Hub {entry.repo_id}/{entry.path})",
+            f"{entry.repo_id}/{entry.path}",
+        )
+    from hub.remote import download_release_files
+
+    return download_release_files(entry, revision=revision), entry
+
+
+def describe_reference(source: str | Path, sae_id: str | None = None) -> dict[str, Any]:
+    """Where an SAE reference points, without any network call: the Hub repo, path, format, Neuronpedia
+    id and whether it needs pickle for a registered release (or a registered repo + folder)."""
+    source, sae_id, release = split_reference(source, sae_id)
+    if release is None and Path(source).expanduser().exists():
+        folder = Path(source).expanduser() / (sae_id or "")
+        return {"folder": str(folder), "format": parse_folder(folder).format}
+    entry = registry.lookup(release, sae_id) if release else registry.find_location(str(source), sae_id or "")
+    if entry is None:
+        return {
+            "repo": str(source),
+            "path": sae_id or "",
+            "format": "detected from the files once downloaded",
+        }
+    return entry.describe()
+
+
+def split_reference(source: str | Path, sae_id: str | None) -> tuple[str | Path, str | None, str | None]:
+    """`(source, sae_id, release)`: a local folder or Hub repo (release None), or a SAELens release id.
+
+    `"X:Y"` is split (unless it is an existing path); X is a release when it has no `/` and is not a folder.
+    """
+    if isinstance(source, Path) or Path(str(source)).expanduser().exists():
+        return source, sae_id, None
+    text = str(source).strip()
+    head, colon, tail = text.partition(":")
+    if colon and tail:
+        if sae_id and sae_id != tail:
+            raise SAEFormatError(f"SAE {text!r} names {tail!r} but sae_id {sae_id!r} was also given")
+        text, sae_id = head, tail
+    if "/" not in text and not text.startswith((".", "~")):
+        if not registry.is_release(text):
+            raise SAEFormatError(
+                f"SAE source {text!r} is neither an existing folder, a Hub repo id (owner/name) nor a SAELens "
+                f"release: {registry.unknown_release(text)}"
+            )
+        return text, sae_id, text
+    return text, sae_id, None
 
 
 def resolve_sae_folder(source: str | Path, sae_id: str | None = None, *, revision: str | None = None) -> Path:
@@ -129,7 +199,7 @@ def resolve_sae_folder(source: str | Path, sae_id: str | None = None, *, revisio
         folder = path / sae_id if sae_id else path
         if not folder.is_dir():
             raise SAEFormatError(f"{path} has no sub-folder {sae_id!r}; {_available(path)}")
-        if not (folder / CFG_FILE).is_file():
+        if not is_sae_folder(folder) and not pickled.pickle_files(folder):
             ids = list_sae_ids(folder)
             if ids:
                 raise SAEFormatError(f"{folder} holds {len(ids)} SAE(s) in sub-folders; {_available(folder)}")
@@ -169,32 +239,29 @@ def read_sae_folder(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     expected_d_in: int | None = None,
+    entry: registry.ReleaseEntry | None = None,
 ) -> SAE:
-    """Validate and load one local SAE folder of any supported format (see `load_sae`)."""
+    """Validate and load one local SAE folder of any supported format (see `load_sae`); `entry` is its
+    registry entry when it was found through one (it supplies what the files do not say)."""
     folder = Path(folder)
-    layout = parse_folder(folder)
+    layout = parse_folder(folder, _hints(entry))
     where = str(folder)
     check_d_in(layout.cfg.d_in, expected_d_in, where)
     weights = folder / layout.weights_file
     file_where = f"{folder}/{layout.weights_file}"
     target = dtype_from_name(dtype) if dtype is not None else None
-    try:
-        handle = safe_open(str(weights), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as exc:  # a corrupt header, or a file that cannot be read
-        raise SAEFormatError(f"{file_where} is not a readable safetensors file: {exc}") from None
-    with handle as f:
+    with open_tensor_file(weights) as f:
         check_tensor_names(f.keys(), [t.key for t in layout.tensors], file_where)
         stored: dict[str, str] = {}
         for t in layout.tensors:
-            piece = f.get_slice(t.key)
-            check_tensor_shape(t.key, piece.get_shape(), t.shape, file_where)
-            stored[t.key] = check_tensor_dtype(t.key, piece.get_dtype(), layout.file_dtype, file_where)
+            check_tensor_shape(t.key, f.shape(t.key), t.shape, file_where)
+            stored[t.key] = check_tensor_dtype(t.key, f.dtype_code(t.key), layout.file_dtype, file_where)
         out_dtype = target or dtype_from_name(layout.file_dtype or stored[layout.tensors[0].key])
         cfg = replace(layout.cfg, dtype=dtype_name(out_dtype), device="meta")
         sae = build_sae(cfg)
         loaded: dict[str, torch.Tensor] = {}
         for t in layout.tensors:  # one tensor at a time: peak memory stays near one copy
-            tensor = f.get_tensor(t.key)
+            tensor = f.get(t.key)
             if t.transform is not None:
                 tensor = t.transform(tensor)
             tensor = tensor.to(device=device, dtype=out_dtype)
@@ -208,7 +275,19 @@ def read_sae_folder(
     sae.labels = default_labels(folder, sae.d_sae)
     if layout.format != "saelens-v6":
         sae.cfg.metadata.setdefault("converted_from", layout.format)
+    if entry is not None:
+        sae.cfg.metadata.setdefault("saelens_release", entry.release)
+        sae.cfg.metadata.setdefault("saelens_sae_id", entry.sae_id)
+        if entry.neuronpedia:
+            sae.cfg.metadata.setdefault("neuronpedia_id", entry.neuronpedia)
     return sae
+
+
+def _hints(entry: registry.ReleaseEntry | None) -> dict[str, Any]:
+    """What a registry entry tells a format parser that its files may not: repo id, path, norm scale."""
+    if entry is None:
+        return {}
+    return {"repo_id": entry.repo_id, "path": entry.path, "norm_scaling_factor": entry.norm_scaling_factor}
 
 
 # -- metadata ---------------------------------------------------------------------------------

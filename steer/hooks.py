@@ -16,6 +16,9 @@ The edits:
   architecture whose activation couples features) runs the full encoder.
 
 Only targeted positions are gathered and sent through the SAE; other positions are left bit-identical.
+
+Every block counts what it edited (`SteeringReport`), so a spec that matched no position is seen, never
+silently unsteered.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class CallPositions:
     placement: Placement
     rows: tuple[int, ...] | None = None
     _masks: dict = field(default_factory=dict)
+    _counts: dict = field(default_factory=dict)
 
     @cached_property
     def real(self) -> torch.Tensor | None:
@@ -173,6 +177,19 @@ class CallPositions:
             self._masks[positions] = self._restrict(self._compute(positions))
         return self._masks[positions]
 
+    def count(self, positions: Positions) -> torch.Tensor | int:
+        """How many positions `mask(positions)` selects: a total, or per row up to the last of `rows` (`[R]`),
+        left on the device (no host sync); cached like the masks."""
+        if positions not in self._counts:
+            mask, call = self.mask(positions), self.placement.call
+            if mask is None:
+                self._counts[positions] = call.batch * call.length
+            elif self.rows is None:
+                self._counts[positions] = mask.sum()
+            else:
+                self._counts[positions] = mask[: self.rows[-1] + 1].sum(dim=1)
+        return self._counts[positions]
+
     def _restrict(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         if self.rows is None:
             return mask
@@ -200,10 +217,50 @@ class CallPositions:
         return out if self.real is None else out & self.real
 
 
+# -- what a block edited ---------------------------------------------------------------------------
+class SteeringReport:
+    """The positions each spec of one `steer()` block edited, per spec and (with `rows=`) per batch row.
+
+    A position counts once per spec each time the spec's layer runs on it and the spec's positions select
+    it: a prompt in one forward (or prefill) counts each selected prompt position once, and a KV-cached
+    `generate` counts each new token once (without the cache every step recomputes, and recounts, the whole
+    sequence). Padding is never counted. Counts accumulate on the device while the block runs (no host
+    sync per step); reading them syncs once.
+    """
+
+    def __init__(self, n_specs: int, rows: tuple[int, ...] | None = None) -> None:
+        self.rows = rows
+        self._counts: list[torch.Tensor | int] = [0] * n_specs
+
+    def add(self, spec: int, count: torch.Tensor | int) -> None:
+        """Add `CallPositions.count` of one layer application of spec number `spec`."""
+        self._counts[spec] = self._counts[spec] + count
+
+    @property
+    def per_spec(self) -> list[int]:
+        """Positions each spec edited, in the order the block was given them."""
+        return [int(c.sum()) if isinstance(c, torch.Tensor) else int(c) for c in self._counts]
+
+    @property
+    def positions(self) -> int:
+        """Positions edited by every spec of the block together (a position two specs edit counts twice)."""
+        return sum(self.per_spec)
+
+    def row(self, index: int) -> int:
+        """Positions edited in batch row `index` by every spec of the block (a `steer(rows=...)` block)."""
+        if self.rows is None:
+            raise ValueError(
+                "per-row counts need a steer(rows=...) block; use .positions for the whole batch"
+            )
+        if index not in self.rows:
+            return 0
+        return int(sum(c[index] for c in self._counts if isinstance(c, torch.Tensor)))
+
+
 # -- contexts and the shared hooks ------------------------------------------------------------------
 class SteeringContext:
-    """One open `steer()` block: its compiled edits by layer, the batch rows they apply to (None: all),
-    and the sequence its calls have followed."""
+    """One open `steer()` block: its compiled edits by layer (with each one's index in the block), the batch
+    rows they apply to (None: all), the sequence its calls have followed and what it has edited."""
 
     def __init__(
         self,
@@ -216,9 +273,10 @@ class SteeringContext:
             raise SpecError(f"rows must be batch indices (ints >= 0), got {list(rows)}")
         self.base = base
         self.rows = None if rows is None else tuple(sorted(set(rows)))
-        self.by_layer: dict[int, list[CompiledIntervention]] = {}
-        for item in compiled:
-            self.by_layer.setdefault(item.layer, []).append(item)
+        self.by_layer: dict[int, list[tuple[int, CompiledIntervention]]] = {}
+        for index, item in enumerate(compiled):
+            self.by_layer.setdefault(item.layer, []).append((index, item))
+        self.report = SteeringReport(len(compiled), self.rows)
         needs_special = any(item.positions == "special" for item in compiled)
         if needs_special and special_tokens is None:
             raise SpecError("positions='special' needs the tokenizer's special tokens (a chat template)")
@@ -314,12 +372,13 @@ class ModelHooks:
                     continue
                 if ctx.current is None:
                     raise SpecError(f"steered layer {layer} ran outside a forward of the steered model")
-                for item in items:
+                for index, item in items:
                     if ctx.current.selects_nothing(item.positions):
                         continue
                     if hidden is None:
                         hidden = output[0] if isinstance(output, tuple) else output
                     hidden = item.apply(hidden, ctx.current.mask(item.positions))
+                    ctx.report.add(index, ctx.current.count(item.positions))
             if hidden is None:
                 return output
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

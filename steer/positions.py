@@ -1,9 +1,11 @@
 """Special-token positions of a chat template: which tokens they are, and where they occur.
 
 `resolve_special_tokens(tokenizer)` renders the tokenizer's chat template with placeholder
-messages and reads off (a) the special tokens the template emits (`<|im_start|>`, `<|im_end|>`,
-`<|start_header_id|>`, ...) and (b) the token sequences of the role names that follow a special
-token (`user`, `ass` + `istant`, ...). The result marks positions causally: a position is marked
+messages (as a prompt and as a finished conversation) and reads off (a) the special tokens the
+template emits (`<|im_start|>`, `<|im_end|>`, `<|start_header_id|>`, `<start_of_turn>`, `[INST]`,
+`<|user|>`, ...; also added tokens not flagged special, e.g. Qwen3's `<think>` / `</think>`) and (b)
+the token sequences of the role names that follow a special token (`user`, `ass` + `istant`, Gemma's
+`model` for the assistant, ...). The result marks positions causally: a position is marked
 iff its token is special, or it continues an unbroken run of role-name tokens right after a
 special token. Because the rule only looks backwards, the mask of a whole sequence equals the
 mask produced chunk by chunk with the state carried over (`SpecialTokens.advance`, which the steering
@@ -25,7 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from steer.errors import ConfigError
 
-ROLES = ("system", "user", "assistant")
+# The names a template may spell each role with after its special token (Gemma calls the assistant `model`).
+ROLE_NAMES = {"system": ("system",), "user": ("user",), "assistant": ("assistant", "model")}
 _PLACEHOLDER = "Hello there"
 _MAX_ROLE_TOKENS = 8
 
@@ -227,24 +230,27 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def _special_id_set(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Special and added tokens: those a rendered placeholder chat holds are the template's own tokens
+    (added tokens not flagged special count too: Qwen3's `<think>` / `</think>`)."""
     ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    ids.update(tokenizer.added_tokens_decoder)
     return ids
 
 
 def _render_placeholder_chats(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Token ids of the template rendered with placeholder conversations (with and without system)."""
+    """Token ids of the template rendered with placeholder conversations: prompts with and without a system
+    message, and a finished conversation (the training form, which may hold other tokens, e.g. `<think>`)."""
+    turns = [{"role": role, "content": _PLACEHOLDER} for role in ("user", "assistant", "user")]
     conversations = [
-        [{"role": "system", "content": _PLACEHOLDER}],
-        [{"role": "user", "content": _PLACEHOLDER}],
+        ([{"role": "system", "content": _PLACEHOLDER}, *turns], True),
+        (turns, True),
+        (turns[:2], False),
     ]
-    for conv in conversations:
-        conv += [{"role": "assistant", "content": _PLACEHOLDER}, {"role": "user", "content": _PLACEHOLDER}]
     rendered, errors = [], []
-    for conv in conversations:
+    for conv, prompt in conversations:
         try:
             out = tokenizer.apply_chat_template(
-                conv, add_generation_prompt=True, tokenize=True, return_dict=True
+                conv, add_generation_prompt=prompt, tokenize=True, return_dict=True
             )
         except Exception as exc:  # noqa: BLE001 - templates reject some roles (e.g. no system); try the next
             errors.append(f"{type(exc).__name__}: {exc}")
@@ -265,9 +271,9 @@ def _role_after(
         if following[k - 1] in specials:
             break
         text = tokenizer.decode(following[:k]).lstrip()
-        match = next((role for role in ROLES if text.startswith(role)), None)
+        match = next((role for role, names in ROLE_NAMES.items() if text.startswith(names)), None)
         if match is not None:
             return match, tuple(following[:k])
-        if not any(role.startswith(text) for role in ROLES):
+        if not any(name.startswith(text) for names in ROLE_NAMES.values() for name in names):
             break
     return None, ()

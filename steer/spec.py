@@ -3,7 +3,8 @@
 One serialisable object (dict / JSON / YAML) consumed by the hook manager, the CLI, lm-eval and the
 demo. Parsing never loads an SAE: a reference (a local folder, or `{"repo": ..., "sae_id": ...}`) is
 resolved by `load_sae_reference`, the only place where `steer` imports `hub`. `parse_sae_ref` is the one
-parser of the textual references that users type (`DIR`, `owner/name`, `owner/name:sub/folder`).
+parser of the textual references that users type (`DIR`, `owner/name`, `owner/name:sub/folder`, and
+SAELens's `RELEASE:SAE_ID`, whose release part never contains `/`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import torch
 import yaml
 
 from steer.errors import FastSteerError
-from steer.sae import SAE
+from steer.sae import SAE, non_residual_hook
 
 OPS = ("add", "scale", "set", "ablate")
 LATENT_OPS = ("scale", "set", "ablate")
 POSITION_MODES = ("special", "all", "prompt", "generated")
 SAERef = str | dict[str, str]
-_REF_KEYS = {"path", "repo", "sae_id", "revision"}
+_REF_KEYS = {"path", "repo", "release", "sae_id", "revision"}
+_REF_SOURCES = ("path", "repo", "release")
 
 
 class SpecError(FastSteerError, ValueError):
@@ -126,7 +128,15 @@ class Intervention:
             )
 
     def check_sae_layer(self, sae: SAE) -> None:
-        """Raise `SpecError` if `layer` is not the layer `sae` was trained on (unless allowed)."""
+        """Raise `SpecError` if `layer` is not the layer `sae` was trained on (unless allowed), or if `sae`
+        reads something other than the residual stream (an MLP or attention output, the embeddings)."""
+        other = non_residual_hook(sae)
+        if other is not None:
+            raise SpecError(
+                f"the SAE reads {other}, not the residual stream; fast-steer steers only at the output of a "
+                "decoder block (blocks.L.hook_resid_post), so this SAE can be loaded and inspected but not "
+                "steered with"
+            )
         trained = sae.layer
         if trained is not None and trained != self.layer and not self.allow_layer_mismatch:
             hook = sae.metadata.get("hook_name") or sae.metadata.get("hf_hook_name") or "its metadata"
@@ -295,7 +305,7 @@ def split_sae_ref(ref: SAERef) -> tuple[str, str | None]:
     """`(source, sae_id)` of a reference: a folder or Hub repo, and the sub-folder if any."""
     if isinstance(ref, str):
         return ref, None
-    return ref.get("path") or ref["repo"], ref.get("sae_id")
+    return ref.get("path") or ref.get("repo") or ref["release"], ref.get("sae_id")
 
 
 def sae_ref_key(ref: SAERef | None) -> str:
@@ -307,37 +317,43 @@ def sae_ref_key(ref: SAERef | None) -> str:
     path = Path(source).expanduser()
     if isinstance(ref, str) or ref.get("path") or path.exists():
         return str((path / (sae_id or "")).resolve())
-    return json.dumps({"repo": source, "sae_id": sae_id or "", "revision": ref.get("revision") or ""})
+    kind = "release" if ref.get("release") else "repo"
+    return json.dumps({kind: source, "sae_id": sae_id or "", "revision": ref.get("revision") or ""})
 
 
 def parse_sae_ref(text: str | Path, sae_id: str | None = None) -> SAERef:
-    """The reference a user typed: an existing folder, `owner/name`, or `owner/name:sub/folder`.
+    """The reference a user typed: an existing folder, `owner/name`, `owner/name:sub/folder`, or a SAELens
+    release id `RELEASE:SAE_ID` (a release has no `/`; whether it exists is checked when loading).
 
-    `sae_id` (a sub-folder) may also be given apart. Folders become absolute paths.
+    `sae_id` (a sub-folder, or the SAE id of a release) may also be given apart. Folders become absolute paths.
     """
     text = str(text).strip()
     if not text:
-        raise SpecError("the SAE reference is empty; give a folder, owner/name or owner/name:sub/folder")
+        raise SpecError(
+            "the SAE reference is empty; give a folder, owner/name, owner/name:sub/folder or RELEASE:SAE_ID"
+        )
     path = Path(text).expanduser()
     if path.exists():
         folder = str(path.resolve())
         return {"path": folder, "sae_id": sae_id} if sae_id else folder
     repo, _, inline_id = text.partition(":")
-    if repo.count("/") != 1 or repo.startswith((".", "/", "~")) or not all(repo.split("/")):
-        raise SpecError(
-            f"SAE {text!r} is neither an existing folder nor a Hub reference 'owner/name' or "
-            "'owner/name:sub/folder'"
-        )
     if inline_id and sae_id and inline_id != sae_id:
         raise SpecError(f"SAE {text!r} names sub-folder {inline_id!r} but sae_id {sae_id!r} was also given")
     sae_id = sae_id or inline_id
+    if "/" not in repo and sae_id and repo and not repo.startswith((".", "~")):
+        return {"release": repo, "sae_id": sae_id}
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")) or not all(repo.split("/")):
+        raise SpecError(
+            f"SAE {text!r} is neither an existing folder nor a Hub reference 'owner/name' or "
+            "'owner/name:sub/folder', nor a SAELens release id 'RELEASE:SAE_ID'"
+        )
     return {"repo": repo, "sae_id": sae_id} if sae_id else {"repo": repo}
 
 
 def sae_ref_name(ref: SAERef) -> str:
     """A short display name: the folder name, or the Hub repo and sub-folder."""
     source, sae_id = split_sae_ref(ref)
-    if isinstance(ref, dict) and ref.get("repo"):
+    if isinstance(ref, dict) and (ref.get("repo") or ref.get("release")):
         return f"{source}:{sae_id}" if sae_id else source
     return f"{Path(source).name}/{sae_id}" if sae_id else Path(source).name
 
@@ -395,8 +411,12 @@ def _check_ref(ref: Any) -> None:
         return
     if isinstance(ref, dict):
         _check_keys(ref, _REF_KEYS, "SAE reference")
-        if bool(ref.get("path")) == bool(ref.get("repo")):
-            raise SpecError(f"an SAE reference needs exactly one of 'path' or 'repo', got {ref!r}")
+        if sum(bool(ref.get(key)) for key in _REF_SOURCES) != 1:
+            raise SpecError(
+                f"an SAE reference needs exactly one of 'path' or 'repo' (or 'release', a SAELens release id), got {ref!r}"
+            )
+        if ref.get("release") and not ref.get("sae_id"):
+            raise SpecError(f"an SAE reference to a SAELens release needs its 'sae_id', got {ref!r}")
         if not all(isinstance(v, str) for v in ref.values()):
             raise SpecError(f"SAE reference values must be strings, got {ref!r}")
         return

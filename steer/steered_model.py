@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.hooks import CompiledIntervention, activate, decoder_layers, is_steering
+from steer.hooks import CompiledIntervention, SteeringReport, activate, decoder_layers, is_steering
 from steer.positions import SpecialTokens, pad_token_id, resolve_special_tokens, token_ids
 from steer.sae import SAE
 from steer.spec import Intervention, SpecError
@@ -78,7 +78,7 @@ class SteeredModel:
         return self.model.generate(*args, **kwargs)
 
     @contextmanager
-    def steer(self, *specs: Specs, rows: Sequence[int] | None = None) -> Iterator[SteeredModel]:
+    def steer(self, *specs: Specs, rows: Sequence[int] | None = None) -> Iterator[SteeringReport]:
         """Apply interventions (one, several, or lists of them) to everything this thread runs inside.
 
         `rows` limits the edits to those batch indices (None: every row). Nested blocks with different
@@ -90,17 +90,21 @@ class SteeredModel:
         raises `SpecError` and installs nothing) or the `CompiledIntervention`s that `compile` returned
         (reused as they are). Blocks nest; all their edits compose (applied in order at each layer).
         The edits are removed on exit, also when the block raises.
+
+        Yields a `SteeringReport` of what the block edited (`with sm.steer(spec) as report: ...`, then
+        `report.positions`, `report.per_spec`, and `report.row(i)` with `rows`): a spec whose positions
+        matched nothing (say `special` positions in a prompt without the chat template) shows 0.
         """
         compiled = [
             item if isinstance(item, CompiledIntervention) else self.compile(item) for item in _flatten(specs)
         ]
         if not compiled:
-            yield self
+            yield SteeringReport(0, None if rows is None else tuple(rows))
             return
         needs_special = any(c.positions == "special" for c in compiled)
         special = self.special_tokens if needs_special else None
-        with activate(self.model, compiled, special, None if rows is None else tuple(rows)):
-            yield self
+        with activate(self.model, compiled, special, None if rows is None else tuple(rows)) as ctx:
+            yield ctx.report
 
     def chat(
         self,

@@ -5,8 +5,10 @@ Layout of a cache folder (outside the repo; safetensors and JSON only):
     shard_00000.safetensors   activations [n, d_in] (the chosen dtype), token_ids [n] int32,
                               sequence [n] int64 (index of the sequence in harvest order), position [n] int32
     ...
-    harvest.json              written last: the run config that produced it, the model, the stream's
-                              provenance and statistics, and the shards with their token counts
+    harvest.json              written last: the run config that produced it, the model, the dtype the
+                              model ran in (`model_dtype`, resolved: never auto), the device and library
+                              versions, the stream's provenance and statistics, and the shards with
+                              their token counts
 
 Every real token is stored (position 0 included) in the order the stream harvests them (one epoch, no
 mixing), so the first-token rule, MSE_st and token-type reports still work on the cache.
@@ -28,9 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hub import describe_device, library_versions, resolve_dtype
 from steer.errors import ConfigError, MissingFileError, OutputExistsError
 from steer.positions import SINK_POSITION
-from steer.sae import dtype_from_name
+from steer.sae import dtype_from_name, dtype_name
 from train.activations import ActivationStream, stream_statistics
 from train.buffer import BufferedStream, MixingBuffer, check_identity
 from train.harvest import drop_norm_outliers
@@ -118,6 +121,9 @@ def write_cache(
         "layer": stream.layer,
         "d_in": stream.d_in,
         "dtype": dtype,
+        "model_dtype": dtype_name(stream.harvester.dtype),
+        "device": describe_device(stream.harvester.device),
+        "versions": library_versions(),
         "provenance": stream.description(),
         "stats": stream_statistics(stats),
         "tokens": sum(s["tokens"] for s in shards),
@@ -137,6 +143,40 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
     return manifest
+
+
+def harvest_dtype(manifest: dict[str, Any]) -> str | None:
+    """The dtype the model ran in while harvesting (caches written before `model_dtype` was recorded name
+    it in their provenance); None if neither says."""
+    return manifest.get("model_dtype") or manifest.get("provenance", {}).get("dtype")
+
+
+def harvest_summary(manifest: dict[str, Any]) -> str:
+    """One line of what a cache's manifest says about how it was computed: model dtype, device, versions
+    (`not recorded` for what a cache written before they were recorded lacks)."""
+    versions = manifest.get("versions")
+    return "; ".join(
+        (
+            f"model in {harvest_dtype(manifest) or 'a dtype not recorded'}",
+            f"device {manifest.get('device', 'not recorded')}",
+            f"stored as {manifest['dtype']}",
+            ", ".join(f"{k} {v}" for k, v in versions.items()) if versions else "versions not recorded",
+        )
+    )
+
+
+def check_harvest_dtype(folder: Path, manifest: dict[str, Any], requested: str) -> None:
+    """Refuse a cache harvested in another model dtype than `requested` (`auto` takes the cache's)."""
+    cached = harvest_dtype(manifest)
+    if requested == "auto" or cached is None:
+        return
+    wanted = resolve_dtype(requested)
+    if cached != wanted:
+        raise ConfigError(
+            f"{folder} was harvested with the model in {cached}, but {wanted} is requested now: activations of "
+            f"two dtypes would mix. Request {cached} (--dtype {cached}, or auto) to use this cache, or harvest "
+            f"a new one in {wanted} into another folder"
+        )
 
 
 class CachedActivationStream(BufferedStream):
@@ -159,6 +199,7 @@ class CachedActivationStream(BufferedStream):
         if mismatched:
             listed = ", ".join(f"{k}: cache {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
             raise ConfigError(f"{self.folder} was harvested with other settings ({listed})")
+        check_harvest_dtype(self.folder, self.manifest, run.model_dtype)
         shards = self.manifest["shards"]
         if len(shards) < world_size:
             raise ConfigError(

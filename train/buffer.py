@@ -121,7 +121,8 @@ class BufferedStream:
     Subclasses set `buffer`, `batch_size` and `stats` (with `tokens_yielded` and `dropped_tokens`), and
     implement `_fill()`, which adds rows to the buffer or, at the end of a finite stream, calls `_finish()`.
     After the end, the flushed remainder is handed out in whole batches; a last partial batch is dropped
-    and counted.
+    and counted. With a `quota` (the trainer's token count) the end comes as soon as the rows held cover
+    it, so a run harvests less than one forward batch more than it trains on.
     """
 
     buffer: MixingBuffer
@@ -129,6 +130,9 @@ class BufferedStream:
     stats: dict[str, int]
     exhausted: bool = False
     tail: torch.Tensor | None = None
+    # tokens the consumer takes in all (None: open-ended); once the rows held cover the rest, the stream
+    # hands them out (flushed, shuffled) instead of harvesting a refill nobody trains on
+    quota: int | None = None
 
     def _fill(self) -> None:
         raise NotImplementedError
@@ -151,7 +155,10 @@ class BufferedStream:
         """The next float32 [batch_size, d_in] tensor; StopIteration at the end of a finite stream."""
         n = self.batch_size
         while not self.exhausted and not self.buffer.can_pop(n):
-            self._fill()
+            if self.quota is not None and self.tokens_yielded + len(self.buffer) >= self.quota:
+                self._finish()
+            else:
+                self._fill()
         if not self.exhausted:
             out = self.buffer.pop(n)
         else:

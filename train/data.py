@@ -131,6 +131,23 @@ def content_hash(item: Conversation | str) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def source_sha256(source: str | Path, kind: str) -> str:
+    """sha256 (hex) of what a local data source holds for `kind` (`chat` or `text`): a file's bytes, or the
+    data files of a folder (each one's path relative to it, then its bytes), as the loaders read them."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise MissingFileError(f"data source {source!r} is not an existing file or folder")
+    files = _data_files(path, CHAT_SUFFIXES if kind == "chat" else TEXT_SUFFIXES) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def is_held_out(item: Conversation | str, held_out_fraction: float = 0.05) -> bool:
     """Whether `item` belongs to the held-out split (first 64 bits of its hash below the fraction)."""
     return int(content_hash(item)[:16], 16) < held_out_fraction * 2**64
@@ -233,10 +250,7 @@ def _expand(kind: str, sources: Sequence[str | Path]) -> Iterator[tuple[str, Ite
     for source in sources:
         path = Path(source).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
-            if not files:
-                raise MissingFileError(f"folder {path} has no {'/'.join(suffixes)} files")
-            for file in files:
+            for file in _data_files(path, suffixes):
                 yield str(file), _file_records(file)
         elif path.is_file():
             if path.suffix not in suffixes:
@@ -249,6 +263,14 @@ def _expand(kind: str, sources: Sequence[str | Path]) -> Iterator[tuple[str, Ite
         else:
             hint = " or a Hugging Face dataset id 'owner/name[:split]'" if kind == "chat" else ""
             raise MissingFileError(f"data source {source!r} is not an existing file or folder{hint}")
+
+
+def _data_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    """The data files under `folder` (sorted), or a clear error when it holds none."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
+    if not files:
+        raise MissingFileError(f"folder {folder} has no {'/'.join(suffixes)} files")
+    return files
 
 
 def _file_records(path: Path) -> Iterator[tuple[str, Any]]:

@@ -3,7 +3,8 @@
 Metrics (`EvalResult.metrics`):
 - `mse`: squared error per element, averaged over each sequence's tokens, then over sequences; `log2_mse`;
 - `mse_st`, `log2_mse_st`: the same on the paper's Table 11 special-token positions (`paper_st_tokens`:
-  ChatML `<|im_start|>`, `<|im_end|>`, `user`, `assistant`; Llama-3 headers and `<|eot_id|>`);
+  ChatML `<|im_start|>`, `<|im_end|>`, `user`, `assistant`; Llama-3 headers and `<|eot_id|>`; the other
+  chat families in the function's docstring);
   `mse_st_after_first` / `log2_mse_st_after_first` on those positions after position 0 (the attention
   sink, whose norm is ~100x the rest on SmolLM2), whether or not position 0 is scored;
   `mse_st_template` / `log2_mse_st_template` on every template special and role-name token
@@ -144,14 +145,17 @@ class _Tokens:
 
 
 def paper_st_tokens(template: SpecialTokens, tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
-    """The paper's Table 11 MSE_st set, by token id: the template's special tokens except a
-    begin-of-text token (one that a rendered chat holds only at position 0, e.g. Llama-3's
-    `<|begin_of_text|>`), and the `user` and `assistant` role names (not `system`). ChatML:
-    `<|im_start|>`, `<|im_end|>`, `user`, `assistant`; Llama-3: the header tokens and `<|eot_id|>`."""
+    """The paper's Table 11 MSE_st set, by token id: the template's special tokens that a rendered
+    user/assistant chat holds inside it (not only at its first or last position, as a begin-of-text
+    `<|begin_of_text|>` / `<bos>` or a closing eos; not only in a system turn, as Phi's `<|system|>`),
+    and the `user` and `assistant` role names (not `system`). ChatML: `<|im_start|>`, `<|im_end|>`,
+    `user`, `assistant` (Qwen3 adds `<think>`, `</think>`); Llama 3: the header tokens and `<|eot_id|>`;
+    Gemma: `<start_of_turn>`, `<end_of_turn>`, `user`, `model`; Mistral: `[INST]`, `[/INST]`, `</s>`;
+    Phi-3 / 4: `<|user|>`, `<|assistant|>`, `<|end|>`."""
     chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
     ids = list(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
-    opening = {ids[0]} if ids and ids.count(ids[0]) == 1 else set()
-    keep = [i for i in template.special_ids if i not in opening]
+    inside = set(ids[1:-1])
+    keep = [i for i in template.special_ids if i in inside]
     return template.subset(keep, ("user", "assistant"))
 
 

@@ -8,7 +8,9 @@ Each method's activations are harvested once into a cache; every SAE trains from
 
 Layout of the output folder (re-running reuses finished runs and resumes unfinished ones):
 
-    OUT/experiment.json                    the settings (a rerun with other settings is refused)
+    OUT/experiment.json                    the settings (a rerun with other settings is refused), with
+                                           paths relative to OUT and data by content hash, so that OUT
+                                           can move (`train.experiment_record`)
     OUT/heldout.jsonl                      the held-out conversations every SAE is evaluated on
     OUT/activation_scale.json              the one activation scale of every run (normalising presets)
     OUT/cache/<method>/                    the method's harvested activations (`fast-steer harvest` format)
@@ -34,13 +36,30 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hub import fast_dtype
+from hub import resolve_device, resolve_dtype
 from hub.formats import CFG_FILE, WEIGHTS_FILE
 from steer.errors import ConfigError, MissingFileError
+from steer.sae import dtype_name
+from train.activation_cache import (
+    MANIFEST,
+    check_harvest_dtype,
+    harvest_dtype,
+    harvest_summary,
+    read_manifest,
+)
 from train.config import SAETrainSpec, TrainConfig, preset_config
 from train.data import shared_data_dir
+from train.experiment_record import (
+    DATA_FIELDS,
+    FORMAT_VERSION,
+    config_values,
+    data_ref,
+    differences,
+    read_record,
+    write_record,
+)
 from train.results_table import ResultRow, check_metrics, mean_gsnr, write_results
-from train.sequences import METHODS
+from train.sequences import METHOD_LABELS, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +69,6 @@ VARIANTS = {"all": False, "no-first": True}
 DEFAULT_TOKENS = 1_500_000
 EVAL_FILE = "eval.json"
 TIMING_FILE = "timing.json"
-SETTINGS_FILE = "experiment.json"
 HELDOUT_FILE = "heldout.jsonl"
 SCALE_FILE = "activation_scale.json"
 
@@ -80,7 +98,9 @@ class ReproduceConfig:
     variants: tuple[str, ...] = ("all",)  # keys of VARIANTS; the first one carries the grids
     buffer_tokens: int = 65536  # mixing buffer (at least 2 x batch size)
     max_len: int = 8192  # FAST truncation of a conversation
-    model_dtype: str = "auto"  # harvesting dtype (hub.fast_dtype; the SAEs train in float32)
+    # harvesting dtype; auto: the one OUT already records (experiment.json, caches), else hub.resolve_dtype's for
+    # the device, resolved at the first harvest and recorded (the SAEs train in float32)
+    model_dtype: str = "auto"
     cache_dtype: str = "bfloat16"  # dtype of the harvested activations on disk
     autocast: bool = False  # bf16 autocast of the SAE matmuls (~3x faster on CPUs with AMX)
     gsnr_every: int = 0  # steps between GSNR measurements (a multiple of the preset's log_every; 0: off)
@@ -110,10 +130,6 @@ class ReproduceConfig:
             raise ConfigError(
                 f"tokens and eval_conversations must be positive (got {self.tokens}, {self.eval_conversations})"
             )
-        for label, paths in (("chat data", self.chat_data), ("pretraining data", self.pretrain_data)):
-            missing = [p for p in paths if not Path(p).expanduser().exists()]
-            if missing:
-                raise MissingFileError(f"{label} not found: {', '.join(missing)}")
         for variant in self.variants:
             self.train_config(variant)  # validates the architectures, expansion, grids and preset
 
@@ -199,10 +215,24 @@ class ReproduceConfig:
             ),
         )
 
+    def data_refs(self) -> dict[str, list[dict[str, str]]]:
+        """Each data source as experiment.json records it: its path and content hash (`data_ref`)."""
+        refs = {}
+        for name, (kind, label) in DATA_FIELDS.items():
+            paths = getattr(self, name)
+            missing = [p for p in paths if not Path(p).expanduser().exists()]
+            if missing:
+                raise MissingFileError(f"{label} not found: {', '.join(missing)}")
+            refs[name] = [data_ref(p, self.out, kind) for p in paths]
+        return refs
+
     def settings(self) -> dict[str, Any]:
-        """What must match for a rerun to reuse this folder's runs (JSON-able)."""
-        out = asdict(self)
-        out["out"] = str(self.out)
+        """What must match for a rerun to reuse this folder's runs, as experiment.json records it (version
+        `FORMAT_VERSION`: no path of the folder itself, data by path and hash, the dtype resolved)."""
+        if self.model_dtype == "auto":
+            raise ValueError("resolve the model dtype first (resolve_model_dtype)")
+        out = {"format_version": FORMAT_VERSION, **asdict(self), **self.data_refs()}
+        out.pop("out")  # the folder is wherever experiment.json is
         out.pop("device")  # where it runs does not change what it computes
         for key in ("methods", "archs", "variants", "l1_grid", "l0_grid", "threshold_grid"):
             out[key] = list(getattr(self, key))
@@ -248,20 +278,49 @@ def plan_runs(cfg: ReproduceConfig) -> list[RunStatus]:
 
 
 def check_settings(cfg: ReproduceConfig) -> None:
-    """Record the settings in OUT/experiment.json, or refuse if the folder holds runs with other settings."""
-    path = cfg.out / SETTINGS_FILE
+    """Record the settings in OUT/experiment.json, or refuse if the folder holds runs with other settings
+    (an older experiment.json whose settings match is rewritten in the current format)."""
     mine = cfg.settings()
-    if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    saved = read_record(cfg.out)
+    if saved is not None:
+        diff = differences(saved, mine, cfg.out)
         if diff:
-            detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}" for k in diff)
             raise ConfigError(
-                f"{cfg.out} holds an experiment with other settings ({detail}); use another --out"
+                f"{cfg.out} holds an experiment with other settings ({'; '.join(diff)}); use another --out"
             )
-        return
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
+        if saved.get("format_version") == FORMAT_VERSION:
+            return
+        log.info("%s: experiment.json upgraded to format version %d", cfg.out, FORMAT_VERSION)
+    write_record(cfg.out, mine)
+
+
+def resolve_model_dtype(cfg: ReproduceConfig, model: PreTrainedModel | None = None) -> ReproduceConfig:
+    """`cfg` with the model dtype it harvests in, resolved: an explicit one as given; `auto`: the one OUT
+    records (experiment.json, else its caches), else `model`'s, else `hub.resolve_dtype` for the device.
+    OUT's caches must all be of that dtype (`check_harvest_dtype`), and so must `model`."""
+    cached = {
+        method: read_manifest(cfg.cache_dir(method))
+        for method in cfg.methods
+        if (cfg.cache_dir(method) / MANIFEST).is_file()
+    }
+    dtype = cfg.model_dtype
+    if dtype == "auto":
+        recorded = (read_record(cfg.out) or {}).get("model_dtype", "auto")
+        harvested = [d for d in map(harvest_dtype, cached.values()) if d]
+        if recorded != "auto":
+            dtype = recorded
+        elif harvested:
+            dtype = harvested[0]
+        elif model is not None:
+            dtype = dtype_name(model.dtype)
+    dtype = resolve_dtype(dtype, resolve_device(cfg.device) if dtype == "auto" else "cpu")
+    for method, manifest in cached.items():
+        check_harvest_dtype(cfg.cache_dir(method), manifest, dtype)
+    if model is not None and dtype_name(model.dtype) != dtype:
+        raise ConfigError(
+            f"the model passed in runs in {dtype_name(model.dtype)}, but the experiment harvests in {dtype}"
+        )
+    return replace(cfg, model_dtype=dtype)
 
 
 def held_out_conversations(cfg: ReproduceConfig) -> list[list[dict[str, str]]]:
@@ -309,14 +368,15 @@ def run_environment(device: str) -> dict[str, Any]:
 
 
 def load_config(out: Path) -> ReproduceConfig | None:
-    """The `ReproduceConfig` recorded in OUT/experiment.json (None if there is none)."""
+    """The `ReproduceConfig` recorded in OUT/experiment.json (None if there is none), with OUT where it is
+    now and the data paths resolved against it (`train.experiment_record`; the data need not exist)."""
     from dataclasses import fields
 
-    path = Path(out) / SETTINGS_FILE
-    if not path.is_file():
+    record = read_record(out)
+    if record is None:
         return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    return ReproduceConfig(**{f.name: saved[f.name] for f in fields(ReproduceConfig) if f.name in saved})
+    values = config_values(record, Path(out))
+    return ReproduceConfig(**{f.name: values[f.name] for f in fields(ReproduceConfig) if f.name in values})
 
 
 def steering_sae(out: Path, method: str) -> Path | None:
@@ -363,7 +423,7 @@ def harvest_method(
     progress: bool = True,
 ) -> None:
     """Harvest `cfg.cache_tokens` of `method`'s activations into its cache (a half-written one is redone)."""
-    from train.activation_cache import MANIFEST, write_cache
+    from train.activation_cache import write_cache
     from train.distributed import DistContext
     from train.pipeline import open_stream
 
@@ -490,6 +550,12 @@ def collect_rows(cfg: ReproduceConfig, runs: list[RunStatus]) -> list[ResultRow]
     return rows
 
 
+def _harvest_line(cfg: ReproduceConfig, method: str) -> str:
+    """What `method`'s cache manifest says about how it was computed (`harvest_summary`)."""
+    folder = cfg.cache_dir(method)
+    return harvest_summary(read_manifest(folder)) if (folder / MANIFEST).is_file() else "cache removed"
+
+
 @dataclass
 class ReproduceResult:
     rows: list[ResultRow]
@@ -507,7 +573,9 @@ def reproduce(
 ) -> ReproduceResult:
     """Harvest each method's cache, train (or resume, or reuse) every SAE from it, evaluate them, and
     write the results. `model`/`tokenizer`: an already-loaded model (tests); otherwise `cfg.model` is
-    loaded in `cfg.model_dtype`. `command`: the command line, recorded in the results."""
+    loaded in `cfg.model_dtype` (resolved, `resolve_model_dtype`). `command`: the command line, recorded in
+    the results."""
+    cfg = resolve_model_dtype(cfg, model)
     check_settings(cfg)
     runs = plan_runs(cfg)
     todo_train = [r for r in runs if not r.trained]
@@ -535,8 +603,7 @@ def reproduce(
         "expansion": cfg.expansion,
         "variants": list(cfg.variants),
         "activation scale": shared_scale(cfg),
-        "harvest dtype": fast_dtype() if cfg.model_dtype == "auto" else cfg.model_dtype,
-        "cache dtype": cfg.cache_dtype,
+        **{f"{METHOD_LABELS[m]} harvest": _harvest_line(cfg, m) for m in cfg.methods},
         "held-out conversations": len(held_out_conversations(cfg)),
         "chat data": cfg.chat_data,
         "pretraining data": cfg.pretrain_data,

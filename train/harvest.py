@@ -8,6 +8,7 @@ Public API:
         .per_sequence(batch) -> list of float32 [len_i, d] (all real tokens, no exclusions)
         .__call__(batch) -> float32 [n_kept, d] (real tokens only, exclusions applied); .last_stats
     harvest_throughput(model, batches, layer, repeats=3, on_tokens=None) -> dict (bare forward vs harvesting)
+    bare_forward_rate(model, batches, layer, repeats=3, autocast=False) -> real tokens/s of the bare forward
 
 Layer L is the output of decoder block L (0-indexed), i.e. ``hidden_states[L + 1]`` in transformers.
 A forward hook on block L raises a private exception carrying the block's output, so neither the later
@@ -33,7 +34,14 @@ from steer.hooks import decoder_layers
 from steer.positions import without_sink
 from train.sequences import Batch
 
-__all__ = ["Harvester", "decoder_layers", "drop_norm_outliers", "harvest_throughput", "hook_name"]
+__all__ = [
+    "Harvester",
+    "bare_forward_rate",
+    "decoder_layers",
+    "drop_norm_outliers",
+    "harvest_throughput",
+    "hook_name",
+]
 
 
 class _StopForward(Exception):
@@ -141,18 +149,35 @@ def drop_norm_outliers(x: torch.Tensor, max_norm_multiple: float | None) -> tupl
     return x[ok], int((~ok).sum())
 
 
-def _bare_forward(model: PreTrainedModel, layer: int, batches: list[Batch]) -> None:
-    """Layers 0..layer only (a truncated stack, plus the final norm), outputs discarded: the reference cost."""
+def _bare_forward(model: PreTrainedModel, layer: int, batches: list[Batch], autocast: bool = False) -> None:
+    """Layers 0..layer only (a truncated stack, plus the final norm), outputs discarded: the reference cost.
+    `autocast`: under bfloat16 autocast (float32 weights, as SAELens runs its model with `autocast_lm`)."""
     base = model.base_model
     name = "layers" if isinstance(getattr(base, "layers", None), nn.ModuleList) else "h"
     full = getattr(base, name)
+    device = next(model.parameters()).device
     setattr(base, name, full[: layer + 1])
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
             for batch in batches:
-                base(input_ids=batch.input_ids, use_cache=False)
+                base(input_ids=batch.input_ids.to(device), use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the kernels have run, not just been queued
     finally:
         setattr(base, name, full)
+
+
+def bare_forward_rate(
+    model: PreTrainedModel, batches: list[Batch], layer: int, repeats: int = 3, autocast: bool = False
+) -> float:
+    """Real tokens/s of the bare forward to `layer` over `batches` (median of `repeats` passes)."""
+    _check_layer(model, layer)
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _bare_forward(model, layer, batches, autocast)
+        seconds.append(time.perf_counter() - t0)
+    return sum(b.n_tokens for b in batches) / statistics.median(seconds)
 
 
 def harvest_throughput(

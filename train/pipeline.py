@@ -99,6 +99,7 @@ def fit_stream(
 ) -> TrainResult:
     """The training half of `train`, on a stream `open_stream(cfg, ...)` opened (benchmarks time it alone)."""
     dist = dist or DistContext.current(resolve_device(cfg.device))
+    stream.quota = cfg.training.total_steps * stream.batch_size  # harvest only what training takes
     trainer = SAETrainer(
         cfg.training,
         stream.d_in,

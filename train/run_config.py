@@ -92,7 +92,9 @@ class RunConfig:
     training: TrainConfig
     model: str = "default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    model_dtype: str = "auto"  # harvesting dtype; auto: bfloat16 on CUDA (and AMX CPUs), else float32
+    # harvesting dtype; auto: bfloat16 on CUDA (and AMX CPUs), else float32; from a cache: the cache's own (another
+    # dtype is refused, `train.activation_cache.check_harvest_dtype`)
+    model_dtype: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     stream: StreamSettings = field(default_factory=StreamSettings)
 

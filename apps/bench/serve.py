@@ -22,28 +22,39 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 from apps.bench.config import ModelBenchConfig
 from apps.bench.steer import PROMPTS
+
+if TYPE_CHECKING:
+    from apps.serve.steering import NamedSAE
+    from hub import LoadedModel
 
 TARGETS = {"mixed_over_plain": 0.95, "batched_over_one_at_a_time": 3.0}
 SAE_NAME = "bench"
 
 
 @dataclass
-class BenchServeConfig(ModelBenchConfig):
-    """`fast-steer bench serve`."""
+class ServerBenchConfig(ModelBenchConfig):
+    """A model with a random SAE served over HTTP: what `bench serve` and its `--soak` share."""
 
     new_tokens: int = 32
-    """New tokens per request."""
+    """New tokens per request (with --soak: at most)."""
+    window_ms: float = 10.0
+    """Batch window of the server."""
+
+
+@dataclass
+class BenchServeConfig(ServerBenchConfig):
+    """`fast-steer bench serve`."""
+
     requests_per_client: int = 3
     """Requests each client sends, one after the other."""
     repeats: int = 5
     """Interleaved repeats of every scenario."""
     concurrency: tuple[int, ...] = (1, 4, 8)
     """Client counts measured."""
-    window_ms: float = 10.0
-    """Batch window of the server."""
 
 
 def _spec(layer: int) -> dict:
@@ -90,25 +101,40 @@ def _load(url: str, clients: int, per_client: int, steering: dict | None, new_to
     return {"wall": wall, "latencies": [s for s, _ in results], "tokens": sum(n for _, n in results)}
 
 
-def run_bench(cfg: BenchServeConfig) -> dict:
-    import torch
-    from tqdm import tqdm
+class Served(NamedTuple):
+    """What a served benchmark runs on: the loaded model, its device, the steered layer and the random SAE."""
 
-    from apps.serve.schemas import Limits
-    from apps.serve.server import BackgroundServer, make_service
+    loaded: LoadedModel
+    device: str
+    layer: int
+    saes: list[NamedSAE]
+
+
+def load_served(cfg: ModelBenchConfig) -> Served:
+    """Load `cfg`'s model and build a random SAE (seed 0) named `SAE_NAME` for its layer."""
+    import torch
+
     from apps.serve.steering import NamedSAE
     from hub import load_model, resolve_device
     from steer import SAEConfig, build_sae
 
     device = resolve_device(cfg.device)  # again: `bench all` invokes commands without option callbacks
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    model, tokenizer = loaded
-    n_layers = model.config.get_text_config().num_hidden_layers
-    layer = n_layers // 2 if cfg.layer is None else cfg.layer
+    text_config = loaded.model.config.get_text_config()
+    layer = text_config.num_hidden_layers // 2 if cfg.layer is None else cfg.layer
     torch.manual_seed(0)
-    d_model = model.config.get_text_config().hidden_size
-    sae = build_sae(SAEConfig("standard", d_model, cfg.d_sae, device=str(device)))
-    saes = [NamedSAE(SAE_NAME, sae)]
+    sae = build_sae(SAEConfig("standard", text_config.hidden_size, cfg.d_sae, device=str(device)))
+    return Served(loaded, device, layer, [NamedSAE(SAE_NAME, sae)])
+
+
+def run_bench(cfg: BenchServeConfig) -> dict:
+    from tqdm import tqdm
+
+    from apps.serve.schemas import Limits
+    from apps.serve.server import BackgroundServer, make_service
+
+    loaded, device, layer, saes = load_served(cfg)
+    model, tokenizer = loaded
     top = max(cfg.concurrency)
     limits = Limits(max_new_tokens=cfg.new_tokens, max_batch=top, max_queue=4 * top)
     window = cfg.window_ms / 1000
@@ -143,8 +169,8 @@ def run_bench(cfg: BenchServeConfig) -> dict:
         latencies = sorted(x for r in reps for x in r["latencies"])
         results.setdefault(level, {})[name] = {
             "tokens_per_s": statistics.median(r["tokens"] / r["wall"] for r in reps),
-            "p50_latency_s": _quantile(latencies, 0.50),
-            "p95_latency_s": _quantile(latencies, 0.95),
+            "p50_latency_s": quantile(latencies, 0.50),
+            "p95_latency_s": quantile(latencies, 0.95),
             "requests": sum(len(r["latencies"]) for r in reps),
             "tokens": sum(r["tokens"] for r in reps),
         }
@@ -177,7 +203,7 @@ def run_bench(cfg: BenchServeConfig) -> dict:
     }
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
+def quantile(sorted_values: list[float], q: float) -> float:
     """The nearest-rank quantile of sorted values."""
     index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values) + 0.5) - 1))
     return sorted_values[index]

@@ -18,8 +18,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from apps.bench.config import ModelBenchConfig
+
+if TYPE_CHECKING:
+    from hub import LoadedModel
 
 PROMPTS = (
     "What is the capital of France?",
@@ -65,7 +69,8 @@ def build_cases(sm, layer: int, d_sae: int, topk: int) -> dict:
     }
 
 
-def run_bench(cfg: BenchConfig) -> dict:
+def run_bench(cfg: BenchConfig, loaded: LoadedModel | None = None) -> dict:
+    """Plain vs steered decode on `cfg.model`, or on `loaded` (a model already in memory) when given."""
     import torch
     from tqdm import tqdm
 
@@ -74,7 +79,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     from steer.positions import pad_token_id
 
     device = resolve_device(cfg.device)  # again: `bench all` invokes commands without option callbacks
-    loaded = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=device)
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"
     sm = SteeredModel(loaded.model, tokenizer)

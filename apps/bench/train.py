@@ -3,17 +3,20 @@
 Measured in one run on the same conversations (JSON on stdout, progress bars on stderr):
 1. end-to-end training (`train.pipeline.fit_stream`, the same code as `fast-steer train`) of `--tokens`
    tokens on a freshly opened stream, timed as a whole (SAE set-up, the first buffer fill, initialisation
-   and saving included; loading the corpus is timed apart as `data_loading_seconds`);
+   and saving included; loading the corpus is timed apart as `data_loading_seconds`), in one setting
+   (`--autocast` or not) or, with `--vs-saelens`, in both `SETTINGS`; the top-level figures are the faster's;
 2. on exactly the forward batches that run harvested: a bare forward to layer L vs FAST harvesting
-   (interleaved repeats, medians; padding share);
-3. the bare SAE step (the trainer's own step on pre-harvested activations, repeats, median);
-4. the sequential limit for the same work: bare forward time of those batches + trained tokens / bare SAE
-   step rate; `end_to_end_ratio_to_limit` = that time / the end-to-end time;
+   (interleaved repeats, medians; padding share), and the bare forward in every weight dtype / autocast
+   setting at hand (bfloat16 weights, float32 weights, float32 weights under bfloat16 autocast);
+3. the bare SAE step (the trainer's own step on those activations) in float32 and under bfloat16 autocast;
+4. the sequential limit: the trained tokens' bare forward in its fastest setting, then their SAE steps in
+   the fastest setting (`bare_*_setting` name them); `end_to_end_ratio_to_limit` = end-to-end rate / limit;
 5. peak memory of the end-to-end run against model + SAEs + optimiser + buffer + transients;
 6. the activation cache: harvesting to disk (`fast-steer harvest`), its read rate, and training from it
    (`train --activations`): the training loop's rate over the bare SAE step (goal >= 0.9);
 7. `--vs-saelens`: SAELens 6.54 (in `.venv-saelens`, `make saelens-venv`) on the same model, layer, SAE
-   size, batch and token budget, and the ratio of whole-run rates.
+   size, batch and token budget in both settings (float32, and bfloat16 autocast of the LM and the SAE),
+   the best of each tool and the ratio of the bests.
 """
 
 from __future__ import annotations
@@ -25,28 +28,108 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hub.formats import CFG_FILE
+
+if TYPE_CHECKING:
+    from hub import LoadedModel
 from steer.errors import FastSteerError
 
 SAELENS_PYTHON = Path(".venv-saelens/bin/python")
 SAELENS_SCRIPT = Path(__file__).with_name("saelens_worker.py")
 
 
-def _sae_step_rate(trainer, xs, repeats: int, bar) -> list[float]:
-    rates = []
+# the two settings of an end-to-end run: the SAE step in float32, or under bfloat16 autocast
+SETTINGS = {"default": False, "autocast": True}
+
+
+def _setting(autocast: bool) -> str:
+    return "autocast" if autocast else "default"
+
+
+def _sae_step_rates(trainers: dict, xs, repeats: int, bar) -> dict[str, float]:
+    """Median tokens/s of each trainer's step over `xs`, the settings' repeats interleaved."""
+    import torch
+
+    seconds: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for x in xs:
-            trainer.train_step(x)
-            bar.update(len(x))
-        rates.append(sum(len(x) for x in xs) / (time.perf_counter() - t0))
+        for name, trainer in trainers.items():
+            t0 = time.perf_counter()
+            for x in xs:
+                trainer.train_step(x)
+                bar.update(len(x))
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            seconds[name].append(time.perf_counter() - t0)
+    return {name: sum(map(len, xs)) / statistics.median(s) for name, s in seconds.items()}
+
+
+def _forward_rates(model, model_ref, batches, layer, repeats, device, loaded_here: bool) -> dict[str, float]:
+    """Bare-forward tokens/s on `batches` in each weight dtype / autocast setting at hand: the model's own;
+    where this benchmark loaded it, the other of float32 / bfloat16 too; float32 also under bf16 autocast."""
+    import torch
+
+    from hub import load_model
+    from train.harvest import bare_forward_rate
+
+    models = {model.dtype: model}
+    if loaded_here:
+        other = "float32" if model.dtype == torch.bfloat16 else "bfloat16"
+        models[getattr(torch, other)] = load_model(model_ref, dtype=other, device=device).model
+    rates = {}
+    for dtype, m in models.items():
+        name = str(dtype).removeprefix("torch.")
+        rates[f"{name} weights"] = bare_forward_rate(m, batches, layer, repeats)
+        if dtype == torch.float32:
+            rates[f"{name} weights, bfloat16 autocast"] = bare_forward_rate(m, batches, layer, repeats, True)
     return rates
 
 
+def _end_to_end(run, loaded, device: str, out: Path, reset_host_peak) -> dict:
+    """Time `fit_stream` on a freshly opened stream (the SAE set-up, the first buffer fill, initialisation
+    and saving included) and measure its peak memory."""
+    import torch
+
+    from train.distributed import DistContext
+    from train.memory import peak_memory_mib
+    from train.pipeline import fit_stream, open_stream
+    from train.trainer import LOG_FILE
+
+    fresh, source = open_stream(run, DistContext.current(device), loaded)
+    peak_window = _reset_peak(device, reset_host_peak)  # the training run's peak, not the loading's
+    t0 = time.perf_counter()
+    result = fit_stream(run, fresh, source, out)
+    seconds = time.perf_counter() - t0
+    cuda = device.startswith("cuda")
+    meta = json.loads((out / CFG_FILE).read_text())["metadata"]
+    last = json.loads((out / LOG_FILE).read_text().splitlines()[-1])
+    return {
+        "tokens_per_s": result.tokens / seconds,
+        "seconds": seconds,
+        "tokens_trained": result.tokens,
+        "harvested_tokens": meta["tokens_harvested"],
+        "real_tokens": meta["real_tokens"],
+        "harvest_share": last["data_share"],  # of the loop's time: the stream (harvest, mix) vs the SAE step
+        "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_memory_mib(),
+        "peak_window": peak_window,
+    }
+
+
 def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch_size: int, tokens: int,
-              buffer_tokens: int, repeats: int, autocast: bool, dtype: str, device: str) -> dict:  # fmt: skip
-    """All measurements of `fast-steer bench train` (without SAELens)."""
+              buffer_tokens: int, repeats: int, autocast: bool, dtype: str, device: str, *,
+              loaded: LoadedModel | None = None, with_cache: bool = True,
+              both_settings: bool = False) -> dict:  # fmt: skip
+    """All measurements of `fast-steer bench train` (without SAELens).
+
+    `loaded`: a model already in memory (the GPU kit's random models of real shapes) instead of loading
+    `model_ref` (then only its own dtype is timed for the limit); `with_cache=False` leaves out the
+    activation-cache part (it writes every token to disk); `both_settings`: end to end in both `SETTINGS`
+    (else in `autocast`'s), the top-level figures from the faster. On CUDA the peak and the estimate are of
+    GPU memory (tensors allocated), elsewhere of host memory.
+    """
+    from dataclasses import replace
+
     import torch
     from tqdm.auto import tqdm
 
@@ -55,52 +138,67 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     from train.config import SAETrainSpec, TrainConfig
     from train.distributed import DistContext
     from train.harvest import Harvester, harvest_throughput
-    from train.memory import peak_memory_mib, reset_peak_memory, resident_memory_mib
-    from train.pipeline import fit_stream, open_stream, train
+    from train.memory import reset_peak_memory, resident_memory_mib
+    from train.pipeline import open_stream, train
     from train.run_config import DataConfig, RunConfig, StreamSettings
     from train.trainer import SAETrainer
 
-    base_rss = resident_memory_mib() or 0.0
     device = resolve_device(device)
+    cuda = device.startswith("cuda")
+    base_rss = 0.0 if cuda else resident_memory_mib() or 0.0
     cfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, saes=[SAETrainSpec(expansion=expansion)],
                       checkpoint_every=0, log_every=10**9, autocast=autocast)  # fmt: skip
     run = RunConfig(layer=layer, training=cfg, model=model_ref, device=device, model_dtype=dtype,
                     data=DataConfig(chat=list(data)), stream=StreamSettings(buffer_tokens=buffer_tokens))  # fmt: skip
-    loaded = load_model(model_ref, dtype=dtype, device=device)
+    loaded_here = loaded is None
+    loaded = loaded or load_model(model_ref, dtype=dtype, device=device)
     model = loaded.model
     d_in = model.config.get_text_config().hidden_size
     t0 = time.perf_counter()
     stream, source = open_stream(run, DistContext.current(device), loaded)
     loading_seconds = time.perf_counter() - t0
     Harvester(model, layer)(stream.sample_batches(1)[0])  # warm-up: one-off kernel set-up is not throughput
+    settings = SETTINGS if both_settings else {_setting(autocast): autocast}
     with tempfile.TemporaryDirectory() as tmp:
-        fresh, _ = open_stream(run, DistContext.current(device), loaded)  # the timed run's own stream
-        peak_window = reset_peak_memory()  # the training run's peak, not the model loading's
-        t0 = time.perf_counter()
-        result = fit_stream(run, fresh, source, Path(tmp) / "e2e")
-        e2e_seconds = time.perf_counter() - t0
-        peak = peak_memory_mib()
-        meta = json.loads((Path(tmp) / "e2e" / CFG_FILE).read_text())["metadata"]
+        e2e = {
+            name: _end_to_end(
+                replace(run, training=replace(cfg, autocast=ac)),
+                loaded,
+                device,
+                Path(tmp) / name,
+                reset_peak_memory,
+            )  # fmt: skip
+            for name, ac in settings.items()
+        }
+        best = max(e2e, key=lambda name: e2e[name]["tokens_per_s"])
+        trained = e2e[best]["tokens_trained"]
 
-        # the very batches the run harvested, in order
-        batches = stream.sample_batches(meta["real_tokens"])
+        # the very batches the run harvested, in order: the forward in every setting, on the same tokens
+        batches = stream.sample_batches(trained)
         real = sum(b.n_tokens for b in batches)
         with tqdm(total=2 * repeats * real, unit="tok", unit_scale=True, desc="forward vs harvest") as bar:
             fwd = harvest_throughput(model, batches, layer, repeats=repeats, on_tokens=bar.update)
+        forward = _forward_rates(model, model_ref, batches, layer, repeats, device, loaded_here)
         harvester = Harvester(model, layer)
         acts = torch.cat([harvester(b) for b in batches])
         xs = [acts[i : i + batch_size] for i in range(0, len(acts) - batch_size + 1, batch_size)]
-        step_trainer = SAETrainer(
-            cfg, d_in, Path(tmp) / "steps", progress=False, dist=DistContext.current(device)
-        )
-        step_trainer.initialise(xs[0])
+        trainers = {}
+        for name, ac in SETTINGS.items():
+            trainers[name] = SAETrainer(replace(cfg, autocast=ac), d_in, Path(tmp) / "steps", progress=False,
+                                        dist=DistContext.current(device))  # fmt: skip
+            trainers[name].initialise(xs[0])
         xs = [x.to(device) for x in xs]
-        with tqdm(total=repeats * len(xs) * batch_size, unit="tok", unit_scale=True, desc="SAE step") as bar:
-            sae_rate = statistics.median(_sae_step_rate(step_trainer, xs, repeats, bar))
-        cache = _cache_bench(run, stream, source, Path(tmp), write_cache, train)
-    limit_seconds = fwd["bare_seconds"] + result.tokens / sae_rate
-    e2e_rate = result.tokens / e2e_seconds
+        total = len(SETTINGS) * repeats * len(xs) * batch_size
+        with tqdm(total=total, unit="tok", unit_scale=True, desc="SAE step") as bar:
+            steps = _sae_step_rates(trainers, xs, repeats, bar)
+        cache = _cache_bench(run, stream, source, Path(tmp), write_cache, train) if with_cache else {}
+    fwd_best = max(forward, key=forward.get)
+    step_best = max(steps, key=steps.get)
+    limit = 1 / (
+        1 / forward[fwd_best] + 1 / steps[step_best]
+    )  # the trained tokens' forward, then their steps
     estimate = _memory_estimate(model, run.stream, d_in, expansion, batch_size, base_rss)
+    peak = max(r["peak_memory_mib"] for r in e2e.values())
     return {
         "model": model_ref,
         "layer": layer,
@@ -113,27 +211,70 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         "threads": torch.get_num_threads(),
         "sae_autocast_bf16": autocast,
         "forward_batches": len(batches),
-        "harvested_tokens": meta["tokens_harvested"],
-        "bare_forward_tokens_per_s": fwd["bare_tokens_per_s"],
+        "harvested_tokens": e2e[best]["harvested_tokens"],
         "harvest_tokens_per_s": fwd["harvest_tokens_per_s"],
-        "harvest_ratio": fwd["ratio"],
+        "harvest_ratio": fwd["ratio"],  # the model's own bare forward over harvesting, same batches
         "padding_share": fwd["padding_share"],
-        "bare_sae_step_tokens_per_s": sae_rate,
-        "sequential_limit_tokens_per_s": result.tokens / limit_seconds,
-        "end_to_end_tokens_per_s": e2e_rate,
-        "end_to_end_seconds": e2e_seconds,
+        "bare_forward_tokens_per_s": forward[fwd_best],
+        "bare_forward_setting": fwd_best,
+        "bare_forward_tokens_per_s_by_setting": forward,
+        "bare_sae_step_tokens_per_s": steps[step_best],
+        "bare_sae_step_setting": step_best,
+        "bare_sae_step_tokens_per_s_by_setting": steps,
+        "sequential_limit_tokens_per_s": limit,
+        "end_to_end_setting": best,
+        "end_to_end_tokens_per_s": e2e[best]["tokens_per_s"],
+        "end_to_end_seconds": e2e[best]["seconds"],
+        "end_to_end_tokens_trained": trained,
+        "end_to_end_harvest_share": e2e[best]["harvest_share"],
+        "end_to_end_ratio_to_limit": e2e[best]["tokens_per_s"] / limit,
+        "end_to_end_by_setting": e2e,
         "data_loading_seconds": loading_seconds,
-        "end_to_end_tokens_trained": result.tokens,
-        "end_to_end_ratio_to_limit": limit_seconds / e2e_seconds,
         **cache,
-        "cached_training_ratio_to_bare_step": cache["cached_training_loop_tokens_per_s"] / sae_rate,
+        **(
+            {
+                "cached_training_ratio_to_bare_step": cache["cached_training_loop_tokens_per_s"]
+                / steps[_setting(autocast)]
+            }
+            if cache
+            else {}
+        ),
         "peak_memory_mib": peak,
-        "peak_memory_covers": "the end-to-end run" if peak_window else "the whole process",
+        "peak_memory_kind": "GPU tensors allocated" if cuda else "host resident",
+        "peak_memory_covers": "the end-to-end run"
+        if all(r["peak_window"] for r in e2e.values())
+        else "the whole process",
         "memory_estimate_mib": sum(estimate.values()),
         "memory_estimate_parts_mib": estimate,
         "peak_over_estimate": peak / sum(estimate.values()),
         "repeats": repeats,
     }
+
+
+def compare_with_saelens(out: dict, saelens: dict[str, dict]) -> dict:
+    """SAELens's runs by setting, the best of each tool and the ratio of the bests (whole runs each)."""
+    theirs = max(saelens, key=lambda name: saelens[name]["tokens_per_s"])
+    ours = out["end_to_end_by_setting"]
+    return {
+        "saelens": saelens,
+        "saelens_best_setting": theirs,
+        "saelens_best_tokens_per_s": saelens[theirs]["tokens_per_s"],
+        "end_to_end_over_saelens_by_setting": {
+            name: ours[name]["tokens_per_s"] / saelens[name]["tokens_per_s"] for name in ours.keys() & saelens
+        },
+        "end_to_end_over_saelens": out["end_to_end_tokens_per_s"] / saelens[theirs]["tokens_per_s"],
+    }
+
+
+def _reset_peak(device: str, reset_host_peak) -> bool:
+    """Start the peak-memory window of `device` (CUDA: the allocator's peak); False where unsupported."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return reset_host_peak()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return True
 
 
 def _cache_bench(run, stream, source: str, tmp: Path, write_cache, train) -> dict:
@@ -169,7 +310,7 @@ def _memory_estimate(
     text_cfg = model.config.get_text_config()
     element = next(model.parameters()).element_size()
     return {
-        "runtime_baseline": runtime_mib,  # Python, torch and transformers before the model is loaded
+        "runtime_baseline": runtime_mib,  # host: Python, torch and transformers before the model; CUDA: 0
         "model": sum(p.numel() * p.element_size() for p in model.parameters()) / mib,
         "saes_params_grads_adam": 4 * (2 * d_sae * d_in + d_sae + d_in) * 4 / mib,
         "buffer": stream_cfg.buffer_tokens * d_in * 4 * 1.5 / mib,  # store + pending refill

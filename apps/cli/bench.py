@@ -10,8 +10,10 @@ from pathlib import Path
 import click
 
 from apps.bench import eval as eval_bench
+from apps.bench import gpu as gpu_bench
 from apps.bench import interp as interp_bench
 from apps.bench import serve as serve_bench
+from apps.bench import soak as soak_bench
 from apps.bench import steer as steer_bench
 from apps.bench import train as train_bench
 from apps.cli.options import Numbers, config_device_option, config_option, device_option, stack
@@ -27,13 +29,17 @@ def bench_group() -> None:
 def bench_all(ctx: click.Context) -> None:
     """Run every benchmark part with its defaults, one after the other."""
     for name, command in sorted(bench_group.commands.items()):
-        if name != "all":
+        if name not in ("all", "gpu"):  # gpu: the acceptance kit, for a GPU machine with its carried folder
             click.echo(f"# bench {name}", err=True)
             ctx.invoke(command)
 
 
 STEER = steer_bench.BenchConfig
 SERVE = serve_bench.BenchServeConfig
+SOAK = soak_bench.SoakConfig
+SERVE_ONLY = ("requests_per_client", "repeats", "concurrency")  # the options of bench serve without --soak
+SOAK_ONLY = ("requests", "clients", "max_seconds", "compared", "seed")
+DEFAULT_SOURCES = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
 
 
 def _model_bench_options(config: type) -> Callable:
@@ -64,18 +70,46 @@ def bench_steer_command(**options) -> None:
 
 @bench_group.command("serve")
 @_model_bench_options(SERVE)
-@config_option(SERVE, "new_tokens", "--new-tokens", type=click.IntRange(1), help="Per request.")
+@config_option(
+    SERVE, "new_tokens", "--new-tokens", type=click.IntRange(1), help="Per request (--soak: at most)."
+)
 @config_option(SERVE, "requests_per_client", "--requests-per-client", type=click.IntRange(1))
 @config_option(SERVE, "repeats", "--repeats", type=click.IntRange(1))
 @config_option(
     SERVE, "concurrency", "--concurrency", type=Numbers(int), help="Comma-separated client counts."
 )
 @config_option(SERVE, "window_ms", "--window-ms", type=click.FloatRange(0), help="Batch window.")
-def bench_serve_command(**options) -> None:
-    """Tokens/s and latency of the server, mixed steered/plain vs plain, batched vs one at a time (JSON)."""
+@click.option("--soak", is_flag=True, help="The load and fault test instead, with the --soak options below.")
+@config_option(SOAK, "requests", "--requests", type=click.IntRange(1), help="--soak: requests sent.")
+@config_option(SOAK, "clients", "--clients", type=click.IntRange(1), help="--soak: concurrent clients.")
+@config_option(SOAK, "max_seconds", "--max-seconds", type=click.FloatRange(0, min_open=True),
+               help="--soak: no request is sent after this many seconds.")  # fmt: skip
+@config_option(
+    SOAK, "compared", "--compared", type=click.IntRange(0), help="--soak: greedy replies re-run alone."
+)
+@config_option(SOAK, "seed", "--seed", type=int, help="--soak: seed of the request plan.")
+@click.pass_context
+def bench_serve_command(ctx: click.Context, soak: bool, **options) -> None:
+    """Tokens/s and latency of the server, mixed steered/plain vs plain, batched vs one at a time (JSON).
+    With --soak: answers by class, faults, greedy replies vs alone, memory growth and latency under load."""
+    other = SERVE_ONLY if soak else SOAK_ONLY
+    given = [n for n in other if ctx.get_parameter_source(n) not in (None, *DEFAULT_SOURCES)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise click.UsageError(
+            f"{flags}: not an option of bench serve {'--soak' if soak else 'without --soak'}"
+        )
+    if soak:
+        if options["new_tokens"] < 2:
+            raise click.BadParameter("at least 2 with --soak (its dropped streams go after the first chunk)",
+                                     param_hint="--new-tokens")  # fmt: skip
+        cfg = SOAK(**{k: v for k, v in options.items() if k not in SERVE_ONLY})
+        click.echo(json.dumps(soak_bench.run_soak(cfg), indent=2))
+        return
     if min(options["concurrency"]) < 1:
         raise click.BadParameter("client counts must be positive", param_hint="--concurrency")
-    click.echo(json.dumps(serve_bench.run_bench(serve_bench.BenchServeConfig(**options)), indent=2))
+    cfg = SERVE(**{k: v for k, v in options.items() if k not in SOAK_ONLY})
+    click.echo(json.dumps(serve_bench.run_bench(cfg), indent=2))
 
 
 @bench_group.command("train")
@@ -95,24 +129,30 @@ def bench_serve_command(**options) -> None:
     show_default=True,
     help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32).",
 )
-@click.option("--autocast", is_flag=True, help="bf16 autocast for the SAE step (and SAELens).")
+@click.option(
+    "--autocast", is_flag=True, help="bf16 autocast for the SAE step (--vs-saelens: both settings)."
+)
 @device_option
-@click.option("--vs-saelens", is_flag=True, help="Also train with SAELens 6.54 (.venv-saelens) and compare.")
+@click.option(
+    "--vs-saelens",
+    is_flag=True,
+    help="Both tools, with and without autocast (SAELens 6.54 in .venv-saelens).",
+)
 def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_tokens, repeats, dtype, autocast,
                 device, vs_saelens) -> None:  # fmt: skip
     """Harvesting and end-to-end training throughput vs. the sequential limit (JSON)."""
     if min(batch_size, tokens, buffer_tokens, repeats) < 1:
         raise click.BadParameter("--batch-size, --tokens, --buffer-tokens and --repeats must be positive")
     out = train_bench.run_bench(model_ref, list(data), layer, expansion, batch_size, tokens, buffer_tokens, repeats,
-                    autocast, dtype, device)  # fmt: skip
+                    autocast, dtype, device, both_settings=vs_saelens)  # fmt: skip
     if vs_saelens:
         from hub import load_model
 
         model_dir = Path(load_model(model_ref).source)
-        sl = train_bench.run_saelens(model_dir, list(data), layer, expansion, batch_size, tokens, autocast)
-        out["saelens"] = sl
-        # both whole runs (start-up included), same model, layer, SAE, batch and token budget
-        out["end_to_end_over_saelens"] = out["end_to_end_tokens_per_s"] / sl["tokens_per_s"]
+        # whole runs (start-up included), same model, layer, SAE, batch and token budget, in both settings
+        saelens = {name: train_bench.run_saelens(model_dir, list(data), layer, expansion, batch_size, tokens, ac)
+                   for name, ac in train_bench.SETTINGS.items()}  # fmt: skip
+        out.update(train_bench.compare_with_saelens(out, saelens))
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
@@ -161,6 +201,23 @@ def bench_interp_command(**options) -> None:
         raise click.BadParameter("limits must be positive integers", param_hint="--judge-concurrency")
     options["data"] = tuple(options["data"])
     click.echo(json.dumps(interp_bench.run_bench(INTERP(**options)), indent=2))
+
+
+GPU = gpu_bench.GpuCheckConfig
+
+
+@bench_group.command("gpu")
+@config_option(GPU, "device", "--device", help="Where the models run (cpu with --tiny: the dry run).")
+@config_option(GPU, "tiny", "--tiny", is_flag=True, help="Tiny shapes and few tokens (the kit's dry run).")
+@config_option(GPU, "carry", "--carry", help="The carried folder (make gpu-carry).")
+@config_option(GPU, "out", "--out", help="Folder for gpu_check.json and the stage logs.")
+@config_option(
+    GPU, "deadline_s", "--deadline", "deadline_s", type=click.FloatRange(10), help="Seconds for all stages."
+)
+def bench_gpu_command(**options) -> None:
+    """The GPU acceptance kit: CUDA tests, bench train on the 8B shape, bench steer (JSON in --out)."""
+    report = gpu_bench.run_check(GPU(**options))
+    click.echo(json.dumps(report["summary"], indent=2))
 
 
 def register(group: click.Group) -> None:

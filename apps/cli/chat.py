@@ -88,6 +88,8 @@ def chat_command(
 ) -> None:
     """Chat with a model, showing the unsteered and the steered reply to PROMPT side by side.
 
+    The steered reply's title says how many positions the spec edited (0: its positions matched nothing).
+
     Without PROMPT, reads one user turn per line from stdin (multi-turn; '/reset' clears the
     history, '/quit' or end of input stops). Both conversations keep their own replies.
     """
@@ -101,7 +103,7 @@ def chat_command(
     specs = _build_specs(sm, spec_path, sae_source, sae_id, feature, strength, op, positions, layer)
     compiled = [sm.compile(spec) for spec in specs]  # checked once, before the first turn
     options = ChatOptions(max_new_tokens, sample, temperature, seed)
-    label = "steered (" + "; ".join(_describe(s, sm.load_sae(s).labels) for s in specs) + ")"
+    label = "; ".join(_describe(s, sm.load_sae(s).labels) for s in specs)
     start = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         _turn(sm, compiled, start, start, prompt, options, label, as_json)
@@ -179,15 +181,20 @@ def _describe(spec, labels) -> str:
 
 
 def _turn(sm, compiled, plain_history, steered_history, text, options, label, as_json) -> tuple[str, str]:
-    """Generate both replies to `text`, print them, and return them."""
+    """Generate both replies to `text`, print them (the steered one with the positions its spec edited),
+    and return them."""
     user = [{"role": "user", "content": text}]
     kwargs = options.generate_kwargs()
     plain = sm.chat(plain_history + user, **kwargs)
-    steered = sm.chat(steered_history + user, spec=compiled, **kwargs)
+    with sm.steer(compiled) as report:
+        steered = sm.chat(steered_history + user, **kwargs)
     if as_json:
-        click.echo(json.dumps({"prompt": text, "unsteered": plain, "steered": steered, "steering": label}))
+        row = {"prompt": text, "unsteered": plain, "steered": steered, "steering": f"steered ({label})"}
+        click.echo(json.dumps(row | {"steered_positions": report.positions}))
     else:
-        click.echo(side_by_side(("unsteered", plain), (label, steered)))
+        click.echo(
+            side_by_side(("unsteered", plain), (f"steered {report.positions} positions ({label})", steered))
+        )
     return plain, steered
 
 

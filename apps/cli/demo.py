@@ -21,6 +21,7 @@ from train.config import coefficient_architectures
 DEFAULT_PORT = 7860
 DEMO_LIMITS = "apps.demo.settings:DemoLimits"
 MAIN_JOB = "apps.jobs.main_job:MainJobConfig"
+AUTH_ENV = "FAST_STEER_DEMO_AUTH"  # apps.demo.access.AUTH_ENV (not imported here: apps.demo loads gradio)
 
 
 # Where the page listens, and what one request may ask for (`demo` and `run`).
@@ -29,7 +30,14 @@ _serve_options = stack(
         "--host",
         default="127.0.0.1",
         show_default=True,
-        help="Address to bind. Anything but 127.0.0.1 exposes the model to your network.",
+        help="Address to bind. Anything but loopback exposes the model to your network, and needs --auth.",
+    ),
+    click.option(
+        "--auth",
+        envvar=AUTH_ENV,
+        default=None,
+        metavar="USER:PASSWORD",
+        help=f"Log in to the page with this user and password (required off loopback) [env: {AUTH_ENV}].",
     ),
     click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port to serve on."),
     request_limit_options(
@@ -44,13 +52,20 @@ def _limits(max_new_tokens: int, max_prompt_tokens: int):
     return DemoLimits(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
 
 
-def _start(backend, host: str, port: int) -> None:
+def _access(host: str, auth: str | None):
+    """The page's login, checked against `host` before any model is loaded."""
+    from apps.demo.access import check_bind, parse_auth
+
+    login = parse_auth(auth)
+    check_bind(host, login)
+    return login
+
+
+def _start(backend, host: str, port: int, login) -> None:
     from apps.demo import build_app, launch_app
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"warning: binding {host}: anyone who can reach this address can use the model", err=True)
-    click.echo(f"demo on http://{host}:{port} (Ctrl+C stops it)")
-    launch_app(build_app(backend), backend, host=host, port=port)
+    click.echo(f"demo on http://{host}:{port} (Ctrl+C stops it)" + (" behind a login" if login else ""))
+    launch_app(build_app(backend), backend, host=host, port=port, auth=login)
 
 
 @click.command("demo")
@@ -96,11 +111,13 @@ def demo_command(
     features,
     strength,
     host,
+    auth,
     port,
     max_new_tokens,
     max_prompt_tokens,
 ) -> None:
     """Chat with a model plain and steered through SAE features, side by side, in the browser."""
+    login = _access(host, auth)
     from apps.demo import DemoBackend, EditRow
     from apps.demo.loading import discover, load_demo_sae
     from apps.jobs.main_job import resolve_data, spread
@@ -128,7 +145,7 @@ def demo_command(
         backend.preselect = backend.check_rows(
             None, [EditRow(k, "add", strength, "special") for k in features]
         )
-    _start(backend, host, port)
+    _start(backend, host, port, login)
 
 
 @click.command("run")
@@ -179,12 +196,15 @@ def run_command(
     keep_first_token,
     demo,
     host,
+    auth,
     port,
     max_new_tokens,
     max_prompt_tokens,
 ) -> None:
     """The main job: train (or reuse) a FAST SAE, evaluate it, find its special-token features, open the demo."""
     from apps.jobs.main_job import MainJobConfig, build_main_backend, run_main_job
+
+    login = _access(host, auth) if demo else None
 
     cfg = MainJobConfig(
         model=model_ref,
@@ -207,7 +227,7 @@ def run_command(
     if not demo:
         return
     backend = build_main_backend(cfg, demo_sae, sample, _limits(max_new_tokens, max_prompt_tokens))
-    _start(backend, host, port)
+    _start(backend, host, port, login)
 
 
 def register(group: click.Group) -> None:

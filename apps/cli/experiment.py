@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from apps.cli.interp import judge_config, judge_options
 from apps.cli.options import (
     Numbers,
     Words,
@@ -84,9 +85,9 @@ def experiment_group() -> None:
     REPRO, "held_out_fraction", "--held-out-fraction", type=float, help="Held-out share (content hash)."
 )
 @config_option(REPRO, "eval_conversations", "--eval-conversations", type=int, help="Held-out conversations.")
-@config_option(
-    REPRO, "model_dtype", "--dtype", "model_dtype", help="Model dtype (harvest, eval; auto: see train)."
-)
+@config_option(REPRO, "model_dtype", "--dtype", "model_dtype",
+               help="Model dtype (harvest, eval; auto: the one OUT was harvested in, else bfloat16 on CUDA and AMX "
+               "CPUs, else float32; resolved and recorded in experiment.json).")  # fmt: skip
 @config_option(REPRO, "seed", "--seed", type=int)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def reproduce_command(model_ref, device, layer, tokens, out_dir, data, pretrain_data, methods, archs, expansion, preset,
@@ -179,11 +180,12 @@ def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mml
     from apps.evaluation.sweep import SweepConfig, run_sweep
     from hub import load_model
     from train.data import shared_data_dir
+    from train.experiment import load_config
 
     out = out_dir or default_out()
-    settings = _settings(out)
+    recorded = load_config(out)
     sae_dir = sae_dir or _steering_sae(out, "fast", "--sae")
-    conversations = _conversations(out, list(data) or settings.get("chat_data"), n_conversations)
+    conversations = _conversations(out, list(data) or (recorded and recorded.chat_data), n_conversations)
     cfg = SweepConfig(
         sae_dir=sae_dir,
         out=out / "sweep",
@@ -194,7 +196,7 @@ def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mml
         eval_data=eval_data or shared_data_dir("eval"),
         feature=feature,
     )
-    ref = model_ref or settings.get("model", "default")
+    ref = model_ref or (recorded.model if recorded else "default")
     model, tok = load_model(ref, dtype=model_dtype, device=device)
     result = run_sweep(cfg, model, tok, conversations, model_ref=ref, progress=not quiet)
     click.echo((cfg.out / "sweep.md").read_text(encoding="utf-8"))
@@ -231,9 +233,10 @@ def steer_eval_command(out_dir, fast_sae, btf_sae, model_ref, strengths, n_dev, 
     from apps.evaluation.steer_eval import SteerEvalConfig, run_steer_eval
     from hub import load_model
     from train.data import shared_data_dir
+    from train.experiment import load_config
 
     out = out_dir or default_out()
-    settings = _settings(out)
+    recorded = load_config(out)
     cfg = SteerEvalConfig(
         fast_sae=fast_sae or _steering_sae(out, "fast", "--fast-sae"),
         btf_sae=btf_sae or _steering_sae(out, "bt-f", "--btf-sae"),
@@ -248,8 +251,8 @@ def steer_eval_command(out_dir, fast_sae, btf_sae, model_ref, strengths, n_dev, 
         seed=seed,
         resamples=resamples,
     )
-    conversations = _conversations(out, list(data) or settings.get("chat_data"), n_conversations)
-    ref = model_ref or settings.get("model", "default")
+    conversations = _conversations(out, list(data) or (recorded and recorded.chat_data), n_conversations)
+    ref = model_ref or (recorded.model if recorded else "default")
     model, tok = load_model(ref, dtype=model_dtype, device=device)
     report = run_steer_eval(
         cfg, model, tok, conversations, model_ref=ref, progress=not quiet, command=command_line()
@@ -299,8 +302,7 @@ COLLECT = "train.interp.collect:CollectConfig"
 @experiment_group.command("interp")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="The reproduce folder; results go to OUT/interp/<method>/.  [default: <fast-steer cache>/experiments/reproduce]")  # fmt: skip
-@click.option("--judge-url", required=True, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000.")
-@click.option("--judge-model", required=True, help="Model name sent to the judge (recorded in the results).")
+@judge_options
 @config_option(
     INTERP,
     "protocol",
@@ -313,20 +315,17 @@ COLLECT = "train.interp.collect:CollectConfig"
 @config_option(INTERP, "features", "--features", type=int, help="Features sampled per SAE (seeded).")
 @config_option(COLLECT, "instances", "--instances", type=int, help="Held-out conversations collected.")
 @config_option(INTERP, "seed", "--seed", type=int, help="Seeds the feature sample, test sets and controls.")
-@config_option("apps.interp.judge:JudgeConfig", "concurrency", "--judge-concurrency", type=int,
-               help="Judge requests in flight at most.")  # fmt: skip
 @config_device_option(COLLECT)
 def interp_command(out_dir, judge_url, judge_model, protocol, controls, features, instances, seed, judge_concurrency,
-                   device) -> None:  # fmt: skip
+                   judge_timeout, device) -> None:  # fmt: skip
     """Score the FAST, BT(F) and BT(P) JumpReLU SAEs of a reproduce folder (no-first variant) with a judge
     (key from $FAST_STEER_JUDGE_KEY or $OPENAI_API_KEY) into OUT/interp/<method>/interp.json."""
-    from apps.interp.judge import JudgeConfig
     from apps.interp.study import STUDY_DIR, run_study, study_template
     from train.interp.collect import CollectConfig
 
     out = out_dir or default_out()
-    judge = JudgeConfig(url=judge_url, model=judge_model, cache_dir=out / STUDY_DIR / "judge-cache",
-                        concurrency=judge_concurrency, seed=seed)  # fmt: skip
+    judge = judge_config(out / STUDY_DIR / "judge-cache", seed, judge_url, judge_model, judge_concurrency,
+                         judge_timeout)  # fmt: skip
     template = study_template(out, judge, protocol=protocol, controls=controls, features=features, seed=seed,
                               collect=CollectConfig(instances=instances, device=device))  # fmt: skip
     for method, result in run_study(out, template).items():
@@ -339,11 +338,6 @@ def interp_command(out_dir, judge_url, judge_model, protocol, controls, features
         )
     click.echo(f"wrote {out / STUDY_DIR}/<method>/interp.json; then `fast-steer experiment report --out {out}`",
                err=True)  # fmt: skip
-
-
-def _settings(out: Path) -> dict:
-    path = out / "experiment.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _steering_sae(out: Path, method: str, option: str) -> Path:

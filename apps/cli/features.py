@@ -81,6 +81,7 @@ def features_command(
     """Top SAE features per special token of SAE_DIR's model, the contexts of one feature, or a search of the
     features' labels."""
     from hub import load_model
+    from hub.registry import feature_url
     from hub.sae_io import load_sae, sae_layer
     from train.data import load_conversations
     from train.features import discover_features, top_contexts
@@ -118,6 +119,8 @@ def features_command(
         click.echo(
             f"feature {feature}{named} at layer {layer}: top {len(contexts)} of {len(corpus)} conversations"
         )
+        if url := feature_url(sae.metadata, feature):
+            click.echo(f"Neuronpedia: {url}")
         for ctx in contexts:
             where = f"conv {ctx.conversation} pos {ctx.position}" + (f" ({ctx.label})" if ctx.label else "")
             click.echo(f"{ctx.activation:9.3f}  {where}: {ctx.render(style)}", color=style == "ansi")
@@ -130,9 +133,10 @@ def features_command(
         click.echo(f"\n{entry.token!r} (in {entry.n_conversations} conversations)")
         for rank, stat in enumerate(entry.top, 1):
             named = f"  {_quoted(sae.labels, stat.feature)}" if sae.labels is not None else ""
+            url = feature_url(sae.metadata, stat.feature)
             click.echo(
                 f"  {rank:2d}. feature {stat.feature:6d}  {stat.mean_max_activation:9.3f}  fires in "
-                f"{stat.fire_rate:.0%}{named}"
+                f"{stat.fire_rate:.0%}{named}" + (f"  {url}" if url else "")
             )
         if not entry.top:
             click.echo("  no feature fires")

@@ -18,6 +18,40 @@ JUDGE = "apps.interp.judge:JudgeConfig"
 NEURONPEDIA = "apps.interp.neuronpedia.export:NeuronpediaConfig"
 
 
+def judge_options(command):
+    """--judge-url, --judge-model, --judge-concurrency and --judge-timeout (for `judge_config`)."""
+    options = [
+        click.option(
+            "--judge-url", required=True, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000."
+        ),
+        click.option(
+            "--judge-model", required=True, help="Model name sent to the judge (recorded in the results)."
+        ),
+        config_option(
+            JUDGE, "concurrency", "--judge-concurrency", type=int, help="Judge requests in flight at most."
+        ),
+        config_option(
+            JUDGE,
+            "timeout_s",
+            "--judge-timeout",
+            type=float,
+            help="Seconds one judge answer may take (a slow local judge needs more).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def judge_config(cache_dir: Path, seed: int, judge_url: str, judge_model: str, judge_concurrency: int,
+                 judge_timeout: float):  # fmt: skip
+    """The `JudgeConfig` of `judge_options`' values, answers cached under `cache_dir`."""
+    from apps.interp.judge import JudgeConfig
+
+    return JudgeConfig(url=judge_url, model=judge_model, cache_dir=cache_dir, concurrency=judge_concurrency,
+                       timeout_s=judge_timeout, seed=seed)  # fmt: skip
+
+
 @click.group("interp")
 def interp_group() -> None:
     """Interpretability of SAE features: activation examples, judge scores and proxies."""
@@ -78,8 +112,7 @@ def collect_command(
 @click.option(
     "--data", "data", required=True, multiple=True, help="Conversations: JSONL file(s), folder(s) or HF id."
 )
-@click.option("--judge-url", required=True, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000.")
-@click.option("--judge-model", required=True, help="Model name sent to the judge (recorded in the results).")
+@judge_options
 @config_option(
     RUN, "protocol", "--protocol", help="fast-paper | detection | fuzzing | all, or a comma-separated list."
 )
@@ -97,9 +130,6 @@ def collect_command(
 @config_option(
     RUN, "reason_first", "--reason-first", is_flag=True, help="Ablation: reasoning before the score."
 )
-@config_option(
-    JUDGE, "concurrency", "--judge-concurrency", type=int, help="Judge requests in flight at most."
-)
 @config_model_option(COLLECT)
 @config_device_option(COLLECT)
 def run_command(
@@ -116,22 +146,16 @@ def run_command(
     seed: int,
     reason_first: bool,
     judge_concurrency: int,
+    judge_timeout: float,
     model_ref: str,
     device: str,
 ) -> None:
     """Score the features of the SAE in SAE_DIR with a judge (key from $FAST_STEER_JUDGE_KEY or
     $OPENAI_API_KEY); writes OUT/interp.json and OUT/explanations.json."""
-    from apps.interp.judge import JudgeConfig
     from apps.interp.run import INTERP_FILE, InterpConfig, run_interp
     from train.interp.collect import CollectConfig
 
-    judge = JudgeConfig(
-        url=judge_url,
-        model=judge_model,
-        cache_dir=out / "judge-cache",
-        concurrency=judge_concurrency,
-        seed=seed,
-    )
+    judge = judge_config(out / "judge-cache", seed, judge_url, judge_model, judge_concurrency, judge_timeout)
     config = InterpConfig(
         sae=sae_dir,
         data=list(data),

@@ -28,16 +28,25 @@ from apps.evaluation.lm_eval.run import EVAL_DATA_ENV, run_lm_eval
     default=None,
     help=f"Folder with the local benchmark JSONL files [default: ${EVAL_DATA_ENV}, else the shared data's eval folder if present].",
 )
+@click.option(
+    "--allow-unsteered",
+    is_flag=True,
+    help="Go on when a spec edits no position in a whole task (by default the run stops and says why).",
+)
 @click.argument("lm_eval_args", nargs=-1, type=click.UNPROCESSED)
-def lm_eval_command(compare: bool, eval_data: Path | None, lm_eval_args: tuple[str, ...]) -> None:
+def lm_eval_command(
+    compare: bool, eval_data: Path | None, allow_unsteered: bool, lm_eval_args: tuple[str, ...]
+) -> None:
     """Run lm-eval with the `fast-steer` model (any lm-eval option; see `lm-eval run --help`).
 
     \b
-    fast-steer lm-eval --model_args pretrained=default,spec=spec.json --tasks mmlu_local --limit 20
-    fast-steer lm-eval --model_args pretrained=default,spec=spec.json --tasks gsm8k_local --compare
+    fast-steer lm-eval --model_args pretrained=default,spec=spec.json --tasks mmlu_local --limit 20 --apply_chat_template
+    fast-steer lm-eval --model_args pretrained=default,spec=spec.json --tasks gsm8k_local --compare --apply_chat_template
     fast-steer lm-eval ls tasks
     """
-    run_lm_eval(lm_eval_args, eval_data=eval_data, compare=compare, echo=click.echo)
+    run_lm_eval(
+        lm_eval_args, eval_data=eval_data, compare=compare, echo=click.echo, allow_unsteered=allow_unsteered
+    )
 
 
 def register(group: click.Group) -> None:

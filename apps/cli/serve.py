@@ -42,6 +42,22 @@ LIMITS = "apps.serve.schemas:Limits"
     help="Serve only requests with 'Authorization: Bearer KEY' [env FAST_STEER_API_KEY].",
 )
 @click.option(
+    "--admin-key",
+    envvar="FAST_STEER_ADMIN_KEY",
+    default=None,
+    help="Allow PUT /v1/steering (the default spec of every client) with 'Authorization: Bearer ADMIN_KEY' "
+    "[env FAST_STEER_ADMIN_KEY]; without it, PUT /v1/steering is disabled.",
+)
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests whose Host header is NAME (without --api-key only 127.0.0.1, localhost and "
+    "[::1] are answered). Repeat for several.",
+)
+@click.option("--docs", is_flag=True, help="Serve /docs, /redoc and /openapi.json.")
+@click.option(
     "--served-model-name", default=None, help="The model id clients send [default: the model's name]."
 )
 @device_option
@@ -58,6 +74,53 @@ LIMITS = "apps.serve.schemas:Limits"
     LIMITS, "max_queue", "--max-queue", type=click.IntRange(1), help="Waiting requests; more get 429."
 )
 @request_limit_options(LIMITS)
+@config_option(
+    LIMITS,
+    "max_edits_per_spec",
+    "--max-edits-per-spec",
+    type=click.IntRange(1),
+    help="Edits in one intervention of a request's steering.",
+)
+@config_option(
+    LIMITS,
+    "max_specs_per_request",
+    "--max-specs-per-request",
+    type=click.IntRange(1),
+    help="Interventions in one request's steering list.",
+)
+@config_option(
+    LIMITS,
+    "max_stop_chars",
+    "--max-stop-chars",
+    type=click.IntRange(1),
+    help="Longest stop string, in characters.",
+)
+@config_option(
+    LIMITS,
+    "max_prompts",
+    "--max-prompts",
+    type=click.IntRange(1),
+    help="Prompts in one /v1/completions prompt list.",
+)
+@config_option(
+    LIMITS, "max_messages", "--max-messages", type=click.IntRange(1), help="Messages in one chat request."
+)
+@config_option(
+    LIMITS,
+    "max_body_bytes",
+    "--max-body-bytes",
+    type=click.IntRange(1),
+    help="Largest request body; a larger one gets 413.",
+)
+@config_option(
+    LIMITS,
+    "max_compiled_bytes",
+    "--max-compiled-bytes",
+    type=click.IntRange(1),
+    help="Tensor bytes of compiled specs kept for reuse.",
+)
+@config_option(LIMITS, "request_timeout", "--request-timeout", type=click.FloatRange(0, min_open=True),
+               help="Seconds a request may take in all (queue and generation); then 504.")  # fmt: skip
 def serve_command(
     model_ref: str,
     sae_args: tuple[str, ...],
@@ -65,14 +128,14 @@ def serve_command(
     host: str,
     port: int,
     api_key: str | None,
+    admin_key: str | None,
+    allow_hosts: tuple[str, ...],
+    docs: bool,
     served_model_name: str | None,
     device: str,
     dtype: str,
-    max_batch: int,
     batch_window_ms: float,
-    max_queue: int,
-    max_prompt_tokens: int,
-    max_new_tokens: int,
+    **limit_values: int | float,
 ) -> None:
     """Serve the OpenAI chat API (/v1/chat/completions, /v1/completions, ...) with per-request SAE steering."""
     from apps.serve.auth import check_bind
@@ -82,12 +145,7 @@ def serve_command(
     from hub import load_model
 
     check_bind(host, api_key)
-    limits = Limits(
-        max_prompt_tokens=max_prompt_tokens,
-        max_new_tokens=max_new_tokens,
-        max_batch=max_batch,
-        max_queue=max_queue,
-    )
+    limits = Limits(**limit_values)  # every other option is a `Limits` field of the same name
     loaded = load_model(model_ref, dtype=dtype, device=device)
     d_model = loaded.model.config.get_text_config().hidden_size
     saes = load_named_saes(list(sae_args), loaded.model.device, d_model)
@@ -101,6 +159,9 @@ def serve_command(
         limits=limits,
         window=batch_window_ms / 1000,
         api_key=api_key,
+        admin_key=admin_key,
+        allow_hosts=allow_hosts,
+        docs=docs,
         default_steering=default,
     )
     for s in saes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gradio as gr
 
 from apps.demo import panels
+from apps.demo.access import Auth, check_bind
 from apps.demo.backend import DemoBackend
 from apps.demo.handlers import Handlers, pick_feature
 from apps.demo.token_view import TOKEN_VIEW_CSS
@@ -98,12 +99,22 @@ def build_app(backend: DemoBackend) -> gr.Blocks:
     return app
 
 
-def launch_app(app: gr.Blocks, backend: DemoBackend, host: str = "127.0.0.1", port: int | None = None, **kw):
-    """Queue (one model event at a time, bounded queue) and serve on `host:port`; no sharing, no files."""
+def launch_app(
+    app: gr.Blocks,
+    backend: DemoBackend,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    auth: Auth | None = None,
+    **kw,
+):
+    """Queue (one model event at a time, bounded queue) and serve on `host:port`; no sharing, no files.
+    `auth`: the (user, password) to log in with, required off loopback (`access.check_bind`)."""
+    check_bind(host, auth)
     app.queue(default_concurrency_limit=backend.limits.concurrency, max_size=backend.limits.max_queue)
     return app.launch(
         server_name=host,
         server_port=port,
+        auth=auth,
         share=False,
         css=PAGE_CSS,
         max_file_size="1mb",

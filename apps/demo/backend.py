@@ -12,7 +12,7 @@ import html
 import math
 import threading
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +79,15 @@ def check_fits(sae: SAE, layer: int, model, name: str) -> None:
             f"SAE {name!r} does not fit the model: layer {layer} is outside the model's "
             f"{cfg.num_hidden_layers} layers (0 to {cfg.num_hidden_layers - 1})"
         )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply so far; `steered_positions` (the positions the spec edited) comes with the last value of a
+    steered reply, and is None otherwise."""
+
+    text: str
+    steered_positions: int | None = None
 
 
 class DemoBackend:
@@ -184,27 +193,35 @@ class DemoBackend:
         sae_name: str | None = None,
         rows: list[EditRow] | None = None,
         system_prompt: str = "",
-    ) -> Iterator[str]:
-        """Stream the reply to `message` after `history`: steered by `rows` on `sae_name` when given."""
+    ) -> Iterator[Reply]:
+        """Stream the reply to `message` after `history`: steered by `rows` on `sae_name` when given, the
+        last value then carrying the positions the spec edited."""
         settings.validate(self.limits)
         ids = self.prompt_ids(with_user_turn(history, self.check_message(message), system_prompt))
         context = nullcontext
+        reports = []
         if rows:
             specs = build_interventions(self.sae(sae_name), self.check_rows(sae_name, rows))
 
+            @contextmanager
             def context():
-                return self.steered.steer(*specs)
+                with self.steered.steer(*specs) as report:
+                    reports.append(report)
+                    yield
 
         with self.lock:
+            text = ""
             for text in stream_reply(
                 self.steered.generate, self.tokenizer, ids, settings.generate_kwargs(), settings.seed, context
             ):
-                yield text.strip()
+                yield Reply(text.strip())
+            if reports:
+                yield Reply(text.strip(), reports[0].positions)
 
-    def reply(self, history: Conversation, message: str, settings: GenerationSettings, **kw) -> str:
+    def reply(self, history: Conversation, message: str, settings: GenerationSettings, **kw) -> Reply:
         """The whole reply (the last value of `stream`)."""
         last = collections.deque(self.stream(history, message, settings, **kw), maxlen=1)
-        return last[0].strip() if last else ""
+        return last[0] if last else Reply("")
 
     # -- features ----------------------------------------------------------------------------
     def feature_rows(self, sae_name: str | None) -> list[list]:

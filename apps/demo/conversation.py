@@ -9,6 +9,20 @@ from apps.demo.settings import DemoInputError
 Conversation = list[dict[str, str]]
 
 
+def steering_note(positions: int) -> dict:
+    """The note the steered pane shows after a steered reply: how many positions the spec edited. It is a
+    titled message (`metadata`), which `to_conversation` leaves out of what the model reads."""
+    title = f"steered {positions} positions"
+    return {"role": "assistant", "content": "", "metadata": {"title": title, "status": "done"}}
+
+
+def _is_note(message: Any) -> bool:
+    metadata = message.get("metadata") if isinstance(message, dict) else getattr(message, "metadata", None)
+    return bool(metadata) and bool(
+        metadata.get("title") if isinstance(metadata, dict) else getattr(metadata, "title", None)
+    )
+
+
 def message_text(content: Any) -> str:
     """The plain text of a Chatbot message's content (a string, or a list of typed parts)."""
     if isinstance(content, str):
@@ -21,9 +35,11 @@ def message_text(content: Any) -> str:
 
 
 def to_conversation(history: list | None) -> Conversation:
-    """A pane's history (Chatbot messages) as `[{"role", "content"}]` with plain-text content."""
+    """A pane's history (Chatbot messages) as `[{"role", "content"}]` with plain-text content (notes left out)."""
     out: Conversation = []
     for message in history or []:
+        if _is_note(message):
+            continue
         role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
         content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
         if role not in ("system", "user", "assistant"):

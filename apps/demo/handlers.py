@@ -9,7 +9,7 @@ from collections.abc import Callable
 import gradio as gr
 
 from apps.demo.backend import DemoBackend
-from apps.demo.conversation import to_conversation
+from apps.demo.conversation import steering_note, to_conversation
 from apps.demo.edits import EditRow, parse_rows
 from apps.demo.panels import strength_label
 from apps.demo.settings import DemoInputError, GenerationSettings
@@ -99,8 +99,10 @@ class Handlers:
 
         yield state()
         for i, (_, kw) in enumerate(panes):
-            for text in backend.stream(histories[i], message, settings, **kw):
-                shown[i][-1] = {"role": "assistant", "content": text}
+            for reply in backend.stream(histories[i], message, settings, **kw):
+                shown[i][-1] = {"role": "assistant", "content": reply.text}
+                if reply.steered_positions is not None:  # the last value of a steered reply
+                    shown[i].append(steering_note(reply.steered_positions))
                 yield state()
 
     @user_errors
@@ -154,15 +156,17 @@ class Handlers:
         seed: int = 0,
         system_prompt: str = "",
     ) -> dict:
-        """Plain, steered (by the spec JSON; its SAE must be loaded here) and, with a system
-        prompt, prompt-only replies to `message` after `messages`, all with the same settings."""
+        """Plain, steered (by the spec JSON; its SAE must be loaded here; with `steered_positions`, the
+        positions it edited) and, with a system prompt, prompt-only replies to `message` after `messages`,
+        all with the same settings."""
         backend = self.backend
         settings = _settings(temperature, top_p, max_new_tokens, seed)
         history = to_conversation(messages)
-        out = {"plain": backend.reply(history, message, settings)}
+        out = {"plain": backend.reply(history, message, settings).text}
         if spec.strip():
             name, rows = backend.import_(spec)
-            out["steered"] = backend.reply(history, message, settings, sae_name=name, rows=rows)
+            steered = backend.reply(history, message, settings, sae_name=name, rows=rows)
+            out["steered"], out["steered_positions"] = steered.text, steered.steered_positions
         if system_prompt.strip():
-            out["baseline"] = backend.reply(history, message, settings, system_prompt=system_prompt)
+            out["baseline"] = backend.reply(history, message, settings, system_prompt=system_prompt).text
         return out

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from apps.demo.edits import EditRow
 from apps.demo.settings import DemoInputError
 from apps.evaluation.primitives import SCALE_STATISTIC, added_norm, scale_note, strength_of
-from steer.spec import Edit, Intervention, SpecError, dump_interventions, sae_ref_key
+from steer.spec import Edit, Intervention, SAERef, SpecError, dump_interventions, sae_ref_key
 
 if TYPE_CHECKING:
     from apps.demo.backend import DemoSAE
@@ -79,7 +79,7 @@ def import_spec(text: str, saes: list[DemoSAE]) -> tuple[str, list[EditRow]]:
     for i, item in enumerate(items, start=1):
         if not isinstance(item, dict):
             raise DemoInputError(f"intervention {i} must be a JSON object, got {type(item).__name__}")
-        sae = by_key.get(sae_ref_key(item.get("sae")))
+        sae = by_key.get(_ref_key(_parse(item, i).sae, i))
         if sae is None:
             loaded = "; ".join(f"{s.name}: {json.dumps(s.ref)}" for s in saes)
             raise DemoInputError(
@@ -89,10 +89,7 @@ def import_spec(text: str, saes: list[DemoSAE]) -> tuple[str, list[EditRow]]:
         if chosen is not None and sae is not chosen:
             raise DemoInputError("the demo steers with one SAE at a time; this spec uses several")
         chosen = sae
-        try:
-            spec = Intervention.from_dict(item, sae=sae.sae)
-        except SpecError as exc:
-            raise DemoInputError(f"intervention {i}: {exc}") from None
+        spec = _parse(item, i, sae)
         if spec.layer != sae.layer:
             raise DemoInputError(
                 f"intervention {i} is for layer {spec.layer} but SAE {sae.name} reads layer {sae.layer}"
@@ -106,6 +103,25 @@ def import_spec(text: str, saes: list[DemoSAE]) -> tuple[str, list[EditRow]]:
             EditRow(e.feature, e.op, _page_strength(e, sae.residual_norm), spec.positions) for e in spec.edits
         ]
     return chosen.name, rows  # items is non-empty, so an SAE was chosen
+
+
+def _parse(item: dict[str, Any], i: int, sae: DemoSAE | None = None) -> Intervention:
+    """Intervention `i` of an imported spec; every field is checked (the `sae` reference's shape too, without
+    loading it) and a malformed one is named in a `DemoInputError`. With `sae`, it uses that loaded SAE."""
+    try:
+        return Intervention.from_dict(item, sae=None if sae is None else sae.sae)
+    except SpecError as exc:
+        raise DemoInputError(f"intervention {i}: {exc}") from None
+
+
+def _ref_key(ref: SAERef, i: int) -> str:
+    """`sae_ref_key` of a well-formed reference, whose folder may still be one the system cannot name."""
+    try:
+        return sae_ref_key(ref)
+    except (OSError, ValueError) as exc:
+        raise DemoInputError(
+            f"intervention {i}: field 'sae' is not a usable folder or Hub reference: {exc}"
+        ) from None
 
 
 def _page_strength(edit: Edit, norm: float) -> float:

@@ -7,16 +7,27 @@ model bit for bit). A logits processor chooses each row's token with that row's 
 row's reply is what it would be alone wherever the plain model is batch-invariant; a stopping criterion
 ends rows one by one (end of turn, stop string, max tokens, a client that went away) while the others go on.
 A full queue refuses at once (`QueueFull`); nothing waits for room.
+
+Faults stay with their row: an exception while choosing or decoding one row's token fails that row only,
+and when a whole batch fails (its forward pass), the rows that have sent nothing yet are run again one by
+one, so only the row that causes it fails. A client is told a bug's error id, never its text (the traceback
+is logged under that id); a `FastSteerError` (what the user asked for) keeps its message. `fault`, a
+callable run on each row before each of its tokens, lets tests and the soak bench make a row raise.
+
+A supervisor thread runs the worker thread. If the worker dies, the rows in flight and in the queue fail
+with 503, `down` says why (`/health` answers 503 with it), new requests get `EngineDown` at once, and a
+fresh worker starts after `restart_delay` seconds.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
@@ -29,16 +40,43 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from apps.serve.rows import Row, RowDecoder
+from apps.serve.errors import log_internal
+from apps.serve.rows import Failure, Row, RowDecoder
 from apps.serve.sampling import RowSampler
 from steer import FastSteerError, SteeredModel
 from steer.positions import pad_token_id
 
 log = logging.getLogger(__name__)
 
+RESTART_DELAY = 1.0  # seconds between the worker thread's death and its replacement
+UNSET_MAX_LENGTH = 10**9  # a tokenizer's model_max_length above this is transformers' "not set"
+
+Fault = Callable[[Row], None]
+
 
 class QueueFull(Exception):
     """The engine's queue already holds `max_queue` requests."""
+
+
+class EngineDown(Exception):
+    """The worker thread died and has not been replaced yet; the message says why."""
+
+
+def context_length(model, tokenizer) -> int | None:
+    """The positions the model can attend to: its config's `max_position_embeddings` (GPT-2's `n_positions`),
+    else the tokenizer's `model_max_length` when it sets one; None when neither says."""
+    n = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n < UNSET_MAX_LENGTH else None
+
+
+def bug_failure(what: str, exc: BaseException) -> Failure:
+    """What a client is told of an exception: a `FastSteerError`'s own message (400), else a logged error id."""
+    if isinstance(exc, FastSteerError):
+        return Failure(f"generation failed: {exc}", 400)
+    return Failure(f"internal error, id {log_internal(what, exc)} (see the server log)")
 
 
 @dataclass
@@ -52,16 +90,23 @@ class EngineStats:
     largest_batch: int = 0
     generated_tokens: int = 0
     cancelled_rows: int = 0
+    failed_rows: int = 0
     refused: int = 0
+    steered_positions: int = 0  # positions edited by the specs of finished rows
+    restarts: int = 0  # workers replaced after the previous one died
 
 
 class _Chooser(LogitsProcessor):
     """Each unfinished row's token from its own sampler; -inf elsewhere, so greedy `generate` takes it."""
 
     def __init__(
-        self, decoders: list[RowDecoder], samplers: list[RowSampler], eos_ids: frozenset[int]
+        self,
+        decoders: list[RowDecoder],
+        samplers: list[RowSampler],
+        eos_ids: frozenset[int],
+        fault: Fault | None,
     ) -> None:
-        self.decoders, self.samplers = decoders, samplers
+        self.decoders, self.samplers, self.fault = decoders, samplers, fault
         self.eos_ids = sorted(eos_ids)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -78,8 +123,14 @@ class _Chooser(LogitsProcessor):
         for i, (decoder, sampler) in enumerate(zip(self.decoders, self.samplers, strict=True)):
             token = 0
             if not decoder.done:
-                token, logprob = sampler.choose(scores[i], best[i])
-                decoder.push(token, logprob)
+                try:
+                    if self.fault is not None:
+                        self.fault(decoder.row)
+                    token, logprob = sampler.choose(scores[i], best[i])
+                    decoder.push(token, logprob)
+                except Exception as exc:  # noqa: BLE001 - this row fails, its batch-mates go on
+                    token = 0
+                    decoder.fail(bug_failure(f"row {i} of a batch of {len(self.decoders)} failed", exc))
             tokens.append(token)
         index = torch.tensor(tokens, device=scores.device)[:, None]
         return torch.full_like(scores, float("-inf")).scatter_(1, index, 0.0)
@@ -102,10 +153,23 @@ class _Finished(StoppingCriteria):
 class Engine:
     """Runs queued requests (groups of rows that share one batch, e.g. a steered/plain comparison)."""
 
-    def __init__(self, sm: SteeredModel, *, max_batch: int, max_queue: int, window: float) -> None:
-        """`max_batch` rows per batch and `max_queue` waiting requests (`Limits`); `window` seconds of waiting."""
+    def __init__(
+        self,
+        sm: SteeredModel,
+        *,
+        max_batch: int,
+        max_queue: int,
+        window: float,
+        fault: Fault | None = None,
+        restart_delay: float = RESTART_DELAY,
+    ) -> None:
+        """`max_batch` rows per batch and `max_queue` waiting requests (`Limits`); `window` seconds of waiting;
+        `fault` (None in production) runs on each row before each token; `restart_delay` seconds before a
+        dead worker is replaced."""
         self.sm = sm
         self.max_batch, self.max_queue, self.window = max_batch, max_queue, window
+        self.fault, self.restart_delay = fault, restart_delay
+        self.context = context_length(sm.model, sm.tokenizer)
         # A copy for decoding in this thread while the app's thread encodes prompts with the original
         # (a Rust tokenizer refuses to be borrowed by two threads at once when one changes its settings).
         self.tokenizer = tokenizer = copy.deepcopy(sm.tokenizer)
@@ -119,27 +183,41 @@ class Engine:
         self._wake = threading.Condition()
         self._stats = EngineStats()
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="fast-steer-engine", daemon=True)
+        self._down: str | None = None  # why the worker is dead, until its replacement starts
+        self._current: list[RowDecoder] = []  # the batch in flight
+        self._death: BaseException | None = None
+        self._supervisor = threading.Thread(target=self._supervise, name="fast-steer-supervisor", daemon=True)
 
     # -- the asyncio side ------------------------------------------------------------------------
     def start(self) -> Engine:
-        self._thread.start()
+        self._supervisor.start()
         return self
 
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
-        self._thread.join()
+        self._supervisor.join()
+
+    @property
+    def down(self) -> str | None:
+        """Why the engine cannot take requests now (its worker died and is being replaced), or None."""
+        with self._wake:
+            return self._down
 
     def submit(self, rows: Sequence[Row]) -> None:
-        """Queue `rows` to run in one batch; `QueueFull` at once when `max_queue` requests are waiting."""
+        """Queue `rows` to run in one batch; `QueueFull` at once when `max_queue` requests are waiting,
+        `EngineDown` while the worker is being replaced."""
         if len(rows) > self.max_batch:
             raise ValueError(f"a request of {len(rows)} rows cannot fit a batch of {self.max_batch}")
         with self._wake:
+            if self._down is not None:
+                raise EngineDown(self._down)
             if len(self._queue) >= self.max_queue:
                 self._stats.refused += 1
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+                raise QueueFull(
+                    f"the queue is full ({self.max_queue} requests waiting, --max-queue); retry later"
+                )
             self._queue.append(list(rows))
             self._wake.notify()
 
@@ -147,10 +225,49 @@ class Engine:
         with self._wake:
             return asdict(self._stats) | {"queued": len(self._queue)}
 
+    # -- the supervisor thread ---------------------------------------------------------------------
+    def _supervise(self) -> None:
+        """Run the worker thread; when it dies, fail what it held, refuse requests, and replace it."""
+        while True:
+            worker = threading.Thread(target=self._work, name="fast-steer-engine", daemon=True)
+            worker.start()
+            worker.join()
+            with self._wake:
+                if self._stopping:
+                    return
+            death = self._death or RuntimeError("the engine thread ended")
+            self._death = None
+            error_id = log_internal("the engine thread died", death)
+            reason = (
+                f"the engine thread died ({type(death).__name__}, error id {error_id}); "
+                f"a new one starts in {self.restart_delay:g} s"
+            )
+            with self._wake:
+                self._down = reason
+                self._stats.restarts += 1
+                self._stats.running = 0
+                queued = [row for rows in self._queue for row in rows]
+                self._queue.clear()
+            failure = Failure(f"{reason}: retry then", 503)
+            for decoder in self._current:
+                if not decoder.done:
+                    decoder.fail(failure)
+            for row in queued:
+                row.sink(failure)
+            self._current = []
+            with self._wake:
+                self._wake.wait_for(lambda: self._stopping, timeout=self.restart_delay)
+                if self._stopping:
+                    return
+                self._down = None
+
     # -- the worker thread -------------------------------------------------------------------------
     def _work(self) -> None:
-        while self._run_next_batch():
-            pass
+        try:
+            while self._run_next_batch():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - the supervisor reports it and starts a new worker
+            self._death = exc
 
     def _run_next_batch(self) -> bool:
         """Run one batch (False once stopped); its rows are dropped on return, so nothing outlives a batch."""
@@ -158,16 +275,10 @@ class Engine:
         if rows is None:
             return False
         decoders = [RowDecoder(r, self.tokenizer, self.eos_ids) for r in rows]
-        try:
-            if rows:
-                self._generate(decoders)
-        except Exception as exc:  # noqa: BLE001 - reported to every client of the batch, then go on
-            log.exception("batch of %d rows failed", len(rows))
-            # a FastSteerError says what was wrong; any other text is a bug's, kept for the server log
-            said = str(exc) if isinstance(exc, FastSteerError) else "internal error (see the server log)"
-            for decoder in decoders:
-                if not decoder.done:
-                    decoder.fail(f"generation failed: {said}")
+        self._current = decoders
+        if rows:
+            decoders = self._run(decoders)
+        self._current = []
         with self._wake:
             s = self._stats
             s.running = 0
@@ -176,7 +287,31 @@ class Engine:
             s.largest_batch = max(s.largest_batch, len(rows))
             s.generated_tokens += sum(len(d.tokens) for d in decoders)
             s.cancelled_rows += sum(d.reason == "cancelled" for d in decoders)
+            s.failed_rows += sum(d.reason == "failed" for d in decoders)
+            s.steered_positions += sum(d.steered_positions or 0 for d in decoders)
         return True
+
+    def _run(self, decoders: list[RowDecoder]) -> list[RowDecoder]:
+        """Generate the rows as one batch; if the batch fails as a whole, run each row that has sent nothing
+        yet alone (so only a row that causes the failure fails). Returns the decoders of the rows' last runs."""
+        try:
+            self._generate(decoders)
+        except Exception as exc:  # noqa: BLE001 - reported to the rows it reaches, then go on
+            unfinished = [d for d in decoders if not d.done]
+            retry = [d for d in unfinished if not d.tokens] if len(decoders) > 1 else []
+            if len(retry) < len(unfinished):
+                failure = bug_failure(f"a batch of {len(decoders)} rows failed", exc)
+                for decoder in unfinished:
+                    if decoder not in retry:
+                        decoder.fail(failure)
+            if retry:
+                log.warning("a batch of %d rows failed; running %d of them alone", len(decoders), len(retry))
+            fresh = [RowDecoder(d.row, self.tokenizer, self.eos_ids) for d in retry]
+            decoders = [d for d in decoders if d not in retry] + fresh
+            self._current = decoders
+            for decoder in fresh:
+                self._run([decoder])
+        return decoders
 
     def _next_batch(self) -> list[Row] | None:
         """The next batch: the oldest request, plus whatever else fits and arrives within the window."""
@@ -224,15 +359,19 @@ class Engine:
         samplers = [RowSampler(r.params, sm.device) for r in rows]
         with ExitStack() as stack:
             for compiled, indices in groups.values():
-                stack.enter_context(sm.steer(compiled, rows=indices))
+                report = stack.enter_context(sm.steer(compiled, rows=indices))
+                for i in indices:
+                    decoders[i].count_steered = functools.partial(report.row, i)
             with torch.inference_mode():
                 sm.generate(
                     input_ids=ids.to(sm.device),
                     attention_mask=mask.to(sm.device),
                     generation_config=config,
-                    logits_processor=LogitsProcessorList([_Chooser(decoders, samplers, self.eos_ids)]),
+                    logits_processor=LogitsProcessorList(
+                        [_Chooser(decoders, samplers, self.eos_ids, self.fault)]
+                    ),
                     stopping_criteria=StoppingCriteriaList([_Finished(decoders, self.pad_id)]),
                 )
         for decoder in decoders:
             if not decoder.done:  # every row ends by our criterion; say so loudly if one did not
-                decoder.fail("generation ended before this row finished")
+                decoder.fail(Failure("internal error: generation ended before this row finished"))

@@ -1,11 +1,13 @@
 """OpenAI-shaped errors: every refusal is `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
 
 A `FastSteerError` that reaches a handler is a 400 with its message; any other exception is a bug: a 500 whose
-body says nothing of it (the traceback goes to the server log).
+body says nothing of it but an error id, under which the traceback goes to the server log (`log_internal`).
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,6 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from steer.errors import FastSteerError
+
+log = logging.getLogger("apps.serve")
 
 
 class APIError(Exception):
@@ -34,12 +38,44 @@ class APIError(Exception):
     def bad_request(cls, message: str, param: str | None = None) -> APIError:
         return cls(400, message, param)
 
+    @classmethod
+    def over_limit(
+        cls,
+        what: str,
+        value: int | float,
+        limit: int | float,
+        flag: str,
+        param: str | None,
+        status: int = 400,
+    ) -> APIError:
+        """A request over one of the server's limits: names the value sent, the limit and the flag that sets it."""
+        return cls(
+            status,
+            f"{what} is {value}; this server accepts at most {limit} ({flag})",
+            param,
+            code="limit_exceeded",
+        )
+
+    @classmethod
+    def internal(cls, error_id: str) -> APIError:
+        """A bug's 500: only the id the server logged its traceback under, never the exception's text."""
+        return cls(
+            500, f"internal error, id {error_id} (see the server log)", None, "server_error", "internal_error"
+        )
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def log_internal(what: str, exc: BaseException) -> str:
+    """Log `exc` with its traceback under a fresh error id, and return the id (what a client is told)."""
+    error_id = uuid.uuid4().hex
+    log.error("%s (error id %s)", what, error_id, exc_info=exc)
+    return error_id
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -95,8 +131,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError.bad_request(str(exc)).response()
 
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette raises `exc` again once this is sent, so the server (uvicorn) logs the traceback
-        return APIError(500, "internal server error (see the server log)", None, "server_error").response()
+        # Starlette raises `exc` again once this is sent (uvicorn logs it too, without the id)
+        return APIError.internal(log_internal(f"{request.method} {request.url.path} failed", exc)).response()
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(FastSteerError, on_fast_steer_error)

@@ -23,6 +23,7 @@ class Choice:
     logprobs: list[LogprobEntry] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    steered_positions: int | None = None  # positions its spec edited (None: a plain row)
 
 
 class ResponseFormat:
@@ -94,10 +95,16 @@ class ResponseFormat:
 
 
 def usage(choices: list[Choice]) -> dict[str, int]:
-    """Token counts: each distinct prompt once (a comparison's two rows share theirs), every reply."""
+    """Token counts: each distinct prompt once (a comparison's two rows share theirs), every reply; with
+    steering, `steered_positions`: the positions the specs edited in the steered rows (0 says the spec
+    matched nothing, e.g. `special` positions in a prompt without the chat template)."""
     prompts = {c.prompt_index: c.prompt_tokens for c in choices}
     prompt, completion = sum(prompts.values()), sum(c.completion_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    steered = [c.steered_positions for c in choices if c.steered_positions is not None]
+    if steered:
+        out["steered_positions"] = sum(steered)
+    return out
 
 
 def sse(data: dict[str, Any] | str) -> str:

@@ -38,15 +38,21 @@ class Delta:
 
 @dataclass(frozen=True)
 class Finish:
-    """`reason`: stop (end of turn or a stop string), length (max tokens) or cancelled (client gone)."""
+    """`reason`: stop (end of turn or a stop string), length (max tokens) or cancelled (client gone);
+    `steered_positions`: the positions the row's spec edited (None for a plain row)."""
 
     reason: str
     completion_tokens: int
+    steered_positions: int | None = None
 
 
 @dataclass(frozen=True)
 class Failure:
+    """Why a row ended without a reply, as its client is told, and the HTTP status of that (400: the
+    request's own fault, 500: a bug, 503: the engine stopped)."""
+
     message: str
+    status: int = 500
 
 
 Event = Delta | Finish | Failure
@@ -76,6 +82,10 @@ class RowDecoder:
         self.pending: list[tuple[int, int, LogprobEntry]] = []  # (start, end, entry) not yet sent
         self.hold = max((len(s) for s in row.params.stop), default=1) - 1
         self.reason: str | None = None  # set once finished: stop, length, cancelled or failed
+        # the positions the row's spec has edited so far (`SteeringReport.row`; set by the engine on a
+        # steered row), read once, when the row finishes
+        self.count_steered: Callable[[], int] | None = None
+        self.steered_positions: int | None = None
 
     @property
     def done(self) -> bool:
@@ -107,16 +117,21 @@ class RowDecoder:
 
     def cancel(self) -> None:
         self.reason = "cancelled"
-        self.row.sink(Finish(self.reason, len(self.tokens)))
+        self.row.sink(Finish(self.reason, len(self.tokens), self._steered()))
 
-    def fail(self, message: str) -> None:
+    def fail(self, failure: Failure) -> None:
         self.reason = "failed"
-        self.row.sink(Failure(message))
+        self.row.sink(failure)
 
     def _finish(self, reason: str, cut: int) -> None:
         self._send(cut, lambda start, end: start < cut)
         self.reason = reason
-        self.row.sink(Finish(reason, len(self.tokens)))
+        self.row.sink(Finish(reason, len(self.tokens), self._steered()))
+
+    def _steered(self) -> int | None:
+        if self.count_steered is not None:
+            self.steered_positions = self.count_steered()
+        return self.steered_positions
 
     def _send(self, upto: int, ready: Callable[[int, int], bool]) -> None:
         entries = tuple(e for s, end, e in self.pending if ready(s, end))

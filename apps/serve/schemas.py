@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from apps.limits import RequestLimits
 from apps.serve.errors import APIError
 from apps.serve.sampling import SamplingParams
+from steer.errors import ConfigError
 
 MAX_STOP_SEQUENCES = 4
 SteeringField = dict[str, Any] | list[dict[str, Any]] | None
@@ -18,13 +19,26 @@ SteeringField = dict[str, Any] | list[dict[str, Any]] | None
 
 @dataclass(frozen=True)
 class Limits(RequestLimits):
-    """What one request (the shared `RequestLimits`), and the server as a whole, may ask for."""
+    """What one request (the shared `RequestLimits`), and the server as a whole, may ask for. Each has a
+    `fast-steer serve` flag of the same name (`max_edits_per_spec` is `--max-edits-per-spec`)."""
 
     max_batch: int = 8  # rows per batch
     max_queue: int = 64  # waiting requests; more get 429
-    max_body_bytes: int = 1_000_000
+    max_body_bytes: int = 1_000_000  # a larger body gets 413
     max_search_query_chars: int = 200  # longest `q` of a feature search
     max_search_limit: int = 100  # most results one feature search may ask for
+    max_edits_per_spec: int = 64  # edits in one intervention of a request's `steering`
+    max_specs_per_request: int = 8  # interventions in one request's `steering` list
+    max_stop_chars: int = 256  # longest stop string, in characters
+    max_prompts: int = 8  # prompts in one /v1/completions `prompt` list
+    max_messages: int = 256  # messages in one chat request
+    max_compiled_bytes: int = 256 * 2**20  # tensor bytes of the compiled specs kept for reuse
+    request_timeout: float = 600.0  # seconds a request may take in all (queue and generation); then 504
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.request_timeout > 0:
+            raise ConfigError(f"Limits.request_timeout must be positive, got {self.request_timeout}")
 
 
 class _Body(BaseModel):
@@ -80,8 +94,15 @@ class GenerationRequest(_Body):
         n_new, field = self.new_tokens(limits)
         if n_new > limits.max_new_tokens:
             raise APIError.bad_request(
-                f"{field}={n_new} is more than this server allows ({limits.max_new_tokens} new tokens)", field
+                f"{field}={n_new} is more than this server allows ({limits.max_new_tokens} new tokens, "
+                "--max-new-tokens)",
+                field,
             )
+        for i, stop in enumerate(self.stop):
+            if len(stop) > limits.max_stop_chars:
+                raise APIError.over_limit(
+                    f"the length of stop[{i}]", len(stop), limits.max_stop_chars, "--max-stop-chars", "stop"
+                )
         if self.min_tokens > n_new:
             raise APIError.bad_request(
                 f"min_tokens={self.min_tokens} is more than {field}={n_new}", "min_tokens"

@@ -10,7 +10,7 @@ import uvicorn
 
 from apps.serve.app import Service, build_app
 from apps.serve.auth import check_bind
-from apps.serve.engine import Engine
+from apps.serve.engine import RESTART_DELAY, Engine, Fault
 from apps.serve.errors import APIError
 from apps.serve.schemas import Limits
 from apps.serve.steering import NamedSAE, Steering
@@ -28,18 +28,31 @@ def make_service(
     limits: Limits | None = None,
     window: float = DEFAULT_WINDOW,
     api_key: str | None = None,
+    admin_key: str | None = None,
+    allow_hosts: tuple[str, ...] = (),
+    docs: bool = False,
     default_steering=None,
+    fault: Fault | None = None,
+    restart_delay: float = RESTART_DELAY,
 ) -> Service:
-    """A service with its engine started; `default_steering` is a request-style `steering` value."""
+    """A service with its engine started; `default_steering` is a request-style `steering` value; `fault`
+    and `restart_delay` go to the `Engine` (tests and the soak bench make rows fail with `fault`)."""
     limits = limits or Limits()
     sm = SteeredModel(model, tokenizer)
-    steering = Steering(sm, saes)
+    steering = Steering(sm, saes, limits)
     try:
         steering.default = steering.parse(default_steering)
     except APIError as exc:  # the operator's spec, not a client's request: a startup error
         raise SpecError(f"the default steering (--spec): {exc.message}") from exc
-    engine = Engine(sm, max_batch=limits.max_batch, max_queue=limits.max_queue, window=window).start()
-    return Service(sm, steering, engine, limits, model_name, api_key)
+    engine = Engine(
+        sm,
+        max_batch=limits.max_batch,
+        max_queue=limits.max_queue,
+        window=window,
+        fault=fault,
+        restart_delay=restart_delay,
+    ).start()
+    return Service(sm, steering, engine, limits, model_name, api_key, admin_key, tuple(allow_hosts), docs)
 
 
 def serve(service: Service, host: str, port: int) -> None:

@@ -4,7 +4,9 @@ A request's `steering` is the intervention JSON of `fast-steer chat --spec` (one
 that its `sae` is the NAME of an SAE the server was started with (`--sae NAME=REF`): a client can never
 make the server read a path or fetch from the Hub. Specs are checked against their SAE and the model
 (`SteeredModel.compile`), and compiled ones are kept, keyed by their normalised JSON, so identical specs
-from different requests share one `steer()` block of a batch.
+from different requests share one `steer()` block of a batch. The counts (specs per request, edits per
+spec) are checked before anything is parsed, and the kept specs are bounded by their tensors' bytes.
+`parse` compiles on the caller's thread: the app calls it off the event loop.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from typing import Any
 
 from apps.serve.errors import APIError
 from apps.serve.labels import describe_labels
+from apps.serve.schemas import Limits
 from steer import SAE, Intervention, SpecError, SteeredModel
 from steer.errors import ConfigError
 from steer.hooks import CompiledIntervention
-
-COMPILED_CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,35 @@ class RowSpec:
     data: tuple[dict[str, Any], ...]
     compiled: tuple[CompiledIntervention, ...]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(compiled_bytes(c) for c in self.compiled)
+
+
+def compiled_bytes(compiled: CompiledIntervention) -> int:
+    """An estimate of the tensor bytes a compiled spec holds: its added vector, and for latent edits the
+    decoder rows and offset plus as many bytes again for the encoder columns its feature encoder keeps."""
+    total = 0 if compiled.add_vector is None else _nbytes(compiled.add_vector)
+    if compiled.latent is not None:
+        total += 2 * _nbytes(compiled.latent.W_delta) + _nbytes(compiled.latent.offset)
+    return total
+
+
+def _nbytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
 
 class Steering:
     """Named SAEs, the default spec, and request steering fields turned into `RowSpec`s (400 when bad)."""
 
-    def __init__(self, sm: SteeredModel, saes: list[NamedSAE]) -> None:
+    def __init__(self, sm: SteeredModel, saes: list[NamedSAE], limits: Limits) -> None:
         self.sm = sm
+        self.limits = limits
         self.saes = {s.name: s for s in saes}
         if len(self.saes) != len(saes):
             raise ConfigError(f"SAE names must be unique, got {[s.name for s in saes]}")
         self._compiled: OrderedDict[str, RowSpec] = OrderedDict()
+        self._compiled_bytes = 0
         self._lock = threading.Lock()
         self.default: RowSpec | None = None
 
@@ -74,6 +94,7 @@ class Steering:
         if not items:
             return None
         wheres = [f"{param}[{i}]" for i in range(len(items))] if isinstance(value, list) else [param]
+        self._check_counts(items, wheres, param)
         specs = [self._intervention(item, where) for item, where in zip(items, wheres, strict=True)]
         # the names, not the SAEs' own references
         data = [spec.with_sae(item["sae"]).to_dict() for spec, item in zip(specs, items, strict=True)]
@@ -89,11 +110,42 @@ class Steering:
             except SpecError as exc:
                 raise APIError.bad_request(f"{where}: {exc}", where) from None
         row_spec = RowSpec(key, tuple(data), tuple(compiled))
+        size = row_spec.nbytes
         with self._lock:
-            self._compiled[key] = row_spec
-            while len(self._compiled) > COMPILED_CACHE_SIZE:
-                self._compiled.popitem(last=False)
+            if key not in self._compiled and size <= self.limits.max_compiled_bytes:
+                self._compiled[key] = row_spec
+                self._compiled_bytes += size
+                while self._compiled_bytes > self.limits.max_compiled_bytes:
+                    self._compiled_bytes -= self._compiled.popitem(last=False)[1].nbytes
         return row_spec
+
+    @property
+    def cached_bytes(self) -> int:
+        """Tensor bytes of the compiled specs kept for reuse (at most `Limits.max_compiled_bytes`)."""
+        with self._lock:
+            return self._compiled_bytes
+
+    def _check_counts(self, items: list, wheres: list[str], param: str) -> None:
+        """400 for more interventions, or more edits in one, than the limits allow (before any parsing)."""
+        limits = self.limits
+        if len(items) > limits.max_specs_per_request:
+            raise APIError.over_limit(
+                f"the number of interventions in {param}",
+                len(items),
+                limits.max_specs_per_request,
+                "--max-specs-per-request",
+                param,
+            )
+        for item, where in zip(items, wheres, strict=True):
+            edits = item.get("edits") if isinstance(item, dict) else None
+            if isinstance(edits, list) and len(edits) > limits.max_edits_per_spec:
+                raise APIError.over_limit(
+                    f"the number of edits in {where}",
+                    len(edits),
+                    limits.max_edits_per_spec,
+                    "--max-edits-per-spec",
+                    f"{where}.edits",
+                )
 
     def _intervention(self, item: Any, where: str) -> Intervention:
         if not isinstance(item, dict):

@@ -8,6 +8,7 @@ from steer.sae.base import (
     build_sae,
     dtype_from_name,
     dtype_name,
+    non_residual_hook,
     sae_class,
     sae_layer,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "build_sae",
     "dtype_from_name",
     "dtype_name",
+    "non_residual_hook",
     "sae_class",
     "sae_layer",
 ]

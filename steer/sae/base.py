@@ -238,6 +238,20 @@ def sae_layer(sae: SAE | dict[str, Any]) -> int | None:
     return layer if isinstance(layer, int) and not isinstance(layer, bool) else None
 
 
+def non_residual_hook(sae: SAE | dict[str, Any]) -> str | None:
+    """The hook an SAE's metadata names when it is not on the residual stream (`blocks.L.hook_mlp_out`,
+    `blocks.L.attn.hook_z`, `hook_embed`, a module like `layers.3.mlp`); None for residual or unnamed hooks.
+    The steering hooks read and write only the residual stream, so such an SAE cannot be steered with."""
+    meta = sae.metadata if isinstance(sae, SAE) else sae
+    hook = meta.get("hook_name")
+    if hook:
+        return None if _RESID.fullmatch(str(hook)) else str(hook)
+    hf_hook = meta.get("hf_hook_name")
+    if hf_hook and not _HF_LAYER.fullmatch(str(hf_hook)):
+        return str(hf_hook)
+    return None
+
+
 _REGISTRY: dict[str, type[SAE]] = {}
 
 

@@ -71,6 +71,15 @@ def test_fast_dtype_follows_the_hardware():
     assert fast_dtype("cpu") == ("bfloat16" if native else "float32")
 
 
+def test_resolve_dtype_never_answers_auto():
+    from hub import fast_dtype, resolve_dtype
+
+    assert resolve_dtype("auto", "cuda") == "bfloat16" and resolve_dtype("auto", "cpu") == fast_dtype("cpu")
+    assert resolve_dtype("float") == "float32" and resolve_dtype(torch.bfloat16) == "bfloat16"
+    with pytest.raises(ValueError, match="unsupported dtype 'int3'.*, or auto"):
+        resolve_dtype("int3")
+
+
 def test_out_of_memory_is_not_a_route_miss(monkeypatch):
     """Only "this route does not apply" (files not there) moves on: running out of memory is raised as it is,
     so a CUDA OOM on the cached copy never starts a GGUF conversion."""

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import transformers
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -16,7 +17,7 @@ from tests.apps.cli.test_train import tiny_setup  # noqa: F401 - the module's fi
 from tests.conftest import build_tiny_model, read_conversations
 from tests.train.kill import kill_after_first_checkpoint
 from tests.train.streams import stream_run
-from train.activation_cache import CachedActivationStream, write_cache
+from train.activation_cache import CachedActivationStream, harvest_summary, write_cache
 from train.activations import ActivationStream
 from train.data import Corpus
 from train.harvest import Harvester
@@ -71,6 +72,35 @@ def test_cached_stream_mixes_every_token_once_and_applies_the_first_token_rule(h
     assert info["activations"] == str(folder) and info["sequences"] > 0 and info["padding_share"] == 0.0
     with pytest.raises(ValueError, match="layer: cache 1 vs run 2"):
         CachedActivationStream(replace(run, layer=2))
+
+
+def test_cache_records_its_dtype_and_refuses_another(harvested):
+    """The manifest says how the cache was computed; a cache harvested in float32 is not read as bfloat16."""
+    _, _, manifest, folder = harvested
+    assert manifest["model_dtype"] == "float32" and manifest["device"] == "cpu"
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert (
+        manifest["versions"]["transformers"] == transformers.__version__
+        and "fast-steer" in manifest["versions"]
+    )
+    run = stream_run(**SMALL)
+    run = replace(run, data=replace(run.data, activations=str(folder)))
+    for accepted in ("auto", "float32", "float"):  # auto takes the cache's own dtype
+        assert CachedActivationStream(replace(run, model_dtype=accepted)).d_in == 64
+    message = (
+        rf"{folder} was harvested with the model in float32, but bfloat16 is requested now: activations of two "
+        r"dtypes would mix. Request float32 \(--dtype float32, or auto\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        CachedActivationStream(replace(run, model_dtype="bfloat16"))
+    # a cache written before model_dtype was recorded: its provenance names the dtype, and it is checked too
+    old = {k: v for k, v in manifest.items() if k not in ("model_dtype", "device", "versions")}
+    (folder / "harvest.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="harvested with the model in float32, but bfloat16"):
+        CachedActivationStream(replace(run, model_dtype="bfloat16"))
+    assert harvest_summary(old) == (
+        "model in float32; device not recorded; stored as float32; versions not recorded"
+    )
 
 
 def test_cached_stream_state_round_trip_is_exact(harvested):

@@ -91,6 +91,33 @@ def test_state_round_trip_gives_identical_batches(llama, method, tmp_path):
         assert a.stats["sequences"] * 128 == a.stats["real_tokens"]
 
 
+def test_a_quota_harvests_only_what_is_taken_and_resumes_exactly(llama):
+    model, tok = llama
+    cfg = stream_run(**{**SMALL, "buffer_tokens": 1024, "token_budget": 256})
+    quota, taken = 7 * 128, 3
+
+    def stream(with_quota: bool) -> ActivationStream:
+        s = ActivationStream(model, tok, _chat_corpus(), cfg)
+        s.quota = quota if with_quota else None
+        return s
+
+    a, open_ended = stream(True), stream(False)
+    batches = [next(a) for _ in range(7)]
+    for _ in range(7):
+        next(open_ended)
+    largest = max(b.n_tokens for b in a.epoch_batches(0))
+    assert quota <= a.stats["tokens_harvested"] < quota + largest, "at most one forward batch past the quota"
+    assert open_ended.stats["tokens_harvested"] >= quota + 1024 // 2, "without it, a refill nobody takes"
+
+    b = stream(True)
+    for _ in range(taken):
+        next(b)
+    resumed = stream(True)
+    resumed.load_state_dict(b.state_dict())
+    for expected in batches[taken:]:
+        assert torch.equal(next(resumed), expected)
+
+
 def test_provenance_records_what_the_stream_yielded(llama):
     model, tok = llama
     stream = ActivationStream(model, tok, _chat_corpus(), stream_run(**SMALL, exclude_first_token=True))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,8 +131,100 @@ def test_reproduce_without_fast_scales_on_the_first_method(tmp_path, tiny):
 def test_config_errors_are_specific(tmp_path):
     with pytest.raises(ValueError, match="methods must be a non-empty subset"):
         ReproduceConfig(out=tmp_path, methods=("fast", "bt-x"), chat_data=[str(CHAT_DATA)])
+    # data is checked when it is recorded, not when a moved experiment's settings are read back
     with pytest.raises(FileNotFoundError, match="pretraining data not found: /nope"):
-        ReproduceConfig(out=tmp_path, chat_data=[str(CHAT_DATA)], pretrain_data=["/nope"])
+        ReproduceConfig(out=tmp_path, chat_data=[str(CHAT_DATA)], pretrain_data=["/nope"]).data_refs()
+
+
+def test_moved_experiment_reuses_its_runs_and_checks_its_data(tmp_path, tiny):
+    """experiment.json holds no absolute path of its folder: a copy elsewhere (the original deleted) reuses
+    every run; data is accepted wherever it lies when its hash matches, refused naming both hashes if not;
+    another dtype than the harvest's is refused; the results header says what each cache's manifest says."""
+    from train.experiment import load_config, steering_sae
+
+    chat, pre = write_small_data(tmp_path, n_chats=30)
+    first_place = tmp_path / "a" / "exp"
+    (first_place / "data").mkdir(parents=True)
+    inside = shutil.copy(pre, first_place / "data" / "pretrain.jsonl")  # data inside the folder: relative
+    cfg = tiny_config(
+        tmp_path, chat, inside, out=first_place, methods=("fast",), archs=("standard",), tokens=256
+    )
+    first = reproduce(cfg, *tiny, progress=False)
+    text = (first_place / "experiment.json").read_text()
+    record = json.loads(text)
+    assert (
+        str(first_place) not in text and record["format_version"] == 2 and record["model_dtype"] == "float32"
+    )
+    assert record["pretrain_data"] == [{"path": "data/pretrain.jsonl", "sha256": _sha256(pre)}]
+    assert record["chat_data"] == [{"path": str(chat), "sha256": _sha256(chat)}]
+
+    moved = tmp_path / "b" / "exp"
+    shutil.copytree(first_place, moved)
+    shutil.rmtree(tmp_path / "a")
+    assert load_config(moved).pretrain_data == [str(moved / "data" / "pretrain.jsonl")]
+    again = reproduce(replace(cfg, out=moved, pretrain_data=[str(moved / "data" / "pretrain.jsonl")]), *tiny,
+                      progress=False)  # fmt: skip
+    assert again.trained == [] and again.evaluated == []
+    assert [r.metrics for r in again.rows] == [r.metrics for r in first.rows]
+    assert all(Path(r.sae_dir).is_relative_to(moved) for r in again.rows)
+    assert steering_sae(moved, "fast") == plan_runs(load_config(moved))[0].run_dir
+    moved_cfg = load_config(moved)
+
+    elsewhere = shutil.copy(chat, tmp_path / "renamed.jsonl")  # the same data at another path: accepted
+    assert reproduce(replace(moved_cfg, chat_data=[str(elsewhere)]), *tiny, progress=False).trained == []
+    Path(elsewhere).write_text(Path(elsewhere).read_text().replace("a", "b", 1))
+    message = (
+        rf"chat data: '{elsewhere}' has sha256 {_sha256(elsewhere)}, but the experiment was run on '{chat}' "
+        rf"with sha256 {_sha256(chat)} \(changed data"
+    )
+    with pytest.raises(ValueError, match=message):
+        reproduce(replace(moved_cfg, chat_data=[str(elsewhere)]), *tiny, progress=False)
+    with pytest.raises(ValueError, match="harvested with the model in float32, but bfloat16 is requested"):
+        reproduce(replace(moved_cfg, model_dtype="bfloat16"), *tiny, progress=False)
+
+    # the header reports the cache's manifest, not this machine (a manifest written on a GPU says so)
+    manifest_path = moved / "cache" / "fast" / "harvest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["model_dtype"] == "float32" and manifest["device"] == "cpu"
+    manifest.update(device="cuda (NVIDIA H100 80GB HBM3)", versions={"torch": "2.11.0+cu128"})
+    manifest_path.write_text(json.dumps(manifest))
+    payload = json.loads(reproduce(moved_cfg, *tiny, progress=False).paths["json"].read_text())
+    expected = "model in float32; device cuda (NVIDIA H100 80GB HBM3); stored as bfloat16; torch 2.11.0+cu128"
+    assert payload["FAST harvest"] == expected
+    from apps.evaluation.results_doc import write_doc
+
+    assert (
+        f"- FAST harvest: `{expected}`"
+        in write_doc(moved, None, tmp_path / "docs" / "results.md").read_text()
+    )
+
+
+def test_older_experiment_json_still_loads_and_is_upgraded(tmp_path, tiny):
+    """An experiment.json of format 1 (absolute paths, model_dtype auto) loads from a moved folder; a rerun with
+    its settings reuses the runs and rewrites it in format 2, with the dtype its caches were harvested in."""
+    from train.experiment import load_config
+
+    chat, pre = write_small_data(tmp_path, n_chats=30)
+    cfg = tiny_config(tmp_path, chat, pre, methods=("bt-p",), archs=("standard",), tokens=256)
+    reproduce(cfg, *tiny, progress=False)
+    record = json.loads((cfg.out / "experiment.json").read_text())
+    old = {k: v for k, v in record.items() if k != "format_version"}
+    old.update(out="/somewhere/else/exp", chat_data=[str(chat)], pretrain_data=[str(pre)], model_dtype="auto")
+    (cfg.out / "experiment.json").write_text(json.dumps(old))
+    loaded = load_config(cfg.out)
+    assert loaded.out == cfg.out and loaded.chat_data == [str(chat)] and loaded.model_dtype == "auto"
+    assert reproduce(loaded, *tiny, progress=False).trained == []
+    assert json.loads((cfg.out / "experiment.json").read_text()) == record
+    old["pretrain_data"] = [str(tmp_path / "other.jsonl")]
+    (cfg.out / "experiment.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="without content hashes.*pass the recorded path"):
+        reproduce(loaded, *tiny, progress=False)
+
+
+def _sha256(path) -> str:
+    from train.data import source_sha256
+
+    return source_sha256(path, "chat")
 
 
 def _row(method: str, mse: float, mse_st: float, arch: str = "standard") -> ResultRow:

@@ -109,8 +109,11 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
     for a, b in zip(full.objectives, resumed.objectives, strict=True):
         for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(pa, pb), name
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
-    assert steps == list(range(5, 31, 5))  # lines of the crashed run past its checkpoint were dropped
+    lines = [json.loads(line) for line in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(5, 31, 5))  # the crashed run's later lines dropped
+    for line in lines:  # the time split between the stream and the SAE steps (the progress bar shows it)
+        assert line["data_share"] >= 0 and line["step_share"] > 0
+        assert line["data_share"] + line["step_share"] == pytest.approx(1)
 
     again = SAETrainer(cfg, d_in=16, out_dir=tmp_path / "run", progress=False)
     assert again.fit(SparseStream(seed=1), resume=True).steps == 30  # finished: nothing retrained

@@ -7,12 +7,16 @@ Hub repo path) replaces the SAE reference written in the spec.
 Without `spec` the adapter is the plain model. The spec is active during every model forward
 lm-eval makes (loglikelihood, rolling loglikelihood) and during generation. `use_cache=False` generates
 without the KV cache (HFLM always turns it on); prompt / generated positions are placed alike either way.
+
+Each task's requests run in their own `steer()` block, whose count of edited positions is printed per task
+(`steered_positions`). A spec that edited no position in a whole task stops the run (`UnsteeredError`, which
+says why: `special` positions need the chat template, `--apply_chat_template`) unless `allow_unsteered=true`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,11 +25,15 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from steer.errors import ConfigError
+from steer.errors import ConfigError, FastSteerError
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "fast-steer"
+
+
+class UnsteeredError(FastSteerError):
+    """A spec edited no position in a whole task: its scores would be the plain model's."""
 
 
 @register_model(MODEL_NAME)
@@ -42,6 +50,7 @@ class FastSteerLM(HFLM):
         dtype: str | torch.dtype = "float32",
         device: str | None = None,
         use_cache: bool | str = True,
+        allow_unsteered: bool | str = False,
         **kwargs: Any,
     ) -> None:
         """`pretrained`: a model reference for `hub.load_model` or a loaded model (then pass `tokenizer`).
@@ -49,6 +58,7 @@ class FastSteerLM(HFLM):
         `spec`: an intervention file (one or several interventions), an `Intervention`, or a list of
         them; `sae` (+ `sae_id` for a sub-folder): an SAE folder, Hub repo or loaded SAE that replaces
         the SAE of every spec. `dtype`: as `hub.load_model` takes it (`auto`: `hub.fast_dtype(device)`).
+        `allow_unsteered`: go on (with a warning) when a spec edits no position in a whole task.
         """
         from steer import SteeredModel
 
@@ -67,6 +77,8 @@ class FastSteerLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tok, backend="causal", **kwargs)
         self.steered = SteeredModel(model, tok)
         self.use_cache = _flag(use_cache, "use_cache")
+        self.allow_unsteered = _flag(allow_unsteered, "allow_unsteered")
+        self.steered_positions: dict[str, list[int]] = {}  # per task: the positions each spec edited
         self._steering_enabled = True
         self.use_specs(spec, sae, sae_id)
 
@@ -89,26 +101,52 @@ class FastSteerLM(HFLM):
         finally:
             self._steering_enabled = previous
 
-    @contextmanager
-    def _steering(self) -> Iterator[None]:
-        if not self.steering_active:
-            yield
-            return
-        with self.steered.steer(self.compiled):
-            yield
-
     # Every model call lm-eval makes happens inside one of these three request methods.
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
-        with self._steering():
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return self._per_task(super().loglikelihood, requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
-        with self._steering():
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        return self._per_task(super().loglikelihood_rolling, requests, disable_tqdm)
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
-        with self._steering():
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        return self._per_task(super().generate_until, requests, disable_tqdm)
+
+    def _per_task(self, run: Callable[..., list], requests: list, disable_tqdm: bool) -> list:
+        """`run(requests)`; with a spec active, one task at a time, each in its own `steer()` block, whose
+        count is printed and checked once every task of the call has run (a task's requests are all of
+        one type, so they all come in one call)."""
+        if not self.steering_active:
+            return run(requests, disable_tqdm=disable_tqdm)
+        by_task: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_task.setdefault(getattr(request, "task_name", None) or "?", []).append(i)
+        results: list = [None] * len(requests)
+        for task, indices in by_task.items():
+            with self.steered.steer(self.compiled) as report:
+                out = run([requests[i] for i in indices], disable_tqdm=disable_tqdm)
+            for i, result in zip(indices, out, strict=True):
+                results[i] = result
+            self.steered_positions[task] = report.per_spec
+            print(f"fast-steer: {task}: steered {_counted(report.per_spec)} ({len(indices)} requests)")
+        for task, indices in by_task.items():
+            self._check_steered(task, len(indices))
+        return results
+
+    def _check_steered(self, task: str, n_requests: int) -> None:
+        """`UnsteeredError` (or, with `allow_unsteered`, a warning) when a spec edited nothing in `task`."""
+        for i, (spec, count) in enumerate(zip(self.specs, self.steered_positions[task], strict=True)):
+            if count:
+                continue
+            message = (
+                f"spec {i + 1} (layer {spec.layer}, positions {_positions(spec.positions)}) edited no position "
+                f"in task {task} ({n_requests} requests), so its scores would be the plain model's: "
+                f"{_why_unsteered(spec.positions)}"
+            )
+            if not self.allow_unsteered:
+                raise UnsteeredError(
+                    f"{message}. To run anyway, pass --allow-unsteered (model_args allow_unsteered=true)."
+                )
+            print(f"fast-steer: warning: {message}; going on (allow_unsteered)")
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         """HFLM's generation, with the KV cache as `use_cache` says."""
@@ -132,6 +170,32 @@ class _WithoutCache:
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._wrapped.generate(*args, **{**kwargs, "use_cache": False})
+
+
+def _counted(per_spec: list[int]) -> str:
+    """`12 positions`, or with several specs `15 positions (spec 1: 12, spec 2: 3)`."""
+    text = f"{sum(per_spec)} positions"
+    if len(per_spec) > 1:
+        text += " (" + ", ".join(f"spec {i + 1}: {n}" for i, n in enumerate(per_spec)) + ")"
+    return text
+
+
+def _positions(positions: str | list) -> str:
+    return repr(positions) if isinstance(positions, str) else str(list(positions))
+
+
+def _why_unsteered(positions: str | list) -> str:
+    """Why a spec's positions can match nothing in a task, and what to do."""
+    if positions == "special":
+        return (
+            "`special` positions are the chat template's special tokens (and the role names after them), and "
+            "these prompts have none: pass --apply_chat_template so lm-eval renders them with the chat template"
+        )
+    if positions == "generated":
+        return "`generated` positions exist only in generation tasks; this task only scores given text"
+    if isinstance(positions, str):
+        return f"no position of these requests is a {positions!r} position"
+    return "none of its tokens occur in this task's prompts"
 
 
 def _flag(value: bool | str, name: str) -> bool:

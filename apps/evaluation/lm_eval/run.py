@@ -4,7 +4,8 @@ Every lm-eval option works as usual (`run` is implied, `ls` and `validate` pass 
 the model class `fast-steer` is registered and is the default `--model`; task YAMLs for the local
 benchmark files (`mmlu_local`, `mmlu_local_<subject>`, `gsm8k_local`) are added to `--include_path`;
 HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set when the Hub is unreachable; `--compare` evaluates the
-plain and the steered model in one run (one model load) and prints one table.
+plain and the steered model in one run (one model load) and prints one table; `allow_unsteered` lets a run
+go on when a spec edits no position in a whole task (the adapter stops it otherwise).
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ def run_lm_eval(
     eval_data: str | Path | None = None,
     compare: bool = False,
     echo: Callable[[str], None] = print,
+    allow_unsteered: bool = False,
 ) -> list | None:
     """Hand `args` (lm-eval command-line arguments) to lm-eval's CLI; with `compare`, return the rows.
 
     `eval_data`: the folder with the local benchmark files; None = `$FAST_STEER_EVAL_DATA` or
     the shared data's `eval` folder when present (`train.data.find_shared_data`). `echo` prints the comparison table.
+    `allow_unsteered`: the `fast-steer` model's `allow_unsteered=true` (go on when a spec edits nothing in a task).
     """
     ensure_offline_env()
     from lm_eval._cli import HarnessCLI
@@ -92,12 +95,26 @@ def run_lm_eval(
                 log.info("no local benchmark folder found; only lm-eval's own tasks are available")
         if getattr(namespace, "command", None) == "run" and not namespace.model:
             namespace.model = apps.evaluation.lm_eval.model.MODEL_NAME
+        if allow_unsteered:
+            _allow_unsteered(namespace)
         if compare:
             if getattr(namespace, "command", None) != "run":
                 raise ConfigError("--compare works with `run` (the default lm-eval command)")
             return compare_run(namespace, local, echo)
         cli.execute(namespace)
     return None
+
+
+def _allow_unsteered(namespace) -> None:
+    """Add `allow_unsteered=true` to the `fast-steer` model's arguments."""
+    from apps.evaluation.lm_eval.model import MODEL_NAME
+
+    if getattr(namespace, "command", None) != "run" or namespace.model != MODEL_NAME:
+        raise ConfigError(
+            f"--allow-unsteered applies to `run` with --model {MODEL_NAME} (the model that steers), "
+            f"got --model {getattr(namespace, 'model', None)}"
+        )
+    namespace.model_args = {**(namespace.model_args or {}), "allow_unsteered": True}
 
 
 def _parse(cli, args: Sequence[str]):

@@ -13,10 +13,10 @@ with the best dev prompt-level strict accuracy (ties: the smaller strength), and
 the largest, to see whether the effect turns over) is run on test. ARC-Easy (log-likelihood accuracy) is
 the capability check at each method's chosen strength. Every difference from `plain` has a paired
 bootstrap CI over the same items. Each (condition, strength, split) cell is cached in `cells/` and reused
-while its settings are unchanged.
+while its settings are unchanged, dtype, device, batch size and library versions included (`run_key`).
 """
 
-from apps.evaluation.steer_eval.cells import folder_digest, random_direction_sae
+from apps.evaluation.steer_eval.cells import folder_digest, random_direction_sae, run_key
 from apps.evaluation.steer_eval.config import (
     STRENGTHS,
     SYSTEM_PROMPT,
@@ -37,6 +37,7 @@ __all__ = [
     "random_direction_sae",
     "reply_stats",
     "report_markdown",
+    "run_key",
     "run_steer_eval",
     "split_items",
     "write_report",

@@ -1,4 +1,8 @@
-"""One (condition, strength, split) cell: run through lm-eval or read back from `cells/`; the random-direction control."""
+"""One (condition, strength, split) cell: run through lm-eval or read back from `cells/`; the random-direction control.
+
+A cell is reused only when its key matches: the run's (`run_key`: model, layer, eval files by content, dtype,
+device, batch size, library versions) and the cell's own (condition, SAE by content, feature, strength,
+items), so that a GPU bfloat16 rerun never reads CPU float32 cells, and a moved folder still finds its own."""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ from typing import Any
 
 import torch
 
-from apps.evaluation.lm_eval.tasks import ARC_EASY_TASK, IFEVAL_TASK
+from apps.evaluation.lm_eval.tasks import ARC_EASY_FILES, ARC_EASY_TASK, IFEVAL_FILES, IFEVAL_TASK
 from apps.evaluation.primitives import (
     added_norm,
     lm_eval_run,
 )
 from apps.evaluation.steer_eval.config import ARC_METRIC, IFEVAL_METRICS, Cell, Condition, SteerEvalConfig
+from hub import library_versions
 from hub.formats import CFG_FILE
 
 
@@ -45,6 +50,24 @@ def folder_digest(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+def run_key(model_ref: str, layer: int, eval_data: Path, dtype: str, device: str, batch_size: int) -> dict:
+    """What every cell of one steer-eval run shares: the model and layer, the eval files (by content), and
+    how the numbers were computed (model dtype, `hub.describe_device`, batch size, library versions)."""
+    digest = hashlib.sha256()
+    for name in (*IFEVAL_FILES, *ARC_EASY_FILES):
+        if (eval_data / name).is_file():
+            digest.update(f"{name}\0".encode() + (eval_data / name).read_bytes())
+    return {
+        "model": model_ref,
+        "layer": layer,
+        "eval_data_sha256": digest.hexdigest(),
+        "dtype": dtype,
+        "device": device,
+        "batch_size": batch_size,
+        "versions": library_versions(),
+    }
+
+
 class CellRunner:
     """Runs cells through lm-eval, or reads them back from `cells/` when their settings match."""
 
@@ -65,7 +88,6 @@ class CellRunner:
         key = {
             **self.key,
             "condition": condition.name,
-            "sae_dir": condition.sae_dir,
             "sae_sha256": folder_digest(condition.sae_dir) if condition.sae_dir else None,
             "feature": condition.feature,
             "system": condition.system,

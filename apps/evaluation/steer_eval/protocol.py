@@ -18,7 +18,7 @@ from apps.evaluation.lm_eval.tasks import (
 )
 from apps.evaluation.primitives import scale_note
 from apps.evaluation.stats import bootstrap_ratio, format_interval, paired_difference
-from apps.evaluation.steer_eval.cells import CellRunner, random_direction_sae
+from apps.evaluation.steer_eval.cells import CellRunner, random_direction_sae, run_key
 from apps.evaluation.steer_eval.config import (
     BASELINES,
     EXAMPLES,
@@ -36,7 +36,9 @@ from apps.evaluation.steer_eval.config import (
 from apps.evaluation.steer_eval.provenance import sae_provenance
 from apps.evaluation.steer_eval.replies import reply_stats
 from apps.evaluation.steer_eval.report import write_report
+from hub import describe_device
 from steer.errors import ConfigError
+from steer.sae import dtype_name
 from train.experiment import run_environment
 from train.features import special_residual_norm, top_anchor_feature
 
@@ -82,11 +84,8 @@ def run_steer_eval(
     conditions["random"] = Condition(
         "random", load_sae(random_dir, device=model.device), str(random_dir), feature=0
     )
-    key = {
-        "model": model_ref,
-        "layer": layer,
-        "eval_data": str(cfg.eval_data.resolve()),
-    }
+    key = run_key(model_ref, layer, cfg.eval_data, dtype_name(model.dtype), describe_device(model.device),
+                  cfg.batch_size)  # fmt: skip
     hint = f" (ifeval_input_data.jsonl with {nltk_data}, arc_easy_{{train,validation,test}}.jsonl)"
     with local_task_manager(cfg.eval_data, (IFEVAL_TASK, ARC_EASY_TASK), hint) as task_manager:
         runner = CellRunner(cfg, model, tokenizer, layer, norm, task_manager, key)

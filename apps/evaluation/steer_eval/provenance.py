@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from steer.sae import SAE
-from train.experiment import EVAL_FILE, SETTINGS_FILE
+from train.experiment import EVAL_FILE
+from train.experiment_record import SETTINGS_FILE
 from train.results_table import RESULTS_FILE
 
 HELD_OUT_METRICS = ("l0", "explained_variance", "mse", "mse_st", "delta_lm_loss_pct")

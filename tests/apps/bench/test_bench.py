@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from apps.bench.steer import TARGETS, _summarise
-from apps.bench.train import _memory_estimate
+from apps.bench.train import _memory_estimate, compare_with_saelens
 from apps.cli import main
 from tests.conftest import CHAT_DATA, build_tiny_model, save_tiny_model
 
@@ -100,6 +100,14 @@ def test_bench_train_reports_rates_and_memory(model_dir):
     assert limit < out["bare_sae_step_tokens_per_s"] and limit < out["bare_forward_tokens_per_s"], (
         "harvesting then training, one after the other, is slower than either alone"
     )
+    forward, steps = out["bare_forward_tokens_per_s_by_setting"], out["bare_sae_step_tokens_per_s_by_setting"]
+    assert {"float32 weights", "bfloat16 weights", "float32 weights, bfloat16 autocast"} == forward.keys()
+    assert steps.keys() == {"default", "autocast"}
+    # the limit is built from the fastest setting of each, and says which
+    assert out["bare_forward_tokens_per_s"] == forward[out["bare_forward_setting"]] == max(forward.values())
+    assert out["bare_sae_step_tokens_per_s"] == steps[out["bare_sae_step_setting"]] == max(steps.values())
+    assert out["end_to_end_setting"] == "default" and out["end_to_end_by_setting"].keys() == {"default"}
+    assert 0 < out["end_to_end_harvest_share"] < 1
     assert (out["end_to_end_ratio_to_limit"] > 1) == (out["end_to_end_tokens_per_s"] > limit)
     assert out["peak_memory_covers"] == "the end-to-end run"
     assert out["memory_estimate_mib"] / 2 <= out["peak_memory_mib"] <= 2 * out["memory_estimate_mib"], (
@@ -111,6 +119,16 @@ def test_bench_train_reports_rates_and_memory(model_dir):
     assert (out["cached_training_ratio_to_bare_step"] > 1) == (
         out["cached_training_loop_tokens_per_s"] > out["bare_sae_step_tokens_per_s"]
     )
+
+
+def test_bench_train_compares_the_best_of_each_tool():
+    ours = {"end_to_end_tokens_per_s": 300.0,
+            "end_to_end_by_setting": {"default": {"tokens_per_s": 200.0}, "autocast": {"tokens_per_s": 300.0}}}  # fmt: skip
+    saelens = {"default": {"tokens_per_s": 100.0}, "autocast": {"tokens_per_s": 250.0}}
+    out = compare_with_saelens(ours, saelens)
+    assert out["saelens_best_setting"] == "autocast" and out["saelens_best_tokens_per_s"] == 250.0
+    assert out["end_to_end_over_saelens"] == pytest.approx(1.2), "the best of ours over the best of theirs"
+    assert out["end_to_end_over_saelens_by_setting"] == pytest.approx({"default": 2.0, "autocast": 1.2})
 
 
 def test_bench_train_memory_estimate_grows_with_the_sae_width(chatml_tokenizer):

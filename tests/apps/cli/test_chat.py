@@ -42,6 +42,7 @@ def test_one_shot_side_by_side_json(saved):
     assert row["prompt"] == "Tell me a story"
     assert row["unsteered"] != row["steered"], "a strong add at special positions changes the reply"
     assert row["steering"] == "steered (L1 #3 add 60 @special)", "layer read from the SAE metadata"
+    assert row["steered_positions"] > 0, "the chat template's special positions were edited"
     weak = _run([*args[:-1], "0", "--max-new-tokens", "6", "--json", "Tell me a story"])
     assert weak.exit_code == 0, weak.output
     row0 = json.loads(weak.stdout.strip().splitlines()[-1])
@@ -49,7 +50,8 @@ def test_one_shot_side_by_side_json(saved):
     table = _run([*args, "--max-new-tokens", "4", "Hi"])
     assert table.exit_code == 0, table.output
     header = table.stdout.splitlines()[0]
-    assert header.startswith("unsteered") and "| steered (L1 #3 add 60 @special)" in header
+    assert header.startswith("unsteered") and "| steered " in header
+    assert int(header.split("| steered ")[1].split()[0]) > 0, "the title counts the edited positions"
 
 
 def test_spec_file_and_sae_override(saved, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -37,10 +38,27 @@ def test_reproduce_then_reuse_then_sweep(tmp_path, tiny_model_dir):
     assert first.exit_code == 0, first.output
     assert "trained: fast/all, bt-p/all; reused: none" in first.stderr
     assert "| FAST standard |" in first.stdout and "| BT(P) standard |" in first.stdout
+    # the folder moves (copied elsewhere, the original deleted): every command works from the new place
+    moved = tmp_path / "elsewhere" / "exp"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out)
+    out = moved
+    args[args.index("--out") + 1] = str(out)
     second = runner.invoke(main, args)
     assert second.exit_code == 0, second.output
     assert "trained: none; reused: fast/all, bt-p/all" in second.stderr
     assert _report(second.stdout) == _report(first.stdout)  # the same results, read back from the runs
+    assert "- FAST harvest: `model in float32; device cpu; stored as bfloat16; torch " in second.stdout
+    report = runner.invoke(
+        main, ["experiment", "report", "--out", str(out), "--doc", str(tmp_path / "d" / "r.md")]
+    )
+    assert report.exit_code == 0, report.output
+    assert "- BT(P) harvest: `model in float32; device cpu;" in (tmp_path / "d" / "r.md").read_text()
+    bf16 = runner.invoke(main, [*args[:-5], "--dtype", "bfloat16", "--out", str(out), "--quiet"])
+    assert (
+        bf16.exit_code == 1
+        and "harvested with the model in float32, but bfloat16 is requested" in bf16.output
+    )
 
     sweep = runner.invoke(
         main,

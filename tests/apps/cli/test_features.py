@@ -53,3 +53,21 @@ def test_features_clear_errors(saved, tmp_path):
     assert result.exit_code != 0 and "feature 999 out of range" in result.output
     result = CliRunner().invoke(main, [*base, str(tmp_path / "nope"), "--n", "2"])
     assert result.exit_code != 0 and "could not load model" in result.output
+
+
+def test_features_link_to_neuronpedia(saved):
+    """An SAE whose metadata carries a Neuronpedia id (a registered release) gets a page link per feature."""
+    from hub import load_sae
+
+    sae = load_sae(saved / "sae")
+    sae.cfg.metadata["neuronpedia_id"] = "tiny-it/2-res-test"
+    save_sae(sae, saved / "sae-np")
+    args = ["features", str(saved / "sae-np"), "--data", str(CHAT_DATA / "gpteacher.jsonl"), "--model"]
+    args += [str(saved / "model"), "--n", str(N), "--top", "3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"https://www.neuronpedia.org/tiny-it/2-res-test/{PLANTED}" in result.output
+    single = CliRunner().invoke(
+        main, [*args[:-2], "--feature", str(PLANTED), "--contexts", "1", "--no-color"]
+    )
+    assert f"Neuronpedia: https://www.neuronpedia.org/tiny-it/2-res-test/{PLANTED}" in single.output

@@ -94,3 +94,18 @@ def test_pull_lists_sae_ids_and_fails_fast_offline(tmp_path):
         "cannot download FAST/x/cfg.json from Geaming/Nowhere_SAEs: the Hugging Face Hub is unreachable"
         in offline.output
     )
+
+
+def test_pull_resolve_only_needs_no_network():
+    args = ["pull", "--resolve-only", "gemma-scope-2-1b-it-res", "layer_13_width_16k_l0_medium"]
+    result = CliRunner().invoke(main, args, env={"HF_HUB_OFFLINE": "1"})
+    assert result.exit_code == 0, result.output
+    for line in (
+        "repo_id: google/gemma-scope-2-1b-it",
+        "path: resid_post/layer_13_width_16k_l0_medium",
+        "format: gemma-scope-2",
+        "neuronpedia: gemma-3-1b-it/13-gemmascope-2-res-16k",
+    ):
+        assert line in result.output
+    bad = CliRunner().invoke(main, ["pull", "--resolve-only", "llama_scope_lxr_8x", "l15r_9x"])
+    assert bad.exit_code == 1 and "closest ids: l15r_8x" in bad.output

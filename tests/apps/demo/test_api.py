@@ -80,7 +80,7 @@ def test_generate_plain_matches_model_and_steering_changes_it(server):
         max_new_tokens=12,
         api_name="/generate",
     )
-    assert set(out) == {"plain", "steered"}
+    assert set(out) == {"plain", "steered", "steered_positions"}
     # The plain pane is exactly the unwrapped model's greedy reply.
     tok = backend.tokenizer
     ids = tok.apply_chat_template(
@@ -93,6 +93,7 @@ def test_generate_plain_matches_model_and_steering_changes_it(server):
         ref = backend.model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out["plain"] == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert out["steered"] != out["plain"]
+    assert out["steered_positions"] >= ids.shape[1], "positions `all`: every prompt position was edited"
 
 
 def test_send_streams_both_panes_with_shared_seed(server):
@@ -140,6 +141,13 @@ def test_second_turn_keeps_each_panes_history(server):
         "Hi", [], [], [], "tiny-sae", _table(rows), 0, 1.0, 6, 0, False, "", api_name="/send"
     )
     plain, steered = (to_conversation(pane) for pane in first[1:3])
+    # the steered reply is followed by a note of the positions its spec edited, which the model never reads
+    note = first[2][-1]
+    assert note["metadata"]["title"].startswith("steered ") and note["metadata"]["title"].endswith(
+        " positions"
+    )
+    assert int(note["metadata"]["title"].split()[1]) > 0
+    assert [m["role"] for m in steered] == ["user", "assistant"] and len(first[2]) == 3
     second = client.predict(
         "And then?",
         first[1],
@@ -157,6 +165,7 @@ def test_second_turn_keeps_each_panes_history(server):
     )
     plain2, steered2 = (to_conversation(pane) for pane in second[1:3])
     assert [m["role"] for m in plain2] == ["user", "assistant"] * 2
+    assert [m["role"] for m in steered2] == ["user", "assistant"] * 2 and len(second[2]) == 6
     assert plain2[1]["content"] == plain[1]["content"]
     assert steered2[1]["content"] == steered[1]["content"] != plain[1]["content"]
 

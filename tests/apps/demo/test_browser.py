@@ -52,13 +52,14 @@ def _cells(tab, selector: str) -> list[str]:
 
 
 def _wait_for_reply(tab) -> tuple[str, str]:
-    """Wait until the send event (and the token view that follows it) is done; both replies' texts."""
+    """Wait until the send event (and the token view that follows it) is done; both replies' texts (not the
+    steered pane's note of the positions it edited)."""
     tab.wait_for_function(
         "document.querySelector('#token-view').innerText.includes('on the steered conversation')",
         timeout=TIMEOUT_MS,
     )
-    plain = tab.locator("#plain-chat [data-testid=bot]").all_inner_texts()
-    steered = tab.locator("#steered-chat [data-testid=bot]").all_inner_texts()
+    plain = tab.locator("#plain-chat .message:not(.thought) [data-testid=bot]").all_inner_texts()
+    steered = tab.locator("#steered-chat .message:not(.thought) [data-testid=bot]").all_inner_texts()
     return plain[-1].strip(), steered[-1].strip()
 
 
@@ -92,6 +93,8 @@ def test_pick_feature_steer_and_chat(page):
     plain, steered = _wait_for_reply(tab)
     assert plain and steered
     assert plain != steered
+    note = tab.locator("#steered-chat .thought").last.inner_text().split()
+    assert note[0] == "steered" and int(note[1]) > 0 and note[2] == "positions", note
     assert tab.locator("#token-view .fs-special").count() > 0
 
 

@@ -12,7 +12,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from apps.cli import main
-from apps.evaluation.lm_eval.model import FastSteerLM
+from apps.evaluation.lm_eval.model import FastSteerLM, UnsteeredError
 from apps.evaluation.lm_eval.tasks import materialize_tasks
 from hub.sae_io import save_sae
 from steer import Intervention, SAEConfig, build_sae
@@ -238,3 +238,45 @@ def test_dtype_auto_means_what_hub_means(tiny):
     lm = FastSteerLM(pretrained=str(root / "model"), dtype="auto", device="cpu", batch_size=1)
     assert lm.steered.model.dtype == dtype_from_name(fast_dtype("cpu"))
     assert lm.steered.model.dtype == load_model(str(root / "model"), dtype="auto", device="cpu").model.dtype
+
+
+def _scores(lm, task_manager, **kw) -> dict:
+    return simple_evaluate(model=lm, tasks=[MMLU_TASK], limit=3, task_manager=task_manager, **kw)
+
+
+def test_special_spec_without_chat_template_stops_the_run(tiny, local_tasks):
+    """A `special` spec on prompts without the chat template edits nothing: the run stops and says why,
+    unless allow_unsteered; with the template, each task's count is kept."""
+    model, tok, sae, _ = tiny
+    _, tm = local_tasks
+    spec = Intervention(layer=LAYER, sae=sae, edits=[{"feature": 3, "op": "add", "strength": 30.0}])
+    lm = FastSteerLM(pretrained=model, tokenizer=tok, spec=spec, batch_size=4)
+    with pytest.raises(UnsteeredError, match="--apply_chat_template") as caught:
+        _scores(lm, tm)
+    assert "edited no position in task " + MMLU_TASK in str(caught.value)
+    assert "--allow-unsteered" in str(caught.value)
+    assert lm.steered_positions == {MMLU_TASK: [0]}
+    _scores(lm, tm, apply_chat_template=True)
+    assert lm.steered_positions[MMLU_TASK][0] > 0
+    allowed = FastSteerLM(pretrained=model, tokenizer=tok, spec=spec, batch_size=4, allow_unsteered="true")
+    results = _scores(allowed, tm)
+    assert results["results"][MMLU_TASK]["sample_len"] == 3 and allowed.steered_positions == {MMLU_TASK: [0]}
+
+
+def test_cli_prints_counts_and_stops_when_unsteered(tiny, tmp_path):
+    _, _, _, root = tiny
+    args = ["lm-eval", "--model_args", f"pretrained={root / 'model'},spec={root / 'spec.json'}"]
+    args += ["--tasks", MMLU_TASK, "--limit", "2", "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert "edited no position" in result.output and "--apply_chat_template" in result.output
+    assert f"{MMLU_TASK}: steered 0 positions" in result.output
+    result = CliRunner().invoke(main, [*args, "--allow-unsteered"])
+    assert result.exit_code == 0, result.output
+    assert f"{MMLU_TASK}: steered 0 positions" in result.output and "going on" in result.output
+    result = CliRunner().invoke(main, [*args, "--apply_chat_template"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if f"{MMLU_TASK}: steered" in x)
+    assert int(line.split("steered ")[1].split()[0]) > 0
+    result = CliRunner().invoke(main, [*args, "--allow-unsteered", "--model", "hf"])
+    assert result.exit_code != 0 and "--allow-unsteered applies to" in result.output

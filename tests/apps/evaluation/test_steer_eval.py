@@ -4,13 +4,14 @@ end on a tiny random model (real lm-eval with local IFEval / ARC-Easy files, rea
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from apps.cli import main
 from apps.evaluation.stats import bootstrap_ratio, paired_difference, ratio
-from apps.evaluation.steer_eval import choose_strength, folder_digest, reply_stats, split_items
+from apps.evaluation.steer_eval import choose_strength, folder_digest, reply_stats, run_key, split_items
 from hub.sae_io import sae_metadata, save_sae
 from tests.conftest import EVAL_DATA, SHARED_DATA, read_conversations, save_tiny_model
 from tests.steer.helpers import random_sae
@@ -93,6 +94,38 @@ def test_folder_digest_follows_the_weights(tmp_path):
     first = folder_digest(save_sae(random_sae(16, d_sae=8, seed=0), tmp_path / "a"))
     assert folder_digest(save_sae(random_sae(16, d_sae=8, seed=0), tmp_path / "b")) == first
     assert folder_digest(save_sae(random_sae(16, d_sae=8, seed=1), tmp_path / "a")) != first
+
+
+def test_run_key_tells_apart_dtype_device_batch_and_versions(tmp_path):
+    """A GPU bfloat16 rerun never reuses CPU float32 cells; a moved eval folder with the same files does."""
+    import torch
+    import transformers
+
+    eval_data = tmp_path / "eval"
+    eval_data.mkdir()
+    (eval_data / "arc_easy_test.jsonl").write_text('{"id": 1}\n')
+    base = run_key("default", 15, eval_data, "float32", "cpu", 8)
+    assert base["versions"] == {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "fast-steer": base["versions"]["fast-steer"],
+    }
+    for changed in (
+        run_key("default", 15, eval_data, "bfloat16", "cpu", 8),
+        run_key("default", 15, eval_data, "float32", "cuda (NVIDIA H100 80GB HBM3)", 8),
+        run_key("default", 15, eval_data, "float32", "cpu", 32),
+    ):
+        assert changed != base and {k for k in base if base[k] != changed[k]} < {
+            "dtype",
+            "device",
+            "batch_size",
+        }
+    shutil.copytree(eval_data, tmp_path / "moved")
+    assert run_key("default", 15, tmp_path / "moved", "float32", "cpu", 8) == base
+    (eval_data / "arc_easy_test.jsonl").write_text('{"id": 2}\n')
+    assert (
+        run_key("default", 15, eval_data, "float32", "cpu", 8)["eval_data_sha256"] != base["eval_data_sha256"]
+    )
 
 
 @pytest.fixture
@@ -179,6 +212,10 @@ def test_steer_eval_end_to_end_and_reuse(tiny_setup):
     assert "Steered SAEs" in first.stdout
     computed = report["cells"]["computed"]
     assert report["cells"]["reused"] == [] and len(computed) == len(set(computed))
+
+    stored = json.loads((folder / "cells" / f"{computed[0]}.json").read_text())["key"]
+    assert (stored["dtype"], stored["device"], stored["batch_size"]) == ("float32", "cpu", 8)
+    assert set(stored["versions"]) == {"torch", "transformers", "fast-steer"}
 
     second = runner.invoke(main, args)
     assert second.exit_code == 0, second.output

@@ -22,6 +22,7 @@ from tests.apps.serve.helpers import (
 )
 
 PROMPT = "What is the capital of France?"
+ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def tiny(chatml_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    with serving(*tiny, max_new_tokens=64, max_prompt_tokens=256) as srv:
+    with serving(*tiny, max_new_tokens=64, max_prompt_tokens=256, admin_key="admin-secret") as srv:
         yield srv
 
 
@@ -145,12 +146,12 @@ def test_default_spec_get_put(server, cl):
     steered = chat(cl, PROMPT, steering=STRONG).choices[0].message.content
     assert httpx.get(f"{base}/steering").json() == {"steering": None}
     try:
-        put = httpx.put(f"{base}/steering", json={"steering": STRONG}).json()
+        put = httpx.put(f"{base}/steering", json={"steering": STRONG}, headers=ADMIN).json()
         assert put["steering"][0]["edits"] == STRONG["edits"]
         assert chat(cl, PROMPT).choices[0].message.content == steered
         assert chat(cl, PROMPT, steering=None).choices[0].message.content == plain
     finally:
-        httpx.put(f"{base}/steering", json={"steering": None})
+        httpx.put(f"{base}/steering", json={"steering": None}, headers=ADMIN)
     assert chat(cl, PROMPT).choices[0].message.content == plain
 
 
@@ -207,14 +208,14 @@ def test_malformed_unknown_oversize(server):
     not_object = _post(server, "[1, 2]")
     assert not_object.status_code == 400 and "JSON object" in not_object.json()["error"]["message"]
     huge = _post(server, {**BASE, "user": "x" * 1_100_000})
-    assert huge.status_code == 400 and "larger than this server accepts" in huge.json()["error"]["message"]
+    assert huge.status_code == 413 and "larger than this server accepts" in huge.json()["error"]["message"]
     chunked = httpx.post(server.url + "/chat/completions", content=iter([b"{" + b" " * 600_000] * 2))
     assert (
-        chunked.status_code == 400 and "larger than this server accepts" in chunked.json()["error"]["message"]
+        chunked.status_code == 413 and "larger than this server accepts" in chunked.json()["error"]["message"]
     )
     wrong_model = _post(server, {**BASE, "model": "gpt-4"})
     assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
-    put = httpx.put(f"{server.url}/steering", json={"steering": {**STRONG, "sae": "x"}})
+    put = httpx.put(f"{server.url}/steering", json={"steering": {**STRONG, "sae": "x"}}, headers=ADMIN)
     assert put.status_code == 400 and put.json()["error"]["param"] == "steering.sae"
     missing = _post(server, {"model": MODEL})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
