@@ -160,10 +160,22 @@ def interp_markdown(runs: dict[str, dict[str, Any]], reproduce_dir: str, level: 
             s = run["summary"].get(scorer)
             if s:
                 iqr = f"[{s['iqr'][0]:.3f}, {s['iqr'][1]:.3f}]" if s["iqr"] else "–"
+                scored = f"{s['n_features']} / {s.get('n_unexplained', 0)} / {s['n_parse_failures']} of {s['n_items']}"
                 rows.append([METHOD_LABELS[method], scorer, _num(s["balanced_accuracy_median"]), iqr,
-                             _num(s["share_ge_0_8"]), _num(s["auroc_median"])])  # fmt: skip
+                             _num(s["share_ge_0_8"]), _num(s["auroc_median"]), scored])  # fmt: skip
     parts.append(
-        _rows(["SAE", "scorer", "median", "IQR", "share >= 0.8", "AUROC median"], rows)
+        _rows(
+            [
+                "SAE",
+                "scorer",
+                "median",
+                "IQR",
+                "share >= 0.8",
+                "AUROC median",
+                "features scored / unexplained / answers unparseable",
+            ],
+            rows,
+        )  # fmt: skip
         if rows
         else "(not run)\n"
     )

@@ -249,7 +249,7 @@ def _baseline_report(real: _Prepared, baseline: _Prepared, scored: dict[str, Any
     stats = baseline.collection.manifest["stats"]
     summaries = {
         "fast_paper": fast_paper.summarise(scored["fast-paper"]) if "fast-paper" in scored else None,
-        **{s: detection.summarise(scored[s]) if s in scored else None for s in detection.SCORERS},
+        **_scorer_summaries(scored),
     }
     return {
         "folder": baseline.collection.manifest["sae"]["folder"],
@@ -260,6 +260,16 @@ def _baseline_report(real: _Prepared, baseline: _Prepared, scored: dict[str, Any
         **summaries,
         "proxies": metrics.proxy_medians(list(baseline.proxies.values())),
         "features": _features(baseline.chosen, scored, baseline.proxies),
+    }
+
+
+def _scorer_summaries(scored: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Each scorer's summary, with `n_unexplained`: features left out because their explanation could not
+    be parsed (so a judge that never explains shows as such, not as an empty success)."""
+    unexplained = sum(e.text is None for e in scored.get("explanations", {}).values())
+    return {
+        s: detection.summarise(scored[s]) | {"n_unexplained": unexplained} if s in scored else None
+        for s in detection.SCORERS
     }
 
 
@@ -313,8 +323,7 @@ def _result(cfg: InterpConfig, judge: Judge, real: _Prepared, scored: dict[str, 
         "n_parse_failures": missing,
         "parse_failure_rate": missing / (ok + missing) if ok + missing else None,
     }
-    for scorer in detection.SCORERS:
-        summary[scorer] = detection.summarise(scored[scorer]) if scorer in scored else None
+    summary |= _scorer_summaries(scored)
     summary["proxies"] = metrics.proxy_medians(list(real.proxies.values()))
     summary["controls"] = scored.get("controls")
     summary["judge_validated"] = scored["controls"]["judge_validated"] if "controls" in scored else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -70,6 +71,7 @@ def test_run_writes_the_result_files_and_reruns_from_the_cache(setup, tmp_path, 
     assert summary["n_parse_failures"] == 0 and summary["n_scored"] > 0
     for scorer in ("detection", "fuzzing"):
         assert set(summary[scorer]) >= {"balanced_accuracy_median", "iqr", "auroc_median", "share_ge_0_8"}
+        assert summary[scorer]["n_unexplained"] == 0 and summary[scorer]["n_features"] == 6
     assert summary["judge_validated"] is False  # a scripted judge scores chimeras 4 as well
     assert "chimera" in summary["controls"]["verdict"]
     settings = result["settings"]
@@ -93,6 +95,23 @@ def test_too_many_features_is_refused_before_any_judge_call(setup, tmp_path):
             run_interp(config(setup, tmp_path, server.url, features=999), model=model, tokenizer=tokenizer)
         assert server.hits == 0
     assert not (tmp_path / INTERP_FILE).exists() and not (tmp_path / EXPLANATIONS_FILE).exists()
+
+
+def test_a_judge_that_never_explains_is_reported_as_such(setup, tmp_path):
+    model, tokenizer, _, _ = setup
+
+    def rambling(body):
+        return FakeAnswer(
+            "The code is correct." if body["messages"][0]["content"] == EXPLAIN_SYSTEM else "[[1]]"
+        )
+
+    with serve_fake_judge(rambling) as server:
+        cfg = replace(config(setup, tmp_path, server.url, features=3), protocol="detection", controls=False)
+        summary = run_interp(cfg, model=model, tokenizer=tokenizer)["summary"]
+        assert server.hits == 3  # the explanations only: nothing to classify without one
+    detection = summary["detection"]
+    assert detection["n_unexplained"] == 3 and detection["n_features"] == 0
+    assert detection["balanced_accuracy_median"] is None and summary["n_parse_failures"] == 3
 
 
 @pytest.mark.parametrize(
