@@ -19,7 +19,7 @@ from huggingface_hub.errors import (
 )
 
 from hub.cache import hub_reachable
-from hub.formats import CFG_FILE, REMOTE_FILES, sparsify, weights_file_for
+from hub.formats import CFG_FILE, remote_files, sparsify, weights_file_for
 from hub.labels import LABELS_FILE
 from hub.registry import ReleaseEntry
 from hub.validate import SAEFormatError, read_json
@@ -105,11 +105,12 @@ def download_release_files(
 ) -> Path:
     """Download the files of a registered SAELens release entry (only those its format needs) and return
     its cached folder."""
-    if entry.format not in REMOTE_FILES:  # a SAELens folder: cfg.json says which weights file
+    files = remote_files(entry.format, entry.path)
+    if files is None:  # a SAELens folder: cfg.json says which weights file
         return download_sae_folder(entry.repo_id, entry.path, revision=revision, token=token)
     token = resolve_token(token)
-    prefix = f"{entry.path.strip('/')}/"
-    required, optional = REMOTE_FILES[entry.format]
+    folder, required, optional = files
+    prefix = f"{folder}/" if folder else ""
     paths = [_fetch(entry.repo_id, prefix + name, revision, token) for name in required]
     for name in optional:
         _fetch(entry.repo_id, prefix + name, revision, token, optional=True)

@@ -1,12 +1,13 @@
-"""The steering hooks: apply compiled interventions to decoder-layer outputs, at placed positions.
+"""The steering hooks: apply compiled interventions at their sites in the decoder layers, at placed positions.
 
 Hooks are installed once per model (while any `steer()` block on it is open) and hold no edits
 themselves: the active edits belong to a context (`activate`, a context variable), so two threads,
 each inside its own `steer()` on one shared model, never see each other's edits, and a thread with no
 open block runs the plain model. A forward pre-hook on the base module places every call for each
-active context (`steer.placement`); forward hooks on the decoder layers then edit the residual at
-exactly the positions each spec targets. Both run before any other hook on their module
-(`prepend=True`), so transformers' hidden-state recording and user hooks see the edited residual.
+active context (`steer.placement`); hooks on each site's hook points (`steer.sites`: a decoder block's
+output, the input of `o_proj`, the MLP's input or output) then edit exactly the positions each spec
+targets. All run before any other hook on their module (`prepend=True`), so transformers' hidden-state
+recording and user hooks see the edited activations.
 
 The edits:
 
@@ -14,6 +15,10 @@ The edits:
 - `scale/set/ablate`: `x + decode(f') - decode(f)`, i.e. `x + sum_k (f'_k - f_k) W_dec[k]` (the SAE's
   error term is kept). For ReLU / JumpReLU SAEs `f_k` needs only encoder column k; TopK (and any
   architecture whose activation couples features) runs the full encoder.
+
+A transcoder reads one point and writes another: its `f` is encoded from the MLP's input (captured by a pre-hook
+on the MLP, for the current call only) and `(f' - f) @ W_dec` is added to the MLP's output, so its error term
+is kept like an SAE's (`b_dec` and the skip connection cancel in the difference).
 
 Only targeted positions are gathered and sent through the SAE; other positions are left bit-identical.
 
@@ -39,6 +44,7 @@ from steer.errors import ConfigError
 from steer.placement import ForwardCall, Placement, SequenceTracker
 from steer.positions import SpecialTokens
 from steer.sae import SAE
+from steer.sites import HookPoint, Site, point_module
 from steer.spec import LATENT_OPS, Intervention, SpecError
 
 Positions = str | tuple[int, ...]
@@ -58,6 +64,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
     raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}; expected e.g. model.layers")
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: the execution device accelerate recorded when the model was dispatched with a
+    device map (also for a module whose weights wait offloaded on `meta`), else its parameters' device."""
+    hook = getattr(module, "_hf_hook", None)
+    for item in (hook, *getattr(hook, "hooks", ())):  # one hook, or a SequentialHook of several
+        device = getattr(item, "execution_device", None)
+        if device is not None:
+            return torch.device(device)  # accelerate records a GPU as its index
+    param = next(module.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
+
+
+def layer_device(model: nn.Module, layer: int) -> torch.device:
+    """Where decoder block `layer` computes, and so where an SAE that reads it and its edits belong."""
+    return module_device(decoder_layers(model)[layer])
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids belong: the device its token embeddings compute on."""
+    return module_device(model.get_input_embeddings())
 
 
 # -- compiled edits ------------------------------------------------------------------------------
@@ -81,23 +109,27 @@ class LatentEdit:
             self.offset = val @ W_dec
 
     @torch.no_grad()
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """`decode(f') - decode(f)` at residuals `x [N, d_in]`, in `x`'s dtype."""
+    def delta(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`decode(f') - decode(f)` `[N, d_out]` at inputs `x [N, d_in]`, in `dtype` (default: `x`'s)."""
         f = self.activations(x)
         diff = torch.addmm(self.offset, f, self.W_delta)
         if self.sae.cfg.normalize_activations != "none":
             diff = self.sae.normalize_out(diff) - self.sae.normalize_out(torch.zeros_like(diff))
-        return diff.to(x.dtype)
+        return diff.to(dtype or x.dtype)
 
 
 @dataclass
 class CompiledIntervention:
-    """An intervention ready to run on one model: its layer, positions and precomputed tensors."""
+    """An intervention ready to run on one model: its site, positions and precomputed tensors."""
 
-    layer: int
+    site: Site
     positions: Positions
     add_vector: torch.Tensor | None
     latent: LatentEdit | None
+
+    @property
+    def layer(self) -> int:
+        return self.site.layer
 
     @classmethod
     def build(
@@ -118,19 +150,25 @@ class CompiledIntervention:
             val = [e.strength if e.op == "set" else 0.0 for e in latent_edits]
             latent = LatentEdit(sae, [e.feature for e in latent_edits], mul, val)
         positions: Positions = spec.positions if isinstance(spec.positions, str) else token_ids
-        return cls(layer=spec.layer, positions=positions, add_vector=add_vector, latent=latent)
+        return cls(site=spec.site(sae), positions=positions, add_vector=add_vector, latent=latent)
 
-    def apply(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The edited residual `[B, T, d]`; `mask [B, T]` selects positions (None: all)."""
+    def apply(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The edited activations `hidden [B, T, d_out]` at the write point; `mask [B, T]` selects positions
+        (None: all). The latent edit encodes `source [B, T, d_in]` (a transcoder's MLP input; None: `hidden`)."""
+        if mask is not None:
+            mask = mask.to(hidden.device)  # placed where the inputs are; a device map runs layers elsewhere
         if self.add_vector is not None:
             vec = self.add_vector.to(hidden.device)
             hidden = hidden + vec if mask is None else torch.where(mask.unsqueeze(-1), hidden + vec, hidden)
         if self.latent is None:
             return hidden
+        read = hidden if source is None else source
         if mask is None:
-            return hidden + self.latent.delta(hidden.reshape(-1, hidden.shape[-1])).view_as(hidden)
-        selected = hidden[mask]
-        edited = selected + self.latent.delta(selected)
+            delta = self.latent.delta(read.reshape(-1, read.shape[-1]), hidden.dtype)
+            return hidden + delta.view_as(hidden)
+        edited = hidden[mask] + self.latent.delta(read[mask], hidden.dtype)
         return hidden.masked_scatter(mask.unsqueeze(-1), edited)
 
 
@@ -259,8 +297,9 @@ class SteeringReport:
 
 # -- contexts and the shared hooks ------------------------------------------------------------------
 class SteeringContext:
-    """One open `steer()` block: its compiled edits by layer (with each one's index in the block), the batch
-    rows they apply to (None: all), the sequence its calls have followed and what it has edited."""
+    """One open `steer()` block: its compiled edits by the hook point they write (with each one's index in the
+    block), the points transcoders read apart from that, the batch rows they apply to (None: all), the
+    sequence its calls have followed and what it has edited."""
 
     def __init__(
         self,
@@ -273,9 +312,13 @@ class SteeringContext:
             raise SpecError(f"rows must be batch indices (ints >= 0), got {list(rows)}")
         self.base = base
         self.rows = None if rows is None else tuple(sorted(set(rows)))
-        self.by_layer: dict[int, list[tuple[int, CompiledIntervention]]] = {}
+        self.by_point: dict[HookPoint, list[tuple[int, CompiledIntervention]]] = {}
         for index, item in enumerate(compiled):
-            self.by_layer.setdefault(item.layer, []).append((index, item))
+            self.by_point.setdefault(item.site.write_point, []).append((index, item))
+        self.reads = {
+            item.site.read_point for item in compiled if item.site.read_point != item.site.write_point
+        }
+        self.captured: dict[HookPoint, torch.Tensor] = {}  # inputs read at `reads` in the current call
         self.report = SteeringReport(len(compiled), self.rows)
         needs_special = any(item.positions == "special" for item in compiled)
         if needs_special and special_tokens is None:
@@ -306,8 +349,8 @@ class ModelHooks:
         self._base = weakref.ref(base_module(model))
         self.layers = decoder_layers(model)
         self._pre_handle: torch.utils.hooks.RemovableHandle | None = None
-        self._layer_handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
-        self._users: Counter[int] = Counter()
+        self._point_handles: dict[HookPoint, torch.utils.hooks.RemovableHandle] = {}
+        self._users: Counter[HookPoint] = Counter()
         self._contexts = 0
 
     @property
@@ -324,27 +367,33 @@ class ModelHooks:
                 cls._by_model[base] = cls(model)
             return cls._by_model[base]
 
-    def acquire(self, layers: list[int]) -> None:
+    def acquire(self, points: list[HookPoint]) -> None:
         with self._lock:
+            modules = [
+                point_module(self.layers[layer], name) for layer, name in points
+            ]  # all found, or raise
             if self._contexts == 0:
                 self._pre_handle = self.base.register_forward_pre_hook(
                     self._place, with_kwargs=True, prepend=True
                 )
             self._contexts += 1
-            for layer in layers:
-                if self._users[layer] == 0:
-                    self._layer_handles[layer] = self.layers[layer].register_forward_hook(
-                        self._layer_hook(layer), prepend=True
+            for point, (module, side) in zip(points, modules, strict=True):
+                if self._users[point] == 0:
+                    edit = self._point_edit(point)
+                    self._point_handles[point] = (
+                        module.register_forward_hook(_output_hook(edit), prepend=True)
+                        if side == "output"
+                        else module.register_forward_pre_hook(_input_hook(edit, point), prepend=True)
                     )
-                self._users[layer] += 1
+                self._users[point] += 1
 
-    def release(self, layers: list[int]) -> None:
+    def release(self, points: list[HookPoint]) -> None:
         with self._lock:
-            for layer in layers:
-                self._users[layer] -= 1
-                if self._users[layer] == 0:
-                    self._layer_handles.pop(layer).remove()
-                    del self._users[layer]
+            for point in points:
+                self._users[point] -= 1
+                if self._users[point] == 0:
+                    self._point_handles.pop(point).remove()
+                    del self._users[point]
             self._contexts -= 1
             if self._contexts == 0 and self._pre_handle is not None:
                 self._pre_handle.remove()
@@ -362,12 +411,21 @@ class ModelHooks:
                     f"of {call.batch}; rows are indices into the batch the model is called with"
                 )
             ctx.current = CallPositions(ctx.tracker.place(call), ctx.rows)
+            ctx.captured.clear()
 
-    def _layer_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, output):
-            hidden = None
+    def _point_edit(self, point: HookPoint):
+        """The edit at hook point `point`: `hidden` -> the edited tensor, or None when nothing applies. It also
+        keeps `hidden` for the transcoders that read it, until the point they write has run."""
+        layer = point[0]
+
+        def edit(hidden: torch.Tensor) -> torch.Tensor | None:
+            edited = None
             for ctx in _ACTIVE.get():
-                items = ctx.by_layer.get(layer) if ctx.base is self.base else None
+                if ctx.base is not self.base:
+                    continue
+                if point in ctx.reads:
+                    ctx.captured[point] = hidden
+                items = ctx.by_point.get(point)
                 if not items:
                     continue
                 if ctx.current is None:
@@ -375,15 +433,50 @@ class ModelHooks:
                 for index, item in items:
                     if ctx.current.selects_nothing(item.positions):
                         continue
-                    if hidden is None:
-                        hidden = output[0] if isinstance(output, tuple) else output
-                    hidden = item.apply(hidden, ctx.current.mask(item.positions))
+                    source = None
+                    if item.site.read_point != point:
+                        source = ctx.captured.get(item.site.read_point)
+                        if source is None:
+                            raise SpecError(
+                                f"the transcoder of layer {layer} found no MLP input: the layer's MLP output ran "
+                                "without its input having been seen in this forward call"
+                            )
+                    current = hidden if edited is None else edited
+                    edited = item.apply(current, ctx.current.mask(item.positions), source)
                     ctx.report.add(index, ctx.current.count(item.positions))
-            if hidden is None:
-                return output
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+                for _, item in items:
+                    ctx.captured.pop(item.site.read_point, None)  # used: free it before the next layer
+            return edited
 
-        return hook
+        return edit
+
+
+def _output_hook(edit):
+    """A forward hook applying `edit` to a module's output (the first element of a tuple output)."""
+
+    def hook(module: nn.Module, args: tuple, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        edited = edit(hidden)
+        if edited is None:
+            return output
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+    return hook
+
+
+def _input_hook(edit, point: HookPoint):
+    """A forward pre-hook applying `edit` to a module's first positional input."""
+
+    def hook(module: nn.Module, args: tuple):
+        if not args:
+            raise SpecError(
+                f"cannot place the {point[1]} hook of layer {point[0]}: {type(module).__name__} was called "
+                "without a positional input"
+            )
+        edited = edit(args[0])
+        return None if edited is None else (edited, *args[1:])
+
+    return hook
 
 
 def is_steering(model: nn.Module) -> bool:
@@ -403,11 +496,11 @@ def activate(
     on batch `rows` only (None: every row)."""
     ctx = SteeringContext(base_module(model), compiled, special_tokens, rows)
     hooks = ModelHooks.of(model)
-    layers = sorted(ctx.by_layer)
-    hooks.acquire(layers)
+    points = sorted(set(ctx.by_point) | ctx.reads)
+    hooks.acquire(points)
     token = _ACTIVE.set((*_ACTIVE.get(), ctx))
     try:
         yield ctx
     finally:
         _ACTIVE.reset(token)
-        hooks.release(layers)
+        hooks.release(points)

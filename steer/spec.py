@@ -20,7 +20,8 @@ import torch
 import yaml
 
 from steer.errors import FastSteerError
-from steer.sae import SAE, non_residual_hook
+from steer.sae import SAE
+from steer.sites import Site, UnplaceableHook, trained_site
 
 OPS = ("add", "scale", "set", "ablate")
 LATENT_OPS = ("scale", "set", "ablate")
@@ -76,8 +77,11 @@ class Edit:
 
 @dataclass
 class Intervention:
-    """Edits of SAE features at the output of decoder block `layer`, at `positions`.
+    """Edits of SAE features at decoder block `layer`, at `positions`.
 
+    Where in the block is the SAE's own site (`steer.sites`): the block's output (residual SAEs), the input of
+    `o_proj` (`attn.hook_z` SAEs), the MLP output (`hook_mlp_out` SAEs), or, for a transcoder, the MLP input it
+    encodes and the MLP output it edits. A transcoder is named like an SAE.
     `sae`: a loaded `SAE` (serialised through the reference it was loaded from, `SAE.source`), a local
     folder, or `{"repo": "owner/name", "sae_id": "sub/folder"}`.
     `positions`: "special" (chat-template special tokens and the role names after them), "all",
@@ -127,23 +131,21 @@ class Intervention:
                 f"features {bad} are out of range for an SAE with d_sae={sae.d_sae} (layer {self.layer})"
             )
 
-    def check_sae_layer(self, sae: SAE) -> None:
-        """Raise `SpecError` if `layer` is not the layer `sae` was trained on (unless allowed), or if `sae`
-        reads something other than the residual stream (an MLP or attention output, the embeddings)."""
-        other = non_residual_hook(sae)
-        if other is not None:
-            raise SpecError(
-                f"the SAE reads {other}, not the residual stream; fast-steer steers only at the output of a "
-                "decoder block (blocks.L.hook_resid_post), so this SAE can be loaded and inspected but not "
-                "steered with"
-            )
-        trained = sae.layer
+    def site(self, sae: SAE) -> Site:
+        """The site this spec edits: its `layer`, at the kind of site `sae` reads. Raise `SpecError` if `sae`
+        reads a hook no site covers (the embeddings...), or if `layer` is not the layer `sae` was trained on
+        (unless allowed)."""
+        try:
+            kind, trained = trained_site(sae.metadata, transcoder=sae.transcoder)
+        except UnplaceableHook as exc:
+            raise SpecError(str(exc)) from None
         if trained is not None and trained != self.layer and not self.allow_layer_mismatch:
             hook = sae.metadata.get("hook_name") or sae.metadata.get("hf_hook_name") or "its metadata"
             raise SpecError(
                 f"the spec edits layer {self.layer}, but its SAE was trained on layer {trained} ({hook}); "
                 f"set layer to {trained}, or allow_layer_mismatch: true to apply it at layer {self.layer}"
             )
+        return Site(self.layer, kind)
 
     def check_layer(self, n_layers: int) -> None:
         """Raise `SpecError` if `layer` is not one of a model's `n_layers` decoder blocks."""
@@ -152,15 +154,25 @@ class Intervention:
                 f"layer {self.layer} is out of range for a model with {n_layers} layers (0..{n_layers - 1})"
             )
 
-    def check_model(self, n_layers: int, d_model: int, sae: SAE) -> None:
-        """Raise `SpecError` if the layer or the SAE width does not fit a model."""
+    def check_model(
+        self, n_layers: int, d_model: int, sae: SAE, widths: tuple[int, int] | None = None
+    ) -> Site:
+        """The spec's site, after checking that the layer and the SAE's widths fit a model: `widths` are the
+        `(d_in, d_out)` its site takes there (`steer.sites.site_widths`; default: the hidden size both)."""
         self.check_layer(n_layers)
-        self.check_sae_layer(sae)
-        if sae.d_in != d_model:
+        site = self.site(sae)
+        d_in, d_out = widths or (d_model, d_model)
+        if sae.d_in != d_in:
+            what = "attn_out width (the o_proj input)" if site.kind == "attn_out" else "hidden size"
             raise SpecError(
-                f"the SAE reads d_in={sae.d_in} but the model's hidden size is {d_model} (layer {self.layer})"
+                f"the SAE reads d_in={sae.d_in} but the model's {what} is {d_in} (layer {self.layer})"
+            )
+        if sae.d_out != d_out:
+            raise SpecError(
+                f"the transcoder writes d_out={sae.d_out} but the model's hidden size is {d_out} (layer {self.layer})"
             )
         self.check_sae(sae)
+        return site
 
     def with_sae(self, sae: SAE | SAERef) -> Intervention:
         """A copy of this spec that uses `sae` (a loaded SAE or a reference)."""

@@ -9,9 +9,19 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from steer.hooks import CompiledIntervention, SteeringReport, activate, decoder_layers, is_steering
+from steer.chat_template import template_messages
+from steer.hooks import (
+    CompiledIntervention,
+    SteeringReport,
+    activate,
+    decoder_layers,
+    input_device,
+    is_steering,
+    layer_device,
+)
 from steer.positions import SpecialTokens, pad_token_id, resolve_special_tokens, token_ids
 from steer.sae import SAE
+from steer.sites import UnplaceableHook, site_widths
 from steer.spec import Intervention, SpecError
 
 Spec = Intervention | CompiledIntervention
@@ -57,7 +67,12 @@ class SteeredModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        """Where inputs go: the token embeddings' device (with a device map, layers may compute elsewhere)."""
+        return input_device(self.model)
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where decoder block `layer` computes (an offloaded block: where accelerate runs it)."""
+        return layer_device(self.model, layer)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -116,12 +131,16 @@ class SteeredModel:
         seed: int = 0,
         **gen_kwargs,
     ) -> str:
-        """The assistant's reply (text, special tokens dropped) to `messages` (a string = one user turn)."""
+        """The assistant's reply (text, special tokens dropped) to `messages` (a string = one user turn; a system
+        message is folded into the first user turn where the template has no system role, as in Gemma 2)."""
         conversation = (
             [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
         )
         encoded = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            template_messages(self.tokenizer, conversation),
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )
         encoded = {k: v.to(self.device) for k, v in encoded.items()}
         gen_kwargs.setdefault("pad_token_id", pad_token_id(self.tokenizer))
@@ -135,25 +154,32 @@ class SteeredModel:
 
     # -- specs -----------------------------------------------------------------------------------
     def load_sae(self, spec: Intervention) -> SAE:
-        """The spec's SAE on the model's device (references loaded once per SteeredModel)."""
+        """The spec's SAE on the device of the layer it reads, where its edits run (references loaded once
+        per SteeredModel)."""
+        spec.check_layer(self.n_layers)
+        device = self.layer_device(spec.layer)
         if isinstance(spec.sae, SAE):
             sae = spec.sae
         else:
             key = json.dumps(spec.sae, sort_keys=True)
             if key not in self._saes:
-                self._saes[key] = spec.load_sae(device=self.device)
+                self._saes[key] = spec.load_sae(device=device)
             sae = self._saes[key]
-        if sae.device != self.device:
-            sae = sae.to(self.device)
+        if sae.device != device:
+            sae = sae.to(device)
         return sae
 
     def compile(self, spec: Intervention) -> CompiledIntervention:
         """Check `spec` against this model and its SAE and precompute what its hooks need (reusable)."""
         if not isinstance(spec, Intervention):
             raise SpecError(f"steer() takes Intervention objects, got {type(spec).__name__}")
-        spec.check_layer(self.n_layers)
         sae = self.load_sae(spec)
-        spec.check_model(self.n_layers, self.d_model, sae)
+        site = spec.site(sae)
+        try:
+            widths = site_widths(decoder_layers(self.model)[spec.layer], site, self.d_model)
+        except UnplaceableHook as exc:
+            raise SpecError(f"{site.describe()}: {exc}") from None
+        spec.check_model(self.n_layers, self.d_model, sae, widths)
         tokens: tuple[int, ...] = ()
         if not isinstance(spec.positions, str):
             try:

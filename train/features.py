@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from steer.chat_template import turn_opening_token
 from steer.errors import ConfigError
 from steer.positions import SINK_POSITION, SpecialTokens, pad_token_id, resolve_special_tokens, without_sink
 from steer.sae import SAE
@@ -33,8 +34,6 @@ from train.sequences import bucket_batches, fast_sequences
 
 ANSI_HIGHLIGHT = "\033[1;31m"
 ANSI_RESET = "\033[0m"
-
-ANCHOR_TOKEN = "<|im_start|>"  # the special token whose top feature steering experiments add (App. F)
 
 
 @dataclass
@@ -301,14 +300,18 @@ def top_anchor_feature(
     conversations: list[list[dict[str, str]]],
     progress: bool = True,
 ) -> tuple[int, float]:
-    """The SAE feature with the largest mean max activation on `<|im_start|>` (App. F), and that value."""
-    from train.features import discover_features
-
-    report = discover_features(model, tokenizer, sae, layer, conversations, top_k=5, progress=progress)
-    top = report.top(ANCHOR_TOKEN)
+    """The SAE feature with the largest mean max activation on the chat template's turn-opening token (App. F:
+    `<|im_start|>` in ChatML, `<|start_header_id|>` in Llama 3, `<start_of_turn>` in Gemma, ...; see
+    `steer.chat_template.turn_opening_token`), and that value."""
+    specials = resolve_special_tokens(tokenizer)
+    anchor = turn_opening_token(tokenizer, specials)
+    report = discover_features(
+        model, tokenizer, sae, layer, conversations, top_k=5, specials=specials, progress=progress
+    )
+    top = report.top(anchor)
     if not top:
         raise ConfigError(
-            f"no feature of the SAE fires on {ANCHOR_TOKEN} outside position 0 in the {len(conversations)} "
+            f"no feature of the SAE fires on {anchor} outside position 0 in the {len(conversations)} "
             "conversations given (it reconstructs those positions from b_dec alone); steer with another SAE "
             "(--sae, e.g. the jumprelu one of the same run) or name a feature (--feature K)"
         )

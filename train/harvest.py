@@ -30,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from steer.errors import ConfigError
-from steer.hooks import decoder_layers
+from steer.hooks import decoder_layers, input_device
 from steer.positions import without_sink
 from train.sequences import Batch
 
@@ -96,7 +96,8 @@ class Harvester:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the input ids go (the token embeddings' device; with a device map, layers may be elsewhere)."""
+        return input_device(self.model)
 
     def residuals(self, batch: Batch) -> torch.Tensor:
         """[B, T, d] residual stream after block `layer`, in the model's dtype (padding rows included)."""

@@ -32,7 +32,7 @@ def open_stream(
         stream = CachedActivationStream(cfg, dist.rank, dist.world_size)
         return stream, stream.model_source
     if loaded is None:
-        loaded = load_model(cfg.model, dtype=cfg.model_dtype, device=dist.device)  # auto: hub.fast_dtype
+        loaded = load_model(cfg.model, dtype=cfg.model_dtype, device=dist.device, device_map=cfg.device_map)
     model, tok = loaded
     loader = load_texts if cfg.data.method == "bt-p" else load_conversations
     corpus = loader(cfg.data.sources, split="train", held_out_fraction=cfg.data.held_out_fraction)

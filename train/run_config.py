@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hub.device_map import DeviceMap
 from steer.errors import ConfigError, MissingFileError
 from train.config import TrainConfig
 from train.sequences import check_method
@@ -92,6 +93,9 @@ class RunConfig:
     training: TrainConfig
     model: str = "default"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # a model larger than one device: spread over devices by accelerate (`hub.DeviceMap`), each layer's
+    # activations read where the layer runs; `device` is then where the SAEs train
+    device_map: DeviceMap | None = None
     # harvesting dtype; auto: bfloat16 on CUDA (and AMX CPUs), else float32; from a cache: the cache's own (another
     # dtype is refused, `train.activation_cache.check_harvest_dtype`)
     model_dtype: str = "auto"
@@ -126,4 +130,6 @@ class RunConfig:
         values["training"] = TrainConfig.from_dict(values["training"])
         values["data"] = DataConfig(**values.get("data", {}))
         values["stream"] = StreamSettings(**values.get("stream", {}))
+        if isinstance(values.get("device_map"), dict):
+            values["device_map"] = DeviceMap(**values["device_map"])
         return cls(**values)

@@ -3,7 +3,6 @@
 Public API:
     METHODS = ("fast", "bt-f", "bt-p");  METHOD_LABELS maps them to "FAST", "BT(F)", "BT(P)"
     render_conversation(tokenizer, conversation) -> list[int]
-    accepts_system(tokenizer) -> bool;  fold_system(conversation) -> Conversation
     render_conversations(tokenizer, conversations) -> list[list[int]]
     fast_sequences(conversations, tokenizer, max_len=8192) -> list[list[int]]
     text_token_lists(texts, tokenizer) -> list[list[int]]
@@ -15,7 +14,7 @@ FAST renders each conversation with the tokenizer's own chat template and tokeni
 without adding special tokens (exactly what ``apply_chat_template(tokenize=True)`` produces), then
 truncates at ``max_len``; two conversations never share a sequence. A template that has no system role and
 raises on one (Gemma 2) gets the system message folded into the first user turn, as Gemma 3's own template
-does (``fold_system``). BT(F) concatenates the same
+does (``steer.chat_template.template_messages``). BT(F) concatenates the same
 templated conversations and cuts the stream into ``block_len`` blocks; BT(P) does the same with
 pretraining documents, each followed by the eos token. Batches are right-padded: with a causal model
 real tokens never attend to the padding on their right, and ``attention_mask`` marks the real tokens
@@ -29,10 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from hub.formats import METHOD_LABELS
+from steer.chat_template import template_messages
 from steer.errors import ConfigError
 from train.data import Conversation
 
@@ -54,34 +53,6 @@ def _require_template(tokenizer: PreTrainedTokenizerBase) -> None:
         )
 
 
-_ACCEPTS_SYSTEM: dict[str, bool] = {}  # chat template text -> whether it renders a system message
-
-
-def accepts_system(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the chat template renders a system message rather than raising (Gemma 2 raises)."""
-    template = tokenizer.chat_template
-    key = template if isinstance(template, str) else repr(template)
-    if key not in _ACCEPTS_SYSTEM:
-        probe = [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]
-        try:
-            tokenizer.apply_chat_template(probe, tokenize=False)
-            _ACCEPTS_SYSTEM[key] = True
-        except TemplateError:
-            _ACCEPTS_SYSTEM[key] = False
-    return _ACCEPTS_SYSTEM[key]
-
-
-def fold_system(conversation: Conversation) -> Conversation:
-    """`conversation` with a leading system message put before the first user turn's text (blank line between),
-    as Gemma 3's template does; a system message not followed by a user turn becomes one."""
-    if not conversation or conversation[0]["role"] != "system":
-        return conversation
-    system, rest = conversation[0]["content"], conversation[1:]
-    if rest and rest[0]["role"] == "user":
-        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
-    return [{"role": "user", "content": system}, *rest]
-
-
 def render_conversations(
     tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation]
 ) -> list[list[int]]:
@@ -90,9 +61,9 @@ def render_conversations(
     _require_template(tokenizer)
     if not conversations:
         return []
-    if not accepts_system(tokenizer):
-        conversations = [fold_system(conv) for conv in conversations]
-    texts = tokenizer.apply_chat_template(list(conversations), tokenize=False)
+    texts = tokenizer.apply_chat_template(
+        [template_messages(tokenizer, c) for c in conversations], tokenize=False
+    )
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 

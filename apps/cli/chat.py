@@ -7,11 +7,15 @@ import shutil
 import sys
 import textwrap
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 
-from apps.cli.options import config_option, device_option, model_option
+from apps.cli.options import config_option, device_map_options, device_option, model_option
 from steer.spec import OPS, POSITION_MODES
+
+if TYPE_CHECKING:
+    from hub import DeviceMap
 
 
 @dataclass
@@ -65,6 +69,7 @@ class ChatOptions:
 @config_option(ChatOptions, "seed", "--seed", type=int)
 @click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16")
 @device_option
+@device_map_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per turn instead of columns.")
 def chat_command(
     prompt: str | None,
@@ -84,6 +89,7 @@ def chat_command(
     seed: int,
     dtype: str,
     device: str,
+    device_map: DeviceMap | None,
     as_json: bool,
 ) -> None:
     """Chat with a model, showing the unsteered and the steered reply to PROMPT side by side.
@@ -98,7 +104,7 @@ def chat_command(
 
     if (spec_path is None) == (feature is None):
         raise click.UsageError("give either --spec FILE or --feature K (with --sae and --strength)")
-    model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_ref, dtype=dtype, device=device, device_map=device_map)
     sm = SteeredModel(model, tokenizer)
     specs = _build_specs(sm, spec_path, sae_source, sae_id, feature, strength, op, positions, layer)
     compiled = [sm.compile(spec) for spec in specs]  # checked once, before the first turn

@@ -165,7 +165,8 @@ def _steering_run_options(fn):
 )
 @config_option(SWEEP, "strengths", "--strengths", type=Numbers(),
                help="Comma-separated strengths, in %% of the median special-token residual norm.")  # fmt: skip
-@click.option("--feature", type=int, help="Steer this feature instead of the top <|im_start|> feature.")
+@click.option("--feature", type=int,
+              help="Steer this feature instead of the top feature of the turn-opening token (<|im_start|> in ChatML).")  # fmt: skip
 @config_option(SWEEP, "mmlu_subjects", "--subjects", type=Words(),
                help="Comma-separated MMLU subjects (local data).")  # fmt: skip
 @config_option(SWEEP, "mmlu_limit", "--mmlu-limit", type=int, help="MMLU items per subject (0 = all).")
@@ -175,8 +176,8 @@ def _steering_run_options(fn):
 @_steering_run_options
 def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mmlu_limit, max_new_tokens,
                   n_conversations, data, eval_data, model_dtype, device, quiet) -> None:  # fmt: skip
-    """Add the top <|im_start|> feature of the FAST SAE at special positions at several strengths: greedy
-    replies to fixed prompts and a local MMLU score per strength (sweep.{json,md,png})."""
+    """Add the top turn-opening-token feature (<|im_start|> in ChatML) of the FAST SAE at special positions at
+    several strengths: greedy replies to fixed prompts and a local MMLU score per strength (sweep.{json,md,png})."""
     from apps.evaluation.sweep import SweepConfig, run_sweep
     from hub import load_model
     from train.data import shared_data_dir
@@ -227,7 +228,7 @@ def sweep_command(out_dir, sae_dir, model_ref, strengths, feature, subjects, mml
 @_steering_run_options
 def steer_eval_command(out_dir, fast_sae, btf_sae, model_ref, strengths, n_dev, n_test, n_arc, max_new_tokens, seed,
                        resamples, batch_size, n_conversations, data, eval_data, model_dtype, device, quiet) -> None:  # fmt: skip
-    """Plain, prompt-only, FAST / BT(F) top <|im_start|> feature and a random direction: strength chosen on
+    """Plain, prompt-only, FAST / BT(F) top turn-opening-token feature and a random direction: strength chosen on
     an IFEval dev split, IFEval and ARC-Easy reported on test with paired bootstrap CIs (steer_eval.{json,md,png}).
     Finished cells are reused."""
     from apps.evaluation.steer_eval import SteerEvalConfig, run_steer_eval

@@ -9,10 +9,14 @@ has them, are shown beside the feature ids.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from apps.cli.options import device_option, model_option
+from apps.cli.options import device_map_options, device_option, model_option
+
+if TYPE_CHECKING:
+    from hub import DeviceMap
 
 
 @click.command("features")
@@ -57,6 +61,7 @@ from apps.cli.options import device_option, model_option
     "--dtype", default="float32", show_default=True, help="Model dtype: float32 | bfloat16 | float16."
 )
 @device_option
+@device_map_options
 @click.option(
     "--color/--no-color", default=None, help="Highlight with ANSI colour [default: when a terminal]."
 )
@@ -75,6 +80,7 @@ def features_command(
     include_first_token: bool,
     dtype: str,
     device: str,
+    device_map: DeviceMap | None,
     color: bool | None,
     query: str | None,
 ) -> None:
@@ -83,6 +89,7 @@ def features_command(
     from hub import load_model
     from hub.registry import feature_url
     from hub.sae_io import load_sae, sae_layer
+    from steer.hooks import layer_device
     from train.data import load_conversations
     from train.features import discover_features, top_contexts
 
@@ -93,11 +100,12 @@ def features_command(
         raise click.UsageError("give --data (conversations to read), or --search TEXT to search the labels")
     if n_conversations < 1:
         raise click.BadParameter("must be positive", param_hint="--n")
-    model, tokenizer = load_model(model_ref, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_ref, dtype=dtype, device=device, device_map=device_map)
     sae = load_sae(sae_dir, sae_id, device=device, expected_d_in=model.config.get_text_config().hidden_size)
     layer = layer if layer is not None else sae_layer(sae)
     if layer is None:
         raise click.UsageError("the SAE's metadata names no residual-stream layer; pass --layer L")
+    sae = sae.to(layer_device(model, layer))  # where the layer's residuals are (a device map spreads layers)
     corpus = load_conversations(list(data), limit=n_conversations)
     if len(corpus) == 0:
         raise click.ClickException(f"no conversations read from {', '.join(data)}")

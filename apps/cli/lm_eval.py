@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from apps.cli.options import device_map_options
 from apps.evaluation.lm_eval.run import EVAL_DATA_ENV, run_lm_eval
+
+if TYPE_CHECKING:
+    from hub import DeviceMap
 
 
 @click.command(
@@ -33,9 +38,14 @@ from apps.evaluation.lm_eval.run import EVAL_DATA_ENV, run_lm_eval
     is_flag=True,
     help="Go on when a spec edits no position in a whole task (by default the run stops and says why).",
 )
+@device_map_options
 @click.argument("lm_eval_args", nargs=-1, type=click.UNPROCESSED)
 def lm_eval_command(
-    compare: bool, eval_data: Path | None, allow_unsteered: bool, lm_eval_args: tuple[str, ...]
+    compare: bool,
+    eval_data: Path | None,
+    allow_unsteered: bool,
+    device_map: DeviceMap | None,
+    lm_eval_args: tuple[str, ...],
 ) -> None:
     """Run lm-eval with the `fast-steer` model (any lm-eval option; see `lm-eval run --help`).
 
@@ -45,7 +55,12 @@ def lm_eval_command(
     fast-steer lm-eval ls tasks
     """
     run_lm_eval(
-        lm_eval_args, eval_data=eval_data, compare=compare, echo=click.echo, allow_unsteered=allow_unsteered
+        lm_eval_args,
+        eval_data=eval_data,
+        compare=compare,
+        echo=click.echo,
+        allow_unsteered=allow_unsteered,
+        device_map=device_map,
     )
 
 

@@ -4,11 +4,15 @@ its default from the config dataclass field it sets (read, never copied)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from hub import DeviceMap
 
 
 def default_of(config: type, name: str) -> Any:
@@ -153,3 +157,58 @@ device_option = click.option(
 def config_device_option(config: type | str) -> Callable:
     """`--device` of a command whose config has a `device` field."""
     return config_option(config, "device", "--device", callback=_check_device, help=_DEVICE_HELP)
+
+
+def device_map_options(fn: Callable) -> Callable:
+    """`--device-map`, `--max-memory` and `--offload-folder`, handed to the command as one `device_map`
+    argument (a `hub.DeviceMap`, or None without `--device-map`).
+
+    The rule: `--device-map` places the model itself, so it is refused beside an explicit `--device` (the
+    default `auto` is fine); `--max-memory` and `--offload-folder` only mean something with `--device-map`.
+    """
+
+    @functools.wraps(fn)
+    def command(*args: Any, max_memory: tuple[str, ...], offload_folder: str | None, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        kwargs["device_map"] = _device_map(ctx, kwargs.pop("device_map"), max_memory, offload_folder)
+        return fn(*args, **kwargs)
+
+    return stack(
+        click.option("--device-map", metavar="STRATEGY",
+                     help="Spread the model over devices with accelerate (a model larger than one device): auto "
+                          "(GPUs in order, then CPU, then disk), balanced, balanced_low_0 or sequential. Not with "
+                          "--device; each SAE runs on the device of the layer it reads."),
+        click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+                     help="Most memory a device may hold under --device-map, e.g. 0=20GiB or cpu=60GiB "
+                          "(repeatable; default: all there is)."),
+        click.option("--offload-folder", type=click.Path(file_okay=False),
+                     help="Folder for the weights --device-map offloads to disk (when --max-memory is too small)."),
+    )(command)  # fmt: skip
+
+
+def _device_map(
+    ctx: click.Context, strategy: str | None, max_memory: tuple[str, ...], offload_folder: str | None
+) -> DeviceMap | None:
+    """The `hub.DeviceMap` of the options, checked against each other and against `--device`."""
+    from click.core import ParameterSource
+
+    from hub import DeviceMap
+
+    if strategy is None:
+        given = [
+            name
+            for name, value in (("--max-memory", max_memory), ("--offload-folder", offload_folder))
+            if value
+        ]
+        if given:
+            raise click.UsageError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with --device-map "
+                "(e.g. --device-map auto)"
+            )
+        return None
+    if ctx.get_parameter_source("device") not in (None, ParameterSource.DEFAULT):
+        raise click.UsageError(
+            f"--device-map {strategy} places the model itself (over the devices --max-memory allows), so it "
+            f"conflicts with --device {ctx.params['device']}: give one or the other"
+        )
+    return DeviceMap.parse(strategy, max_memory, offload_folder)  # a bad value: ConfigError, naming the form

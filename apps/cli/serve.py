@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from apps.cli.options import config_option, device_option, model_option, request_limit_options
+from apps.cli.options import (
+    config_option,
+    device_map_options,
+    device_option,
+    model_option,
+    request_limit_options,
+)
+
+if TYPE_CHECKING:
+    from hub import DeviceMap
 
 DEFAULT_PORT = 8000
 LIMITS = "apps.serve.schemas:Limits"
@@ -61,6 +71,7 @@ LIMITS = "apps.serve.schemas:Limits"
     "--served-model-name", default=None, help="The model id clients send [default: the model's name]."
 )
 @device_option
+@device_map_options
 @click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16 | auto")
 @config_option(LIMITS, "max_batch", "--max-batch", type=click.IntRange(1, 256), help="Rows per batch.")
 @click.option(
@@ -133,6 +144,7 @@ def serve_command(
     docs: bool,
     served_model_name: str | None,
     device: str,
+    device_map: DeviceMap | None,
     dtype: str,
     batch_window_ms: float,
     **limit_values: int | float,
@@ -143,13 +155,15 @@ def serve_command(
     from apps.serve.schemas import Limits
     from apps.serve.server import make_service, serve
     from hub import load_model
+    from steer.hooks import input_device
 
     check_bind(host, api_key)
     limits = Limits(**limit_values)  # every other option is a `Limits` field of the same name
-    loaded = load_model(model_ref, dtype=dtype, device=device)
+    loaded = load_model(model_ref, dtype=dtype, device=device, device_map=device_map)
     d_model = loaded.model.config.get_text_config().hidden_size
-    saes = load_named_saes(list(sae_args), loaded.model.device, d_model)
-    default = default_steering(spec_path, saes, loaded.model.device, d_model) if spec_path else None
+    home = input_device(loaded.model)  # each SAE moves to the device of its layer when a spec compiles
+    saes = load_named_saes(list(sae_args), home, d_model)
+    default = default_steering(spec_path, saes, home, d_model) if spec_path else None
     name = served_model_name or (Path(loaded.source).name if model_ref == "default" else model_ref)
     service = make_service(
         loaded.model,

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import click
 
-from apps.cli.options import config_device_option, config_model_option, config_option, stack
+from apps.cli.options import (
+    config_device_option,
+    config_model_option,
+    config_option,
+    device_map_options,
+    stack,
+)
 from steer.sae import architectures
 from train.sequences import METHODS
 
@@ -86,6 +92,7 @@ def stream_options(fn):
     options = [
         config_model_option(RUN),
         config_device_option(RUN),
+        device_map_options,
         click.option("--data", multiple=True, type=click.Path(), help="Conversation files/folders (repeatable)."),
         click.option("--pretrain-data", multiple=True, type=click.Path(), help="Pretraining text files/folders (bt-p)."),
         click.option("--layer", type=int, help="Residual stream after decoder block L (0-indexed)."),
@@ -124,6 +131,7 @@ def run_config_from_options(opts: dict, training, activations: str | None = None
         training=training,
         model=opts["model_ref"],
         device=opts["device"],
+        device_map=opts["device_map"],
         model_dtype=opts["model_dtype"],
         data=DataConfig(
             method=opts["method"],

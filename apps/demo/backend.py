@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apps.demo.conversation import Conversation, with_user_turn
+from apps.demo.conversation import Conversation, conversation_ids, with_user_turn
 from apps.demo.edits import EditRow, validate_rows
 from apps.demo.residuals import ResidualSample, sample_residuals
 from apps.demo.settings import DemoInputError, DemoLimits, GenerationSettings
 from apps.demo.spec_io import build_interventions, export_spec, import_spec
 from apps.demo.streaming import stream_reply
 from apps.demo.token_view import TokenActivation, render_token_html
+from hub.registry import feature_url
 from steer.errors import ConfigError
 from steer.positions import SINK_POSITION, pad_token_id, resolve_special_tokens
 from steer.sae import SAE
@@ -118,6 +119,8 @@ class DemoBackend:
         self.saes = {s.name: s for s in saes}
         # with labels on any SAE, the feature and intervention tables get a label column and the page a search
         self.labelled = any(s.labels is not None for s in saes)
+        # with a Neuronpedia id on any SAE (a registered release), the feature table gets a link column
+        self.linked = any(s.sae.metadata.get("neuronpedia_id") for s in saes)
         self.lock = threading.Lock()
         samples: dict[int, ResidualSample] = {}
         for s in saes:
@@ -164,9 +167,7 @@ class DemoBackend:
     # -- chat --------------------------------------------------------------------------------
     def prompt_ids(self, conversation: Conversation) -> torch.Tensor:
         """The conversation in the chat template with the assistant prompt, within the length limit."""
-        ids = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
+        ids = conversation_ids(self.tokenizer, conversation, add_generation_prompt=True)
         if len(ids) > self.limits.max_prompt_tokens:
             raise DemoInputError(
                 f"the conversation is {len(ids)} tokens long; the limit is {self.limits.max_prompt_tokens}. "
@@ -225,10 +226,16 @@ class DemoBackend:
 
     # -- features ----------------------------------------------------------------------------
     def feature_rows(self, sae_name: str | None) -> list[list]:
-        """The discovery table: [token, feature, mean max activation(, label)] per row."""
+        """The discovery table: [token, feature, mean max activation(, label)(, Neuronpedia link)] per row."""
         s = self.sae(sae_name)
         return [
-            [t.token, t.feature, round(t.mean_max, 3), *self._label_cell(s, t.feature)]
+            [
+                t.token,
+                t.feature,
+                round(t.mean_max, 3),
+                *self._label_cell(s, t.feature),
+                *self._link_cell(s, t.feature),
+            ]
             for t in s.top_features
         ]
 
@@ -242,6 +249,18 @@ class DemoBackend:
         if not self.labelled:
             return []
         return [(s.labels.get(feature) if s.labels is not None else None) or ""]
+
+    def feature_link(self, sae_name: str | None, feature: int) -> str | None:
+        """The feature's Neuronpedia page where its SAE has a Neuronpedia id (`hub.registry`), else None."""
+        return feature_url(self.sae(sae_name).sae.metadata, feature)
+
+    def _link_cell(self, s: DemoSAE, feature: int) -> list[str]:
+        """The link column's Markdown cell of `feature` (empty when unknown), or no cell on a page without
+        links."""
+        if not self.linked:
+            return []
+        url = feature_url(s.sae.metadata, feature)
+        return [f"[{feature}]({url})" if url else ""]
 
     def feature_title(self, sae_name: str | None, feature: int) -> str:
         """`feature 12 ("polite tone")`, or `feature 12` without a label."""
@@ -282,6 +301,15 @@ class DemoBackend:
         """The `k` sample conversations where the feature fires hardest, a window around the peak."""
         s = self.sae(sae_name)
         feature = self.check_feature(sae_name, feature)
+        url = self.feature_link(sae_name, feature)
+        link = ""
+        if url is not None:
+            url = html.escape(url)
+            link = f"<p><a href='{url}' target='_blank'>Neuronpedia: {url}</a></p>"
+        return link + self._contexts(s, feature, k, window)
+
+    def _contexts(self, s: DemoSAE, feature: int, k: int, window: int) -> str:
+        """The top-contexts HTML of `contexts_html` (after its Neuronpedia link)."""
         if s.sample is None:
             return "<em>No sample conversations were given to this demo (start it with --data).</em>"
         with self.lock:
@@ -305,7 +333,7 @@ class DemoBackend:
             items.append(render_token_html(tokens, feature, title=title, legend=False))
         if not items:
             return f"<em>Feature {feature} does not fire on the {len(s.sample.residuals)} sample conversations.</em>"
-        head = html.escape(f"Top contexts of {self.feature_title(sae_name, feature)}")
+        head = html.escape(f"Top contexts of {self.feature_title(s.name, feature)}")
         return f"<div class='fs-contexts'><b>{head}</b>{''.join(items)}</div>"
 
     def token_view_html(self, sae_name: str | None, feature, conversation: Conversation) -> str:
@@ -314,7 +342,7 @@ class DemoBackend:
         feature = self.check_feature(sae_name, feature)
         if not conversation:
             return render_token_html([], feature)
-        ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+        ids = conversation_ids(self.tokenizer, conversation, add_generation_prompt=False)
         ids = ids[: self.limits.max_prompt_tokens]
         with self.lock, torch.no_grad():
             residual = Harvester(self.model, s.layer).per_sequence(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers import PreTrainedTokenizerBase
+
 from apps.demo.settings import DemoInputError
+from steer.chat_template import template_messages
 
 Conversation = list[dict[str, str]]
 
@@ -56,3 +59,18 @@ def with_user_turn(history: Conversation, message: str, system_prompt: str = "")
     if system_prompt.strip():
         convo = [{"role": "system", "content": system_prompt.strip()}, *convo]
     return [*convo, {"role": "user", "content": message}]
+
+
+def conversation_ids(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, *, add_generation_prompt: bool
+) -> list[int]:
+    """The conversation's token ids in the chat template (a system message folded into the first user turn
+    where the template has none, as in Gemma 2), with the assistant prompt when `add_generation_prompt`."""
+    return list(
+        tokenizer.apply_chat_template(
+            template_messages(tokenizer, conversation),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+    )

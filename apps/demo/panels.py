@@ -135,6 +135,10 @@ def _label_column(backend: DemoBackend) -> list[str]:
     return ["label"] if backend.labelled else []
 
 
+def _link_column(backend: DemoBackend) -> list[str]:
+    return ["Neuronpedia"] if backend.linked else []
+
+
 def feature_panel(backend: DemoBackend, start_feature: int) -> FeaturePanel:
     first = backend.default_sae
     sae_name = gr.Dropdown(choices=list(backend.saes), value=first.name, label="SAE", elem_id="sae-select")
@@ -142,8 +146,14 @@ def feature_panel(backend: DemoBackend, start_feature: int) -> FeaturePanel:
     search = feature_search(backend) if backend.labelled else None
     features = gr.Dataframe(
         value=backend.feature_rows(first.name),
-        headers=["token", "feature", "mean max act", *_label_column(backend)],
-        datatype=["str", "number", "number", *(["str"] * len(_label_column(backend)))],
+        headers=["token", "feature", "mean max act", *_label_column(backend), *_link_column(backend)],
+        datatype=[
+            "str",
+            "number",
+            "number",
+            *(["str"] * len(_label_column(backend))),
+            *(["markdown"] * len(_link_column(backend))),
+        ],
         label="Top features per special token (click a row to choose it)",
         interactive=False,
         max_height=220,

@@ -1,4 +1,5 @@
-"""The steering sweep: `add` the top `<|im_start|>` feature of an SAE at special positions, at several strengths.
+"""The steering sweep: `add` the top feature of the turn-opening token (ChatML `<|im_start|>`) of an SAE at
+special positions, at several strengths.
 
 Strengths are on the scale of `apps.evaluation.primitives` (% of the special-position residual norm).
 
@@ -20,9 +21,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from apps.evaluation.primitives import added_norm, distinct_n_share, lm_eval_run, scale_note
 from steer import Edit, Intervention, SteeredModel
+from steer.chat_template import turn_opening_token
 from steer.errors import ConfigError
 from train.data import shared_data_dir
-from train.features import ANCHOR_TOKEN, special_residual_norm, top_anchor_feature
+from train.features import special_residual_norm, top_anchor_feature
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ PROMPTS = (
 
 @dataclass
 class SweepConfig:
-    """What the sweep measures; `sae_dir` is the FAST SAE whose top `<|im_start|>` feature is steered."""
+    """What the sweep measures; `sae_dir` is the FAST SAE whose top turn-opening-token feature is steered."""
 
     sae_dir: Path
     out: Path
@@ -52,7 +54,7 @@ class SweepConfig:
     mmlu_limit: int | None = 25  # items per subject; None = all
     eval_data: Path = field(default_factory=lambda: shared_data_dir("eval"))  # local MMLU files
     batch_size: int = 8
-    feature: int | None = None  # None = discover the top <|im_start|> feature
+    feature: int | None = None  # None = the top feature of the turn-opening token (<|im_start|> in ChatML)
 
     def __post_init__(self) -> None:
         self.sae_dir, self.out, self.eval_data = Path(self.sae_dir), Path(self.out), Path(self.eval_data)
@@ -89,6 +91,7 @@ class SweepResult:
     scaling: str
     prompts: list[str]
     mmlu_tasks: list[str]
+    anchor_token: str | None = None  # the turn-opening token the feature was chosen on; None: --feature
     rows: list[StrengthResult] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -132,7 +135,9 @@ def run_sweep(
     layer = sae_layer(sae)
     if layer is None:
         raise ConfigError(f"{cfg.sae_dir}: the SAE metadata names no residual-stream layer (hook_name)")
+    anchor = None
     if cfg.feature is None:
+        anchor = turn_opening_token(tokenizer)
         feature, activation = top_anchor_feature(model, tokenizer, sae, layer, conversations, progress)
     else:
         feature, activation = cfg.feature, None
@@ -147,6 +152,7 @@ def run_sweep(
         scaling=f"{scale_note(norm, layer, len(conversations))} (feature {feature}), at special positions",
         prompts=list(cfg.prompts),
         mmlu_tasks=[f"mmlu_local_{s}" for s in cfg.mmlu_subjects],
+        anchor_token=anchor,
     )
     sm = SteeredModel(model, tokenizer)
     with local_task_manager(cfg.eval_data, result.mmlu_tasks, " (MMLU subjects)") as task_manager:
@@ -190,8 +196,9 @@ def write_sweep(result: SweepResult, out: Path) -> dict[str, Path]:
 
 
 def sweep_markdown(result: SweepResult) -> str:
+    chosen = f"top `{result.anchor_token}` feature" if result.anchor_token else "given"
     lines = [
-        f"# Steering sweep: feature {result.feature} (top `{ANCHOR_TOKEN}` feature), op `add`, special positions\n",
+        f"# Steering sweep: feature {result.feature} ({chosen}), op `add`, special positions\n",
         f"- model `{result.model}`, layer {result.layer}, SAE `{result.sae_dir}`",
         f"- scaling: {result.scaling}",
         f"- MMLU: {', '.join(result.mmlu_tasks)} (0-shot, chat template applied)",

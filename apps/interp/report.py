@@ -96,7 +96,7 @@ def study_command(reproduce_dir: str, run: dict[str, Any], url: str, model: str)
     args = ["fast-steer", "experiment", "interp", "--out", reproduce_dir, "--judge-url", url,
             "--judge-model", model, "--features", str(settings["features"]),
             "--instances", str(settings["collection"]["settings"]["instances"]),
-            "--protocol", "all" if len(settings["protocols"]) == 3 else settings["protocols"][0],
+            "--protocol", "all" if len(settings["protocols"]) == 3 else ",".join(settings["protocols"]),
             "--seed", str(settings["seed"])]  # fmt: skip
     return shlex.join(args + (["--controls"] if settings["controls"] else []))
 

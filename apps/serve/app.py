@@ -39,6 +39,7 @@ from apps.serve.schemas import (
 )
 from apps.serve.steering import RowSpec, Steering
 from steer import SteeredModel
+from steer.chat_template import template_messages
 
 DISCONNECT_POLL_S = 0.25  # how often a request that does not stream checks that its client is still there
 FAILURE_CODES = {400: None, 500: "internal_error", 503: "engine_unavailable", 504: "request_timeout"}
@@ -94,9 +95,9 @@ def build_app(service: Service) -> FastAPI:
     limits = service.limits
 
     def encode_chat(messages: list[dict[str, str]]) -> list[list[int]]:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
-            "input_ids"
-        ]
+        ids = tokenizer.apply_chat_template(
+            template_messages(tokenizer, messages), add_generation_prompt=True, return_dict=True
+        )["input_ids"]
         return [list(ids)]
 
     def encode_texts(texts: list[str]) -> list[list[int]]:

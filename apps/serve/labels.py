@@ -1,4 +1,5 @@
-"""Feature labels over HTTP: the labels in `GET /v1/saes`, and `GET /v1/saes/{name}/features?q=TEXT&limit=N`.
+"""Feature labels over HTTP: the labels in `GET /v1/saes`, and `GET /v1/saes/{name}/features?q=TEXT&limit=N`
+(each hit with its Neuronpedia page where the SAE has a Neuronpedia id, else null; no network).
 
 Both answer only for the SAEs the server was started with, from the labels their folders carried
 (`hub.labels`); a request names an SAE, never a path.
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from apps.serve.errors import APIError
 from apps.serve.schemas import Limits
+from hub.registry import feature_url
 
 if TYPE_CHECKING:
     from apps.serve.steering import NamedSAE
@@ -37,8 +39,9 @@ def describe_labels(labels: Any) -> dict[str, Any] | None:
 def search_features(
     saes: dict[str, NamedSAE], name: str, query: str, limit_text: str | None, limits: Limits
 ) -> list[dict[str, Any]]:
-    """`[{feature, label, score, density, match}]` of SAE `name` matching `query`, best first (an empty query,
-    no match or an SAE without labels: []). 404 for an SAE not loaded; 400 for `q` or `limit` out of range."""
+    """`[{feature, label, score, density, match, neuronpedia_url}]` of SAE `name` matching `query`, best first
+    (an empty query, no match or an SAE without labels: []). 404 for an SAE not loaded; 400 for `q` or `limit`
+    out of range."""
     named = saes.get(name)
     if named is None:
         loaded = ", ".join(sorted(saes)) or "none"
@@ -52,7 +55,13 @@ def search_features(
         )
     limit = _limit(limit_text, limits.max_search_limit)
     labels = named.sae.labels
-    return [] if labels is None else [hit.to_dict() for hit in labels.search(query, limit)]
+    if labels is None:
+        return []
+    meta = named.sae.metadata
+    return [
+        {**hit.to_dict(), "neuronpedia_url": feature_url(meta, hit.feature)}
+        for hit in labels.search(query, limit)
+    ]
 
 
 def _limit(text: str | None, most: int) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 from apps.serve.errors import APIError
 from apps.serve.labels import describe_labels
 from apps.serve.schemas import Limits
+from hub.registry import neuronpedia_source
 from steer import SAE, Intervention, SpecError, SteeredModel
 from steer.errors import ConfigError
 from steer.hooks import CompiledIntervention
@@ -43,6 +44,7 @@ class NamedSAE:
             "architecture": self.sae.cfg.architecture,
             "top_features": None if self.top_features is None else list(self.top_features),
             "labels": describe_labels(self.sae.labels),
+            "neuronpedia": neuronpedia_source(self.sae.metadata),
         }
 
 

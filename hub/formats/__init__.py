@@ -2,7 +2,9 @@
 
 - `saelens`: SAELens v6 (what we write) and flat v5 configs (the FAST paper's release, SAELens 5.3.3).
 - `sparsify`: EleutherAI sparsify TopK folders.
-- `gemma_scope`: Gemma Scope 1 (`params.npz`) and Gemma Scope 2 (`params.safetensors` + `config.json`).
+- `gemma_scope`: Gemma Scope 1 (`params.npz`) and Gemma Scope 2 (`params.safetensors` + `config.json`), SAEs
+  and transcoders.
+- `mwhanna`: mwhanna's Qwen3 transcoders (`layer_{L}.safetensors` + `wandb-config.yaml` + `config.yaml`).
 - `llama_scope`: Llama Scope (`hyperparams.json`) and Llama-Scope-R1-Distill (`config.json`).
 - `pickled`: pickle-only releases, refused (see `hub.convert` for the opt-in converter).
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hub.formats import gemma_scope, llama_scope, pickled, saelens, sparsify
+from hub.formats import gemma_scope, llama_scope, mwhanna, pickled, saelens, sparsify
 from hub.formats.base import FileTensor, FolderLayout
 from hub.validate import SAEFormatError, read_json
 
@@ -31,10 +33,10 @@ __all__ = [
     "WEIGHTS_FILE",
     "WEIGHTS_FILES",
     "FileTensor",
-    "REMOTE_FILES",
     "FolderLayout",
     "is_sae_folder",
     "parse_folder",
+    "remote_files",
     "weights_file_for",
 ]
 
@@ -50,17 +52,30 @@ _OTHER_LAYOUTS = (
     ((gemma_scope.GS2_WEIGHTS_FILE,), gemma_scope.parse_gs2),
     ((llama_scope.V1_CONFIG_FILE,), llama_scope.parse_v1),
     ((llama_scope.R1_CONFIG_FILE, llama_scope.R1_WEIGHTS_FILE), llama_scope.parse_r1),
+    *(((name,), mwhanna.parse) for name in mwhanna.WANDB_CONFIG_FILES),
 )
 
 
 # Files to download for a registered SAE of each format without a cfg.json: (required, optional), relative
 # to its folder; the first required file sits in the folder itself.
-REMOTE_FILES = {
+_REMOTE_FILES = {
     "gemma-scope": ((gemma_scope.GS1_WEIGHTS_FILE,), ()),
     "gemma-scope-2": ((gemma_scope.GS2_WEIGHTS_FILE,), (gemma_scope.GS2_CONFIG_FILE,)),
     "llama-scope": ((llama_scope.V1_CONFIG_FILE, llama_scope.V1_WEIGHTS_FILE), ()),
     "llama-scope-r1": ((llama_scope.R1_CONFIG_FILE, llama_scope.R1_WEIGHTS_FILE), ()),
 }
+
+
+def remote_files(fmt: str, path: str) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
+    """`(folder, required, optional)`: the files to download for a registered SAE of format `fmt` at `path` in
+    its Hub repo, relative to `folder` (the first required one sits in it); None for a SAELens folder, whose
+    `cfg.json` says which weights file. mwhanna's `path` is one layer's file beside the repo's config files."""
+    if fmt == "mwhanna-transcoder":
+        folder, _, name = path.strip("/").rpartition("/")
+        return folder, (name,), (*mwhanna.WANDB_CONFIG_FILES, mwhanna.BASE_CONFIG_FILE)
+    if fmt not in _REMOTE_FILES:
+        return None
+    return path.strip("/"), *_REMOTE_FILES[fmt]
 
 
 def _has(folder: Path, markers: tuple[str, ...]) -> bool:
@@ -87,7 +102,7 @@ def parse_folder(folder: Path, hints: dict[str, Any] | None = None) -> FolderLay
                 raise pickled.refusal(f"the SAE in {folder}", str(pickles[0]))
             raise SAEFormatError(
                 f"missing file {CFG_FILE} in {folder}: it is not an SAE folder (no cfg.json, params.npz, "
-                "params.safetensors, hyperparams.json or config.json + sae_weights.safetensors)"
+                "params.safetensors, hyperparams.json, config.json + sae_weights.safetensors or wandb-config.yaml)"
             )
         if not (folder / layout.weights_file).is_file():
             raise SAEFormatError(f"{where}: missing file {layout.weights_file} ({layout.format} SAE weights)")

@@ -47,15 +47,19 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
 
 
 def standard_tensors(cfg: SAEConfig) -> list[FileTensor]:
-    """The SAELens tensors of `cfg`: W_enc, b_enc, W_dec, b_dec (+ threshold for jumprelu)."""
+    """The SAELens tensors of `cfg`: W_enc, b_enc, W_dec, b_dec (+ threshold for the jumprelu architectures,
+    + W_skip [d_out, d_in] for skip transcoders)."""
+    d_out = cfg.d_out or cfg.d_in
     tensors = [
         FileTensor("W_enc", (cfg.d_in, cfg.d_sae), "W_enc"),
         FileTensor("b_enc", (cfg.d_sae,), "b_enc"),
-        FileTensor("W_dec", (cfg.d_sae, cfg.d_in), "W_dec"),
-        FileTensor("b_dec", (cfg.d_in,), "b_dec"),
+        FileTensor("W_dec", (cfg.d_sae, d_out), "W_dec"),
+        FileTensor("b_dec", (d_out,), "b_dec"),
     ]
-    if cfg.architecture == "jumprelu":
+    if cfg.architecture.startswith("jumprelu"):
         tensors.append(FileTensor("threshold", (cfg.d_sae,), "threshold"))
+    if sae_class(cfg.architecture).skip:
+        tensors.append(FileTensor("W_skip", (d_out, cfg.d_in), "W_skip"))
     return tensors
 
 

@@ -1,7 +1,9 @@
 """Gemma Scope (Gemma 2, `params.npz`) and Gemma Scope 2 (Gemma 3, `params.safetensors` + `config.json`).
 
 Both are JumpReLU SAEs with per-feature thresholds, no `b_dec` on the input and no normalisation, as
-SAELens 6.54.12's `gemma_2` and `gemma_3` converters read them. Neither folder states its hook in a way
+SAELens 6.54.12's `gemma_2` and `gemma_3` converters read them. Gemma Scope 2's single-layer transcoders
+(`transcoder/`, `transcoder_all/`) read the MLP input (`pre_feedforward_layernorm` output) and write the MLP
+output (`post_feedforward_layernorm` output); the `_affine` ones add `x @ affine_skip_connection`. Neither folder states its hook in a way
 SAELens uses directly: Gemma Scope 1 has no config at all (everything comes from the repo id and the
 folder names), Gemma Scope 2 has a `config.json` in most folders; both are derived here, in one place,
 for the loader and for the registry builder.
@@ -14,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hub.formats.base import FileTensor, FolderLayout, Tensors, build_config
+from hub.formats.base import FileTensor, FolderLayout, Tensors, build_config, transpose
 from hub.formats.tensor_files import open_tensor_file
 from hub.validate import SAEFormatError, read_json
 
@@ -64,9 +66,18 @@ def _site_metadata(site: str, layer: int) -> dict[str, Any]:
             "output",
         ),
         "attn_out": (f"blocks.{layer}.attn.hook_z", f"model.layers.{layer}.self_attn.o_proj", "input"),
+        "transcoder": (
+            f"blocks.{layer}.hook_mlp_in",
+            f"model.layers.{layer}.pre_feedforward_layernorm",
+            "output",
+        ),
     }
     hook, module, side = hooks[site]
-    return {"hook_name": hook, "hook_layer": layer, "hf_hook_name": module, "hf_hook_side": side}
+    meta = {"hook_name": hook, "hook_layer": layer, "hf_hook_name": module, "hf_hook_side": side}
+    if site == "transcoder":  # where it writes (SAELens's names)
+        meta["hook_name_out"] = f"blocks.{layer}.hook_mlp_out"
+        meta["hf_hook_name_out"] = f"model.layers.{layer}.post_feedforward_layernorm"
+    return meta
 
 
 # -- Gemma Scope 1 ----------------------------------------------------------------------------
@@ -163,39 +174,49 @@ def parse_gs1(folder: Path, hints: dict[str, Any]) -> FolderLayout:
 
 
 # -- Gemma Scope 2 ----------------------------------------------------------------------------
-GS2_SITES = ("resid_post", "attn_out", "mlp_out")
+GS2_SITES = ("resid_post", "attn_out", "mlp_out", "transcoder")
 _GS2_HF_HOOKS = {
     "resid_post": "model.layers.{L}.output",
     "attn_out": "model.layers.{L}.self_attn.o_proj.input",
     "mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
+    "transcoder": "model.layers.{L}.pre_feedforward_layernorm.output",
+}
+GS2_ARCHITECTURES = {  # (site is a transcoder, affine) -> our architecture (SAELens's names)
+    (False, False): "jumprelu",
+    (True, False): "jumprelu_transcoder",
+    (True, True): "jumprelu_skip_transcoder",
 }
 
 
 def gs2_site(path: str) -> str | None:
-    """The Gemma Scope 2 kind a folder path names (`resid_post`...), None for transcoders, CLTs, crosscoders."""
-    if any(kind in path for kind in ("transcoder", "clt", "crosscoder")):
+    """The Gemma Scope 2 kind a folder path names (`resid_post`... `transcoder`), None for CLTs, crosscoders."""
+    if any(kind in path for kind in ("clt", "crosscoder")):
         return None
     return next((site for site in GS2_SITES if site in path), None)
 
 
 def describe_gs2(repo_id: str, path: str) -> dict[str, Any]:
-    """Hook, layer and width of a Gemma Scope 2 SAE from its repo id and folder (as SAELens infers them)."""
+    """Hook, layer, width and architecture of a Gemma Scope 2 SAE or transcoder from its repo id and folder
+    (as SAELens infers them: a transcoder is affine when its folder name says `affine`)."""
     where = f"{repo_id}:{path}"
     site = gs2_site(path)
     if site is None:
         raise SAEFormatError(
-            f"{where}: not a Gemma Scope 2 SAE folder; expected resid_post/, attn_out/ or mlp_out/ "
-            "(transcoders, CLTs and crosscoders are not supported)"
+            f"{where}: not a Gemma Scope 2 SAE folder; expected resid_post/, attn_out/, mlp_out/ or transcoder/ "
+            "(CLTs and crosscoders are not supported)"
         )
+    transcoder = site == "transcoder"
     return {
         "model_name": repo_id.replace("gemma-scope-2", "gemma-3"),
         "d_sae": _width(path),
+        "architecture": GS2_ARCHITECTURES[transcoder, transcoder and "affine" in path],
         **_site_metadata(site, _layer(path, where)),
     }
 
 
 def parse_gs2(folder: Path, hints: dict[str, Any]) -> FolderLayout:
-    """`params.safetensors` (`w_enc [D,F]`, `w_dec [F,D]`, `b_enc`, `b_dec`, `threshold`) + optional `config.json`."""
+    """`params.safetensors` (`w_enc [D,F]`, `w_dec [F,D_out]`, `b_enc`, `b_dec`, `threshold`; affine transcoders
+    `affine_skip_connection [D,D_out]`) + optional `config.json`."""
     weights = folder / GS2_WEIGHTS_FILE
     where = str(weights)
     path = hints.get("path") or str(folder)
@@ -206,10 +227,11 @@ def parse_gs2(folder: Path, hints: dict[str, Any]) -> FolderLayout:
             raise SAEFormatError(
                 f"{config_path}: architecture {raw.get('architecture')!r} is not supported; expected 'jump_relu'"
             )
-        if raw.get("type", "sae") != "sae":
+        kind = raw.get("type", "sae")
+        if kind not in ("sae", "transcoder"):
             raise SAEFormatError(
-                f"{config_path}: type {raw.get('type')!r} is not supported; expected 'sae' "
-                "(transcoders, CLTs and crosscoders are not loaded as SAEs)"
+                f"{config_path}: type {kind!r} is not supported; expected 'sae' or 'transcoder' "
+                "(CLTs and crosscoders are not loaded)"
             )
         hook_in = str(raw.get("hf_hook_point_in", ""))
         site = next(
@@ -225,8 +247,18 @@ def parse_gs2(folder: Path, hints: dict[str, Any]) -> FolderLayout:
                 f"{config_path}: hf_hook_point_in {hook_in!r} is not a Gemma Scope 2 SAE site; expected one of "
                 + ", ".join(tpl for tpl in _GS2_HF_HOOKS.values())
             )
+        if (site == "transcoder") != (kind == "transcoder"):
+            raise SAEFormatError(
+                f"{config_path}: type {kind!r} does not match hf_hook_point_in {hook_in!r} (a transcoder reads "
+                f"{_GS2_HF_HOOKS['transcoder']}, an SAE one of the other sites)"
+            )
         layer = int(re.search(r"layers\.(\d+)", hook_in).group(1))
-        info: dict[str, Any] = {"model_name": raw.get("model_name"), **_site_metadata(site, layer)}
+        transcoder = kind == "transcoder"
+        info: dict[str, Any] = {
+            "model_name": raw.get("model_name"),
+            "architecture": GS2_ARCHITECTURES[transcoder, transcoder and bool(raw.get("affine_connection"))],
+            **_site_metadata(site, layer),
+        }
         width = raw.get("width")
     else:
         repo_id = hints.get("repo_id") or str(folder).replace("models--", "").replace("--", "/")
@@ -234,23 +266,36 @@ def parse_gs2(folder: Path, hints: dict[str, Any]) -> FolderLayout:
         width = None
     with open_tensor_file(weights) as f:
         names = f.keys()
-        if "w_enc" not in names:
-            raise SAEFormatError(f"{where}: missing tensor w_enc; found {', '.join(sorted(names))}")
+        for key in ("w_enc", "w_dec"):
+            if key not in names:
+                raise SAEFormatError(f"{where}: missing tensor {key}; found {', '.join(sorted(names))}")
         d_in, d_sae = f.shape("w_enc")
+        d_out = f.shape("w_dec")[-1]
     if width is not None and width != d_sae:
         raise SAEFormatError(
             f"{config_path}: width={width} but {GS2_WEIGHTS_FILE} has w_enc of shape [{d_in}, {d_sae}] "
             f"(expected width to equal d_sae={d_sae})"
         )
+    architecture = info.pop("architecture")
+    transcoder = architecture != "jumprelu"
     metadata = {k: v for k, v in info.items() if k not in ("d_sae", "d_in") and v is not None}
     cfg = build_config(
-        where, architecture="jumprelu", d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, metadata=metadata
+        where,
+        architecture=architecture,
+        d_in=d_in,
+        d_sae=d_sae,
+        d_out=d_out if transcoder else None,
+        apply_b_dec_to_input=False,
+        metadata=metadata,
     )
+    d_out = d_out if transcoder else d_in
     tensors = [
         FileTensor("w_enc", (d_in, d_sae), "W_enc"),
         FileTensor("b_enc", (d_sae,), "b_enc"),
-        FileTensor("w_dec", (d_sae, d_in), "W_dec"),
-        FileTensor("b_dec", (d_in,), "b_dec"),
+        FileTensor("w_dec", (d_sae, d_out), "W_dec"),
+        FileTensor("b_dec", (d_out,), "b_dec"),
         FileTensor("threshold", (d_sae,), "threshold"),
     ]
+    if architecture == "jumprelu_skip_transcoder":  # stored [d_in, d_out] for `x @ A`; W_skip is A^T
+        tensors.append(FileTensor("affine_skip_connection", (d_in, d_out), "W_skip", transpose))
     return FolderLayout("gemma-scope-2", cfg, GS2_WEIGHTS_FILE, tensors, None)

@@ -19,7 +19,7 @@ from hub.formats.base import (
     topk_k,
 )
 from hub.validate import SAEFormatError
-from steer.sae import SAEConfig
+from steer.sae import SAEConfig, sae_class
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -120,6 +120,7 @@ def parse_v6(cfg: dict[str, Any], where: str) -> FolderLayout:
         (architecture, d_in, d_sae, dtype, normalize),
         reshape_activations=str(cfg.get("reshape_activations", "none")),
         k=topk_k(cfg.get("k"), d_sae, where) if architecture == "topk" else None,
+        d_out=positive_int(cfg, "d_out", where) if sae_class(architecture).transcoder else None,
         metadata=metadata,
     )
     fold = fold_decoder_norm if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm") else None

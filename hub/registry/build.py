@@ -34,6 +34,7 @@ FORMATS = {
     "goodfire": ("goodfire", True),
     "dictionary_learning_1": ("dictionary-learning", True),
     "qwen_scope": ("qwen-scope", True),
+    "mwhanna_transcoder": ("mwhanna-transcoder", False),
 }
 _GOODFIRE = {
     "Goodfire/Llama-3.1-8B-Instruct-SAE-l19": (19, 4096),
@@ -73,7 +74,7 @@ def _from_metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def derive(fmt: str, repo_id: str, path: str, sae_id: str) -> dict[str, Any] | None:
-    """fast-steer's fields for one SAE (None: skip it, e.g. a transcoder inside a Gemma Scope 2 repo)."""
+    """fast-steer's fields for one SAE or transcoder (None: skip it, e.g. a Gemma Scope 1 transcoder)."""
     if fmt == "gemma-scope":
         if "transcoder" in repo_id:
             return None
@@ -94,7 +95,7 @@ def derive(fmt: str, repo_id: str, path: str, sae_id: str) -> dict[str, Any] | N
             **_from_metadata(info),
             "d_in": None,
             "d_sae": info["d_sae"],
-            "architecture": "jumprelu",
+            "architecture": info["architecture"],
             "apply_b_dec_to_input": False,
         }
     if fmt in ("llama-scope", "llama-scope-r1"):
@@ -113,6 +114,19 @@ def derive(fmt: str, repo_id: str, path: str, sae_id: str) -> dict[str, Any] | N
             "d_in": 4096,
             "d_sae": 4096 * factor,
             "architecture": "jumprelu",
+            "apply_b_dec_to_input": False,
+        }
+    if fmt == "mwhanna-transcoder":
+        layer = int(re.fullmatch(r"layer_(\d+)\.safetensors", path).group(1))
+        # widths are in the repo's wandb-config.yaml, the skip connection (if any) in the file
+        return {
+            "hook": f"blocks.{layer}.mlp.hook_in",
+            "hf_module": f"model.layers.{layer}.mlp",
+            "hf_side": "input",
+            "layer": layer,
+            "d_in": None,
+            "d_sae": None,
+            "architecture": None,
             "apply_b_dec_to_input": False,
         }
     if fmt == "goodfire":

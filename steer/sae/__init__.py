@@ -1,6 +1,7 @@
-"""SAE architectures behind a name registry: `standard`, `jumprelu`, `topk`."""
+"""SAE architectures behind a name registry: `standard`, `jumprelu`, `topk`, and the transcoders (`transcoder`,
+`skip_transcoder`, `jumprelu_transcoder`, `jumprelu_skip_transcoder`), which are loaded, never trained."""
 
-from steer.sae import jumprelu, standard, topk  # noqa: F401  (register the architectures)
+from steer.sae import jumprelu, standard, topk, transcoder  # noqa: F401  (register the architectures)
 from steer.sae.base import (
     SAE,
     SAEConfig,
@@ -8,7 +9,6 @@ from steer.sae.base import (
     build_sae,
     dtype_from_name,
     dtype_name,
-    non_residual_hook,
     sae_class,
     sae_layer,
 )
@@ -20,7 +20,6 @@ __all__ = [
     "build_sae",
     "dtype_from_name",
     "dtype_name",
-    "non_residual_hook",
     "sae_class",
     "sae_layer",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from steer.errors import ConfigError
+from steer.sites import UnplaceableHook, trained_site
 
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in")
 
@@ -29,11 +29,14 @@ class SAEConfig:
     reshape_activations: str = "none"
     k: int | None = None
     norm_scaling_factor: float | None = None
+    d_out: int | None = None  # transcoders: the width they write (None: an SAE, which writes d_in)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ConfigError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.d_in <= 0 or self.d_sae <= 0 or (self.d_out is not None and self.d_out <= 0):
+            raise ConfigError(
+                f"d_in, d_sae and d_out must be positive, got d_in={self.d_in}, d_sae={self.d_sae}, d_out={self.d_out}"
+            )
         if self.normalize_activations not in NORMALIZATIONS:
             raise ConfigError(
                 f"normalize_activations={self.normalize_activations!r} is not supported; "
@@ -53,7 +56,7 @@ class SAEConfig:
     def to_dict(self) -> dict[str, Any]:
         """The SAELens v6 `cfg.json` dict (optional keys left out when unset)."""
         out = asdict(self)
-        for key in ("k", "norm_scaling_factor"):
+        for key in ("k", "norm_scaling_factor", "d_out"):
             if out[key] is None:
                 del out[key]
         return out
@@ -64,13 +67,18 @@ class SAE(nn.Module):
 
     Subclasses (one module per architecture, registered by name) define `activation`.
     `encode` remembers the normalisation statistics of its input so that the following
-    `decode` undoes them, as SAELens does.
+    `decode` undoes them, as SAELens does. A transcoder (`steer.sae.transcoder`) is an SAE whose decoder
+    writes another site (`d_out` wide) than its encoder reads.
     """
 
     architecture: ClassVar[str]
     sparsity: ClassVar[
         str
     ]  # what sets its sparsity in training: "l1" / "l0" coefficient, or "k" (no coefficient)
+    transcoder: ClassVar[bool] = (
+        False  # reads the MLP input, writes the MLP output (not trained by fast-steer)
+    )
+    skip: ClassVar[bool] = False  # a transcoder with an affine skip connection `W_skip`
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -79,8 +87,9 @@ class SAE(nn.Module):
         device = torch.device(cfg.device)
         self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, dtype=dtype, device=device))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
-        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, dtype=dtype, device=device))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
+        d_out = cfg.d_out or cfg.d_in
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, d_out, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device))
         self._norm_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self.source: str | dict[str, str] | None = None  # where it was loaded from: a spec's SAE reference
         self.labels: Any = None  # the default labelling its folder carried (`hub.labels.Labelling`), if any
@@ -94,6 +103,11 @@ class SAE(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        """The width of what the decoder writes: `d_in` for an SAE, the output site's for a transcoder."""
+        return self.cfg.d_out or self.cfg.d_in
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -121,7 +135,10 @@ class SAE(nn.Module):
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.W_dec)
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-            self.W_enc.copy_(self.W_dec.T)
+            if self.d_out == self.d_in:
+                self.W_enc.copy_(self.W_dec.T)
+            else:
+                nn.init.kaiming_uniform_(self.W_enc)
             self.b_enc.zero_()
             self.b_dec.zero_()
 
@@ -211,45 +228,18 @@ class ElementwiseSAE(SAE):
         return lambda x: self.feature_activation(torch.addmm(b_enc, self.encoder_input(x), W_enc), idx)
 
 
-_RESID = re.compile(r"blocks\.(\d+)\.hook_resid_(post|pre)")
-_HF_LAYER = re.compile(r"(?:model\.)?layers[._](\d+)")
-
-
 def sae_layer(sae: SAE | dict[str, Any]) -> int | None:
-    """The layer an SAE reads (output of decoder block L), from its metadata in any supported format.
-
-    `blocks.L.hook_resid_post` -> L, `blocks.L.hook_resid_pre` -> L-1, sparsify's `layers.L` -> L.
-    None when the metadata names no residual-stream hook (e.g. an MLP-output SAE, or no hook at all).
+    """The layer whose residual stream (output of decoder block L) an SAE reads, from its metadata in any
+    supported format: `blocks.L.hook_resid_post` -> L, `blocks.L.hook_resid_pre` -> L-1, sparsify's `layers.L`
+    -> L. None for other sites (an MLP or attention output, a transcoder: see `steer.sites`) or no hook at all.
     """
     meta = sae.metadata if isinstance(sae, SAE) else sae
-    hook = meta.get("hook_name")
-    if hook:
-        match = _RESID.fullmatch(str(hook))
-        if match is None:
-            return None
-        layer = int(match.group(1))
-        if match.group(2) == "post":
-            return layer
-        return layer - 1 if layer > 0 else None
-    hf_hook = meta.get("hf_hook_name")
-    if hf_hook and (match := _HF_LAYER.fullmatch(str(hf_hook))):
-        return int(match.group(1))
-    layer = meta.get("hook_layer")
-    return layer if isinstance(layer, int) and not isinstance(layer, bool) else None
-
-
-def non_residual_hook(sae: SAE | dict[str, Any]) -> str | None:
-    """The hook an SAE's metadata names when it is not on the residual stream (`blocks.L.hook_mlp_out`,
-    `blocks.L.attn.hook_z`, `hook_embed`, a module like `layers.3.mlp`); None for residual or unnamed hooks.
-    The steering hooks read and write only the residual stream, so such an SAE cannot be steered with."""
-    meta = sae.metadata if isinstance(sae, SAE) else sae
-    hook = meta.get("hook_name")
-    if hook:
-        return None if _RESID.fullmatch(str(hook)) else str(hook)
-    hf_hook = meta.get("hf_hook_name")
-    if hf_hook and not _HF_LAYER.fullmatch(str(hf_hook)):
-        return str(hf_hook)
-    return None
+    transcoder = isinstance(sae, SAE) and sae.transcoder
+    try:
+        kind, layer = trained_site(meta, transcoder=transcoder)
+    except UnplaceableHook:
+        return None
+    return layer if kind == "resid_post" else None
 
 
 _REGISTRY: dict[str, type[SAE]] = {}
@@ -262,15 +252,17 @@ def register(cls: type[SAE]) -> type[SAE]:
 
 
 def architectures() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    """The SAE architectures fast-steer trains (transcoders are only loaded: see `sae_class`)."""
+    return tuple(sorted(name for name, cls in _REGISTRY.items() if not cls.transcoder))
 
 
 def sae_class(architecture: str) -> type[SAE]:
+    """The class of any registered architecture, transcoders included."""
     try:
         return _REGISTRY[architecture]
     except KeyError:
         raise ConfigError(
-            f"unknown SAE architecture {architecture!r}; expected one of {', '.join(architectures())}"
+            f"unknown SAE architecture {architecture!r}; expected one of {', '.join(sorted(_REGISTRY))}"
         ) from None
 
 

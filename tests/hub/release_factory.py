@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 D_IN = 8
@@ -72,22 +73,65 @@ def gemma_scope_2(
     return _write(root, files)
 
 
-def gs2_config(layer: int, site: str, width: int = 64, model: str = "google/gemma-3-1b-it") -> dict:
+def gs2_config(
+    layer: int, site: str, width: int = 64, model: str = "google/gemma-3-1b-it", affine: bool = False
+) -> dict:
+    """`site` is a Gemma Scope 2 SAE kind, or `transcoder` (pre- to post-feedforward layernorm)."""
     hooks = {
         "resid_post": f"model.layers.{layer}.output",
         "attn_out": f"model.layers.{layer}.self_attn.o_proj.input",
         "mlp_out": f"model.layers.{layer}.post_feedforward_layernorm.output",
+        "transcoder": f"model.layers.{layer}.pre_feedforward_layernorm.output",
     }
     return {
         "width": width,
         "model_name": model,
         "architecture": "jump_relu",
         "l0": 60,
-        "affine_connection": False,
-        "type": "sae",
+        "affine_connection": affine,
+        "type": "transcoder" if site == "transcoder" else "sae",
         "hf_hook_point_in": hooks[site],
-        "hf_hook_point_out": hooks[site],
+        "hf_hook_point_out": hooks["mlp_out" if site == "transcoder" else site],
     }
+
+
+def gemma_scope_2_transcoder(
+    root: Path, path: str, *, affine: bool, d_sae: int = 64, config: dict | None = None, seed: int = 0
+) -> dict[str, bytes]:
+    """`{path}/params.safetensors` of a transcoder (+ `affine_skip_connection [D, D]` when `affine`)."""
+    files = gemma_scope_2(root, path, d_sae=d_sae, config=config, seed=seed)
+    if affine:
+        tensors = load_safetensors(files[f"{path}/params.safetensors"])
+        tensors["affine_skip_connection"] = _rand(seed + 20, D_IN, D_IN)
+        files[f"{path}/params.safetensors"] = save_safetensors(tensors)
+    return _write(root, files)
+
+
+def mwhanna_transcoder(
+    root: Path, layer: int, *, d_sae: int = 64, seed: int = 0, skip: bool = False, typo: bool = False
+) -> dict[str, bytes]:
+    """`layer_{L}.safetensors` (circuit-tracer layout: `W_enc [F, D]`, `W_dec [F, D]`, `b_enc`, `b_dec`
+    [, `W_skip [D, D]`]) + `wandb-config.yaml` (`wanb-config.yaml` with `typo`) + `config.yaml`, at the root."""
+    w = jumprelu_arrays(D_IN, d_sae, seed)
+    tensors = {
+        "W_enc": w["W_enc"].T.contiguous(),
+        "W_dec": w["W_dec"],
+        "b_enc": w["b_enc"],
+        "b_dec": w["b_dec"],
+    }
+    if skip:
+        tensors["W_skip"] = _rand(seed + 20, D_IN, D_IN)
+    wandb = f"d_model:\n  desc: null\n  value: {D_IN}\nd_feature:\n  desc: null\n  value: {d_sae}\n"
+    wandb += "batch_size:\n  value: 1024\n"
+    config = "model_name: Qwen/Qwen3-4B\nfeature_input_hook: mlp.hook_in\nfeature_output_hook: mlp.hook_out\n"
+    return _write(
+        root,
+        {
+            f"layer_{layer}.safetensors": save_safetensors(tensors),
+            "wanb-config.yaml" if typo else "wandb-config.yaml": wandb.encode(),
+            "config.yaml": config.encode(),
+        },
+    )
 
 
 def _linear(d_in: int, d_sae: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from hub import SAEFormatError, load_sae
 from hub.registry import lookup, neuronpedia_url, releases, saelens_version
 from hub.sae_io import describe_reference
+from steer.sites import Site
 from steer.spec import Intervention, SpecError, parse_sae_ref
 from tests.hub import release_factory as rf
 from tests.hub.sae_factory import fake_hub_cache
@@ -81,6 +82,34 @@ def _cases() -> dict[str, tuple]:
             "gemma-scope-2-1b-it-mlp",
             "layer_13_width_16k_l0_medium",
             lambda root, p: rf.gemma_scope_2(root, p, config=rf.gs2_config(13, "mlp_out"), seed=13),
+            {},
+        ),
+        "gs2_transcoder": (
+            "gemma-scope-2-1b-it-transcoders",
+            "transcoder/layer_13_width_16k_l0_big",
+            lambda root, p: rf.gemma_scope_2_transcoder(
+                root, p, affine=False, config=rf.gs2_config(13, "transcoder"), seed=15
+            ),
+            {},
+        ),
+        "gs2_transcoder_affine": (
+            "gemma-scope-2-1b-it-transcoders",
+            "transcoder/layer_13_width_16k_l0_big_affine",
+            lambda root, p: rf.gemma_scope_2_transcoder(
+                root, p, affine=True, config=rf.gs2_config(13, "transcoder", affine=True), seed=17
+            ),
+            {},
+        ),
+        "gs2_transcoder_all_no_config": (
+            "gemma-scope-2-1b-it-transcoders-all",
+            "layer_0_width_16k_l0_big_affine",
+            lambda root, p: rf.gemma_scope_2_transcoder(root, p, affine=True, seed=19),
+            {},
+        ),
+        "mwhanna": (
+            "mwhanna-qwen3-4b-transcoders",
+            "layer_3",
+            lambda root, p: rf.mwhanna_transcoder(root, 3, seed=21),
             {},
         ),
         "llama_scope": (
@@ -163,13 +192,58 @@ def test_sites_and_hooks(hub_cache):
     assert mlp.metadata["hf_hook_name"] == "model.layers.13.post_feedforward_layernorm"
     res = load_sae("gemma-scope-2-1b-it-res:layer_13_width_16k_l0_medium")
     assert res.layer == 13 and res.metadata["neuronpedia_id"] == "gemma-3-1b-it/13-gemmascope-2-res-16k"
-    # steering reads the residual stream only: a non-residual SAE is refused with the reason
-    spec = Intervention(sae=mlp, layer=13, edits=[{"feature": 0, "op": "add", "strength": 1.0}])
-    with pytest.raises(SpecError, match="reads blocks.13.hook_mlp_out, not the residual stream"):
-        spec.check_model(n_layers=26, d_model=rf.D_IN, sae=mlp)
-    Intervention(sae=res, layer=13, edits=[{"feature": 0, "op": "add", "strength": 1.0}]).check_model(
-        26, rf.D_IN, res
-    )
+    transcoder = load_sae("gemma-scope-2-1b-it-transcoders:transcoder/layer_13_width_16k_l0_big")
+    assert transcoder.metadata["hf_hook_name_out"] == "model.layers.13.post_feedforward_layernorm"
+    edits = [{"feature": 0, "op": "add", "strength": 1.0}]
+    # each is steered at its own site of layer 13; another layer is refused (unless allowed)
+    for sae, kind in ((res, "resid_post"), (attn, "attn_out"), (mlp, "mlp_out"), (transcoder, "transcoder")):
+        assert Intervention(sae=sae, layer=13, edits=edits).check_model(26, rf.D_IN, sae) == Site(13, kind)
+        with pytest.raises(SpecError, match="trained on layer 13"):
+            Intervention(sae=sae, layer=12, edits=edits).check_model(26, rf.D_IN, sae)
+    embedding = load_sae("gemma-scope-2b-pt-res", _first("gemma-scope-2b-pt-res", "embedding/width_4k"))
+    with pytest.raises(SpecError, match="reads hook_embed, which fast-steer cannot place a steering hook on"):
+        Intervention(sae=embedding, layer=0, edits=edits).check_model(26, rf.D_IN, embedding)
+
+
+def test_transcoder_skip_connections(releases_cache, hub_cache):
+    """Gemma Scope 2's `affine_skip_connection` A is applied as `x @ A` (W_skip = A^T, SAELens's orientation);
+    mwhanna's W_skip as `x @ W_skip^T`; the reconstruction adds it, steering's delta never needs it."""
+    _, x, _ = releases_cache
+    affine = load_sae("gemma-scope-2-1b-it-transcoders:transcoder/layer_13_width_16k_l0_big_affine")
+    assert affine.architecture == "jumprelu_skip_transcoder" and affine.transcoder
+    folder = next((hub_cache / "hf-cache").glob("models--google--gemma-scope-2-1b-it/snapshots/*"))
+    raw = load_file(str(folder / "transcoder/layer_13_width_16k_l0_big_affine/params.safetensors"))
+    with torch.no_grad():
+        expected = affine.encode(x) @ raw["w_dec"] + raw["b_dec"] + x @ raw["affine_skip_connection"]
+        torch.testing.assert_close(affine(x), expected)
+    plain = load_sae("gemma-scope-2-1b-it-transcoders:transcoder/layer_13_width_16k_l0_big")
+    assert plain.architecture == "jumprelu_transcoder" and not hasattr(plain, "W_skip")
+
+
+def test_mwhanna_layouts(tmp_path):
+    """A folder holding one layer file with the repo's config files (also the `wanb-config.yaml` spelling and a
+    skip connection); several layer files need the release id to say which."""
+    rf.mwhanna_transcoder(tmp_path / "one", 5, skip=True, typo=True)
+    sae = load_sae(tmp_path / "one")
+    raw = load_file(str(tmp_path / "one/layer_5.safetensors"))
+    assert sae.architecture == "skip_transcoder" and sae.metadata["hook_name"] == "blocks.5.mlp.hook_in"
+    assert torch.equal(sae.W_enc, raw["W_enc"].T) and torch.equal(sae.W_skip, raw["W_skip"])
+    assert sae.metadata["model_name"] == "Qwen/Qwen3-4B"
+    x = torch.randn(4, rf.D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sae(x),
+            torch.relu(x @ raw["W_enc"].T + raw["b_enc"]) @ raw["W_dec"] + raw["b_dec"] + x @ raw["W_skip"].T,
+        )
+    rf.mwhanna_transcoder(tmp_path / "two", 5)
+    rf.mwhanna_transcoder(tmp_path / "two", 6)
+    with pytest.raises(SAEFormatError, match="holds 2 transcoder layer files"):
+        load_sae(tmp_path / "two")
+    (tmp_path / "one/wanb-config.yaml").write_text("d_model:\n  value: 8\nd_feature:\n  value: 32\n")
+    with pytest.raises(
+        SAEFormatError, match=r"layer_5\.safetensors: tensor W_enc has shape \[64, 8\], expected \[32, 8\]"
+    ):
+        load_sae(tmp_path / "one")
 
 
 def test_raw_repo_id_of_a_registered_folder(hub_cache):
@@ -207,6 +281,8 @@ REAL = [
     ("llama-3.1-8b-instruct-andyrdt", "resid_post_layer_3_trainer_1"),
     ("qwen-scope-3.5-27b-w80k-l50", "layer5"),
     ("gemma-2b-it-res-jb", "blocks.12.hook_resid_post"),
+    ("gemma-scope-2-4b-it-transcoders", "transcoder/layer_17_width_16k_l0_big_affine"),
+    ("mwhanna-qwen3-4b-transcoders", "layer_3"),
 ]
 
 
@@ -225,6 +301,11 @@ def test_registry_matches_the_pinned_yaml():
     assert lookup(*REAL[1]).path == "layer_20/width_16k/average_l0_91"  # a SAELens-only alias, resolved
     assert lookup(*REAL[4]).needs_pickle and not lookup(*REAL[0]).needs_pickle
     assert (lookup(*REAL[6]).k, lookup(*REAL[6]).d_sae, lookup(*REAL[6]).d_in) == (50, 81920, 5120)
+    assert (lookup(*REAL[8]).architecture, lookup(*REAL[8]).hook) == (
+        "jumprelu_skip_transcoder",
+        "blocks.17.hook_mlp_in",
+    )
+    assert (lookup(*REAL[9]).format, lookup(*REAL[9]).hook) == ("mwhanna-transcoder", "blocks.3.mlp.hook_in")
 
 
 def test_unknown_release_or_id_lists_the_closest():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from jinja2 import TemplateError
 
+from steer.chat_template import accepts_system, fold_system
 from steer.positions import resolve_special_tokens
 from tests.chat_families import FAMILIES, NAMES, family_model, family_tokenizer
 from tests.conftest import read_conversations
@@ -23,7 +24,7 @@ from tests.steer.test_steered_model import (
     check_special_only_touches_special,
 )
 from train.evaluate import paper_st_tokens
-from train.sequences import accepts_system, fast_sequences, fold_system
+from train.sequences import fast_sequences
 
 SYSTEM_CHAT = [
     {"role": "system", "content": "You are terse."},

@@ -19,13 +19,16 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from steer.errors import ConfigError, FastSteerError
+
+if TYPE_CHECKING:
+    from hub import DeviceMap
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ class FastSteerLM(HFLM):
         device: str | None = None,
         use_cache: bool | str = True,
         allow_unsteered: bool | str = False,
+        device_map: str | None = None,
+        max_memory: dict[str, str] | str | None = None,
+        offload_folder: str | None = None,
         **kwargs: Any,
     ) -> None:
         """`pretrained`: a model reference for `hub.load_model` or a loaded model (then pass `tokenizer`).
@@ -59,6 +65,8 @@ class FastSteerLM(HFLM):
         them; `sae` (+ `sae_id` for a sub-folder): an SAE folder, Hub repo or loaded SAE that replaces
         the SAE of every spec. `dtype`: as `hub.load_model` takes it (`auto`: `hub.fast_dtype(device)`).
         `allow_unsteered`: go on (with a warning) when a spec edits no position in a whole task.
+        `device_map` (+ `max_memory`, `{"0": "20GiB"}` or `0=20GiB;cpu=60GiB`, and `offload_folder`): spread
+        the model over devices with accelerate (`hub.DeviceMap`); each SAE runs on its layer's device.
         """
         from steer import SteeredModel
 
@@ -68,7 +76,8 @@ class FastSteerLM(HFLM):
 
             if tokenizer is not None:
                 raise ConfigError("pass `tokenizer` only with a loaded model as `pretrained`")
-            model, tok = load_model(str(pretrained), dtype=dtype, device=device)
+            placement = _device_map(device_map, max_memory, offload_folder)
+            model, tok = load_model(str(pretrained), dtype=dtype, device=device, device_map=placement)
         else:
             if tokenizer is None:
                 raise ConfigError("a loaded model as `pretrained` needs its `tokenizer` too")
@@ -233,6 +242,24 @@ def load_specs(spec: Any, sae: Any = None, sae_id: str | None = None) -> list:
         ref = parse_sae_ref(sae, sae_id) if isinstance(sae, str | Path) else sae
         specs = [s.with_sae(ref) for s in specs]
     return specs
+
+
+def _device_map(
+    strategy: str | None, max_memory: dict[str, str] | str | None, offload_folder: str | None
+) -> DeviceMap | None:
+    """The `hub.DeviceMap` of the model arguments (None without `device_map`); lm-eval hands `key=value`
+    strings, so `max_memory` may be `0=20GiB;cpu=60GiB`."""
+    from hub import DeviceMap
+
+    if strategy is None:
+        if max_memory or offload_folder:
+            raise ConfigError(
+                "model_args max_memory and offload_folder apply only with device_map (e.g. auto)"
+            )
+        return None
+    if isinstance(max_memory, str):
+        return DeviceMap.parse(strategy, max_memory.split(";"), offload_folder)
+    return DeviceMap(strategy, max_memory or None, offload_folder)
 
 
 def _pick_device(device: str | None) -> str:

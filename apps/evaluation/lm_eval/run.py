@@ -18,10 +18,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steer.errors import ConfigError, MissingFileError
 from train.data import find_shared_data
+
+if TYPE_CHECKING:
+    from hub import DeviceMap
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ def run_lm_eval(
     compare: bool = False,
     echo: Callable[[str], None] = print,
     allow_unsteered: bool = False,
+    device_map: DeviceMap | None = None,
 ) -> list | None:
     """Hand `args` (lm-eval command-line arguments) to lm-eval's CLI; with `compare`, return the rows.
 
@@ -97,6 +101,8 @@ def run_lm_eval(
             namespace.model = apps.evaluation.lm_eval.model.MODEL_NAME
         if allow_unsteered:
             _allow_unsteered(namespace)
+        if device_map is not None:
+            _use_device_map(namespace, device_map)
         if compare:
             if getattr(namespace, "command", None) != "run":
                 raise ConfigError("--compare works with `run` (the default lm-eval command)")
@@ -115,6 +121,28 @@ def _allow_unsteered(namespace) -> None:
             f"got --model {getattr(namespace, 'model', None)}"
         )
     namespace.model_args = {**(namespace.model_args or {}), "allow_unsteered": True}
+
+
+def _use_device_map(namespace, device_map: DeviceMap) -> None:
+    """Hand `device_map` to the `fast-steer` model's arguments; refused beside lm-eval's own `--device` (the
+    map places the model itself)."""
+    from apps.evaluation.lm_eval.model import MODEL_NAME
+
+    if getattr(namespace, "command", None) != "run" or namespace.model != MODEL_NAME:
+        raise ConfigError(
+            f"--device-map applies to `run` with --model {MODEL_NAME}, got --model {getattr(namespace, 'model', None)}"
+        )
+    if getattr(namespace, "device", None) is not None:
+        raise ConfigError(
+            f"--device-map {device_map.strategy} places the model itself, so it conflicts with lm-eval's "
+            f"--device {namespace.device}: give one or the other"
+        )
+    given = {"device_map": device_map.strategy, "max_memory": device_map.max_memory,
+             "offload_folder": device_map.offload_folder}  # fmt: skip
+    namespace.model_args = {
+        **(namespace.model_args or {}),
+        **{k: v for k, v in given.items() if v is not None},
+    }
 
 
 def _parse(cli, args: Sequence[str]):

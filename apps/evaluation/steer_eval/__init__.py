@@ -3,8 +3,9 @@
 Conditions (all greedy, chat template applied):
 - `plain`: the model as it is;
 - `prompt`: a system prompt asking for careful, complete instruction following (`SYSTEM_PROMPT`);
-- `fast`, `btf`: the top `<|im_start|>` feature (App. F selection) of the FAST / BT(F) SAE, op `add` at
-  special positions, at strengths in % of the median special-position residual norm (as the sweep);
+- `fast`, `btf`: the top feature of the turn-opening token (`<|im_start|>` in ChatML; App. F selection) of the
+  FAST / BT(F) SAE, op `add` at special positions, at strengths in % of the median special-position residual
+  norm (as the sweep);
 - `random`: a seeded random unit direction, stored as a one-feature SAE folder (`random_direction/`),
   steered with the same op, strengths and positions: any push at special tokens, not a feature.
 

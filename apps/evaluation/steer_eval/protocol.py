@@ -37,6 +37,7 @@ from apps.evaluation.steer_eval.provenance import sae_provenance
 from apps.evaluation.steer_eval.replies import reply_stats
 from apps.evaluation.steer_eval.report import write_report
 from hub import describe_device
+from steer.chat_template import turn_opening_token
 from steer.errors import ConfigError
 from steer.sae import dtype_name
 from train.experiment import run_environment
@@ -125,6 +126,7 @@ def run_steer_eval(
                 "paired": "per prompt / item",
             },
             "residual_norm_median": norm,
+            "anchor_token": turn_opening_token(tokenizer),
             "scaling": f"{scale_note(norm, layer, len(conversations))}, op add, at special positions",
             "command": command,
             "environment": run_environment(str(model.device)),

@@ -27,6 +27,7 @@ def report_markdown(report: dict, level: int = 1) -> str:
     """The test table (with paired CIs against plain), the dev sweep, the sweet-spot verdicts and examples;
     `level` is the heading level of the title (sections one below), to embed it in another document."""
     s, conds = report["settings"], report["conditions"]
+    anchor = s.get("anchor_token", "<|im_start|>")  # reports from before it was recorded ran on ChatML
     h = "#" * (level + 1)
     lines = [
         f"{'#' * level} Steering evaluation: IFEval (dev-chosen strength, test reported) and ARC-Easy\n",
@@ -34,7 +35,7 @@ def report_markdown(report: dict, level: int = 1) -> str:
         f"- IFEval: {s['ifeval_dev']} dev / {s['ifeval_test']} test prompts (disjoint, seed {report['split']['seed']}), "
         f"greedy, at most {s['max_new_tokens']} new tokens; ARC-Easy: {s['arc_easy_test_items']} test items",
         f"- scaling: {s['scaling']}",
-        f"- steered features: FAST {conds['fast']['feature']} (mean max activation on `<|im_start|>` "
+        f"- steered features: FAST {conds['fast']['feature']} (mean max activation on `{anchor}` "
         f"{conds['fast']['feature_mean_max_activation']:.3f}), BT(F) {conds['btf']['feature']} "
         f"({conds['btf']['feature_mean_max_activation']:.3f})",
         f"- random direction: a seeded (seed {s['random_direction_seed']}) random unit vector stored as the "

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from apps.interp.results import RunResults
+from hub.registry import feature_url
 from steer.spec import Edit, Intervention
 from train.interp.examples import Window
 from train.interp.proxies import decoder_neighbours, peak_concentration
@@ -82,6 +83,8 @@ class FeatureCard:
     cfg.json names no layer."""
     promoted: list[tuple[str, float]] = field(default_factory=list)
     suppressed: list[tuple[str, float]] = field(default_factory=list)
+    neuronpedia_url: str | None = None
+    """The feature's Neuronpedia page where the SAE has a Neuronpedia id (a registered release)."""
 
     @property
     def rubric(self) -> float | None:
@@ -150,6 +153,7 @@ def feature_cards(run: RunResults, features: list[int], cfg: CardConfig) -> Iter
                 spec=_spec(run, f, examples.max_activation * float(norms[f])),
                 promoted=[tuple(p) for p in proxies.get("promoted") or []],
                 suppressed=[tuple(p) for p in proxies.get("suppressed") or []],
+                neuronpedia_url=feature_url(sae.metadata, f),
             )
 
 

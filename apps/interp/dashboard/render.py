@@ -13,8 +13,8 @@ HIST_WIDTH, HIST_HEIGHT, HIST_PAD = 520, 150, 28
 
 def card_body(card: FeatureCard, judge_model: str | None, server_name: str, has_card: set[int],
               cfg: CardConfig) -> str:  # fmt: skip
-    """The card's sections: label and scores, statistics and histogram, contexts, logit lens, neighbours,
-    special-token association, and how to steer with it."""
+    """The card's sections: label (and its Neuronpedia page where known) and scores, statistics and histogram,
+    contexts, logit lens, neighbours, special-token association, and how to steer with it."""
     label = card.label or "(no label)"
     parts = [
         f"<h1>Feature {card.feature}</h1>",
@@ -22,6 +22,11 @@ def card_body(card: FeatureCard, judge_model: str | None, server_name: str, has_
     ]
     if card.explanation and card.explanation != card.label:
         parts.append(f"<div class='muted'>{_e(card.explanation)}</div>")
+    if card.neuronpedia_url:
+        url = _e(card.neuronpedia_url)
+        parts.append(
+            f"<div id='neuronpedia'><a href='{url}' target='_blank' rel='noopener'>Neuronpedia: {url}</a></div>"
+        )
     parts += [
         "<div class='columns'>",
         f"<div><h2>Scores</h2>{_scores(card, judge_model)}</div>",

@@ -68,6 +68,7 @@ def test_reproduce_then_reuse_then_sweep(tmp_path, tiny_model_dir):
     )  # fmt: skip
     assert sweep.exit_code == 0, sweep.output
     result = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert result["anchor_token"] == "<|im_start|>", "ChatML's turn-opening token"
     assert [r["strength"] for r in result["rows"]] == [0.0, 200.0]
     assert result["rows"][0]["alpha"] == 0.0
     assert result["rows"][1]["alpha"] == pytest.approx(2.0 * result["residual_norm_median"])

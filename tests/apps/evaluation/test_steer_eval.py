@@ -172,6 +172,7 @@ def test_steer_eval_end_to_end_and_reuse(tiny_setup):
     assert not set(split["dev_doc_ids"]) & set(split["test_doc_ids"])
     conds = report["conditions"]
     assert set(conds) == {"plain", "prompt", "fast", "random", "btf"}
+    assert report["settings"]["anchor_token"] == "<|im_start|>", "ChatML's turn-opening token"
     assert conds["prompt"]["system_prompt"] and conds["plain"]["system_prompt"] is None
     for name in ("fast", "random", "btf"):
         c = conds[name]

@@ -233,3 +233,22 @@ def _check_screenshot(png: bytes, path) -> None:
     assert image.size[0] > 1000
     assert len(image.getcolors(maxcolors=1 << 20) or []) > 50
     assert max(ImageStat.Stat(image.convert("L")).stddev) > 10
+
+
+def test_cards_link_to_neuronpedia_where_the_sae_has_an_id(built):
+    """A card links to the feature's Neuronpedia page when the SAE's metadata has a Neuronpedia id (a registered
+    release); the site built from an SAE without one links nowhere (no 'neuronpedia' anywhere)."""
+    from apps.interp.dashboard.cards import CardConfig, feature_cards
+    from apps.interp.dashboard.render import card_body
+    from apps.interp.results import RunResults
+
+    sae, run, site, _ = built
+    assert not any("neuronpedia" in p.read_text(encoding="utf-8").lower() for p in site.rglob("*.html"))
+    results = RunResults.open(sae, run)
+    results.sae.cfg.metadata["neuronpedia_id"] = "tiny-it/2-res-test"
+    features = results.select(None)[:3]
+    cards = list(feature_cards(results, features, CardConfig()))
+    assert [c.feature for c in cards] == features
+    for card in cards:
+        body = card_body(card, JUDGE, "sae", set(features), CardConfig())
+        assert f"<a href='https://www.neuronpedia.org/tiny-it/2-res-test/{card.feature}'" in body

@@ -100,3 +100,23 @@ def test_missing_or_misnamed_runs_are_refused(study, tmp_path):
                                        "http://127.0.0.1:9", "--judge-model", "x"])  # fmt: skip
     assert result.exit_code == 1 and "holds no experiment.json" in result.output
     assert json.loads((out / "experiment.json").read_text())["archs"] == ["jumprelu"]
+
+
+@pytest.mark.parametrize(
+    ("protocols", "flag"),
+    [(["fast-paper", "detection", "fuzzing"], "all"), (["fast-paper", "detection"], "fast-paper,detection")],
+)
+def test_the_strong_judge_command_repeats_the_protocols_that_ran(protocols, flag):
+    from apps.interp.report import study_command
+
+    run = {
+        "settings": {
+            "features": 24,
+            "collection": {"settings": {"instances": 600}},
+            "protocols": protocols,
+            "seed": 0,
+            "controls": True,
+        }
+    }
+    command = study_command("/runs/x", run, "https://judge.example/v1", "big")
+    assert f"--protocol {flag} " in command and command.endswith("--controls")

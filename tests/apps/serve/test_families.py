@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from hub import sae_metadata, save_sae
+from steer.chat_template import fold_system
 from tests.apps.serve.helpers import LAYER, MODEL, OTHER, STRONG, chat, client, health, serving
 from tests.chat_families import NAMES, family_model, family_tokenizer
 from tests.steer.helpers import random_sae
@@ -37,3 +38,23 @@ def test_mixed_batch_equals_each_request_alone(name, tmp_path):
         plain = ask(dict(text=PROMPTS[0], steering=None))
     assert together == alone
     assert together[0] != plain, "the special-position spec should act"
+
+
+def test_gemma2_chat_with_a_system_message_is_folded(tmp_path):
+    """Gemma 2's template raises on a system message: the server folds it into the first user turn, so the
+    request is answered as the folded one is, and counts the folded prompt's tokens."""
+    model, tok = family_model("gemma2", sliding_window=4096), family_tokenizer("gemma2")
+    save_sae(random_sae(model.config.hidden_size, 32, metadata=sae_metadata(MODEL, LAYER)), tmp_path / "sae")
+    system = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": PROMPTS[1]}]
+    folded = fold_system(system)
+    with serving(model, tok, tmp_path / "sae") as server:
+        cl = client(server)
+        replies = [
+            cl.chat.completions.create(
+                model=MODEL, messages=m, temperature=0, max_tokens=6, extra_body={"steering": STRONG}
+            )
+            for m in (system, folded)
+        ]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    expected = tok.apply_chat_template(folded, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert replies[0].usage.prompt_tokens == replies[1].usage.prompt_tokens == len(expected)

@@ -55,7 +55,7 @@ def test_search_with_the_openai_client_then_steer_with_the_feature(server):
         "/saes/tiny/features", cast_to=object, options={"params": {"q": "capital city", "limit": 3}}
     )
     assert hits[0] == {"feature": 5, "label": "capital city", "score": 4.0, "density": 0.004,
-                       "match": hits[0]["match"]}  # fmt: skip
+                       "match": hits[0]["match"], "neuronpedia_url": None}  # fmt: skip
     assert hits[0]["match"] > 0 and len(hits) <= 3
     steering = {"sae": "tiny", "layer": LAYER, "edits": [{"feature": hits[0]["feature"], "strength": 40.0}]}
     plain = chat(cl, "Name a city.").choices[0].message.content
@@ -73,7 +73,7 @@ def test_search_over_plain_http(server):
     assert [h["feature"] for h in hits] == [3, 7], (
         "'polite tone' (shorter) before 'tone of the system prompt'"
     )
-    assert set(hits[0]) == {"feature", "label", "score", "density", "match"}
+    assert set(hits[0]) == {"feature", "label", "score", "density", "match", "neuronpedia_url"}
     assert hits[0]["match"] > hits[1]["match"] > 0
     assert [h["feature"] for h in _search(server, "tiny", q="code").json()] == [9]
     assert _search(server, "tiny", q="code").json()[0]["density"] is None, "an unknown density is null"
