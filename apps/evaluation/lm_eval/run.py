@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,12 +104,31 @@ def run_lm_eval(
             _allow_unsteered(namespace)
         if device_map is not None:
             _use_device_map(namespace, device_map)
-        if compare:
-            if getattr(namespace, "command", None) != "run":
-                raise ConfigError("--compare works with `run` (the default lm-eval command)")
-            return compare_run(namespace, local, echo)
-        cli.execute(namespace)
+        if compare and getattr(namespace, "command", None) != "run":
+            raise ConfigError("--compare works with `run` (the default lm-eval command)")
+        with _task_errors(local):
+            if compare:
+                return compare_run(namespace, local, echo)
+            cli.execute(namespace)
     return None
+
+
+@contextmanager
+def _task_errors(local) -> Iterator[None]:
+    """lm-eval's "Tasks not found" (a ValueError from deep inside it) as one clear error naming the choices."""
+    try:
+        yield
+    except ValueError as err:
+        if not str(err).startswith("Tasks not found"):
+            raise
+        names = set() if local is None else {*local.groups, *local.tasks}
+        top = [
+            n for n in sorted(names) if not any(n.startswith(f"{g}_") for g in local.groups)
+        ]  # no subtasks
+        raise ConfigError(
+            f"lm-eval: {err}. Local tasks: {', '.join(top) or 'none (no --eval-data folder found)'}; "
+            "`fast-steer lm-eval ls tasks` lists every task"
+        ) from None
 
 
 def _allow_unsteered(namespace) -> None:

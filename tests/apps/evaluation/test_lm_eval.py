@@ -280,3 +280,13 @@ def test_cli_prints_counts_and_stops_when_unsteered(tiny, tmp_path):
     assert int(line.split("steered ")[1].split()[0]) > 0
     result = CliRunner().invoke(main, [*args, "--allow-unsteered", "--model", "hf"])
     assert result.exit_code != 0 and "--allow-unsteered applies to" in result.output
+
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_an_unknown_task_is_one_clear_error(tiny, compare):
+    _, _, _, root = tiny
+    args = ["lm-eval", "--model_args", f"pretrained={root / 'model'}", "--tasks", "typo_task", "--limit", "2"]
+    result = CliRunner().invoke(main, args + (["--compare"] if compare else []))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Tasks not found: typo_task" in result.output and "mmlu_local" in result.output
+    assert "lm-eval ls tasks" in result.output
