@@ -33,10 +33,10 @@ class SAEConfig:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.d_in <= 0 or self.d_sae <= 0 or (self.d_out is not None and self.d_out <= 0):
-            raise ConfigError(
-                f"d_in, d_sae and d_out must be positive, got d_in={self.d_in}, d_sae={self.d_sae}, d_out={self.d_out}"
-            )
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ConfigError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.d_out is not None and self.d_out <= 0:
+            raise ConfigError(f"d_out (a transcoder's output width) must be positive, got {self.d_out}")
         if self.normalize_activations not in NORMALIZATIONS:
             raise ConfigError(
                 f"normalize_activations={self.normalize_activations!r} is not supported; "

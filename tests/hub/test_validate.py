@@ -117,7 +117,9 @@ def test_overflow_when_converting_is_caught(tmp_path):
 def test_unknown_architecture(folder):
     _edit_cfg(folder, architecture="gated")
     with pytest.raises(
-        SAEFormatError, match="unknown SAE architecture 'gated'; expected one of jumprelu, standard, topk"
+        SAEFormatError,
+        match="unknown SAE architecture 'gated'; expected one of jumprelu, jumprelu_skip_transcoder, "
+        "jumprelu_transcoder, skip_transcoder, standard, topk, transcoder",
     ):
         load_sae(folder)
 
