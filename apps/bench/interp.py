@@ -6,7 +6,8 @@ Measured in one run (JSON on stdout):
    `write_cache` (forward to layer L, residuals to disk) over exactly those conversations, interleaved repeats,
    medians of tokens/s; goal: collection >= 0.8 x harvesting. The SAE is a random-direction JumpReLU SAE of
    the given width at a realistic L0 (`apps.interp.random_sae`), since only its cost matters here.
-2. judge requests in flight / the concurrency limit while work is pending (`JudgeStats.utilisation`): one
+2. judge requests in flight / what could be in flight (the limit, or the requests left when fewer remain;
+   `JudgeStats.utilisation`): one
    batch of distinct requests per limit, sent to the fake judge (`apps.interp.fake_judge`) on 127.0.0.1 that
    answers each after a fixed delay (a stand-in for a model server: what is measured is the client, which
    must never idle while requests remain); goal >= 0.9.

@@ -152,13 +152,27 @@ class JudgeStats:
     peak_in_flight: int = 0
     busy_s: float = 0.0  # time with work pending (inside `ask_many`)
     in_flight_s: float = 0.0  # integral of requests in flight over that time
+    capacity_s: float = (
+        0.0  # integral of min(requests still unanswered, concurrency): what could be in flight
+    )
     _in_flight: int = field(default=0, repr=False)
+    _unanswered: int = field(default=0, repr=False)
     _last: float = field(default=0.0, repr=False)
 
     def _tick(self) -> None:
         now = time.monotonic()
         self.in_flight_s += self._in_flight * (now - self._last)
+        self.capacity_s += min(self._unanswered, self.concurrency) * (now - self._last)
         self._last = now
+
+    def want(self) -> None:
+        """One more request that needs an HTTP answer (not a cache hit)."""
+        self._tick()
+        self._unanswered += 1
+
+    def answered(self) -> None:
+        self._tick()
+        self._unanswered -= 1
 
     def begin_busy(self) -> float:
         self._last = time.monotonic()
@@ -179,6 +193,9 @@ class JudgeStats:
 
     def as_dict(self) -> dict[str, Any]:
         mean = self.in_flight_s / self.busy_s if self.busy_s > 0 else 0.0
+        # requests in flight over what could be in flight (the limit, or fewer when fewer are left):
+        # 1.0 = the client never idles; the ramp and the tail of a batch do not count against it
+        utilisation = self.in_flight_s / self.capacity_s if self.capacity_s > 0 else 0.0
         return {
             "requests": self.requests,
             "cache_hits": self.cache_hits,
@@ -188,7 +205,7 @@ class JudgeStats:
             "concurrency": self.concurrency,
             "peak_in_flight": self.peak_in_flight,
             "mean_in_flight": mean,
-            "utilisation": mean / self.concurrency,
+            "utilisation": utilisation,
         }
 
 
@@ -255,12 +272,16 @@ class Judge:
         if path.exists():
             self.stats.cache_hits += 1
             return _reply(cache_id, json.loads(path.read_text(encoding="utf-8"))["response"], True)
-        async with limit:
-            self.stats.enter()
-            try:
-                body, sent_logprobs = await self._post(client, request)
-            finally:
-                self.stats.exit()
+        self.stats.want()
+        try:
+            async with limit:
+                self.stats.enter()
+                try:
+                    body, sent_logprobs = await self._post(client, request)
+                finally:
+                    self.stats.exit()
+        finally:
+            self.stats.answered()
         if "error" in body:
             self.stats.rejected += 1
             return JudgeReply(cache_id, None, error=body["error"])
