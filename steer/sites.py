@@ -3,7 +3,8 @@
 | kind | SAELens hook | reads | writes |
 |---|---|---|---|
 | `resid_post` | `blocks.L.hook_resid_post` | the block's output | the block's output |
-| `attn_out` | `blocks.L.attn.hook_z` | the input of `o_proj` (heads concatenated) | the same input |
+| `attn_z` | `blocks.L.attn.hook_z` | the input of `o_proj` (heads concatenated) | the same input |
+| `attn_out` | `blocks.L.hook_attn_out` | the attention branch's output | the same output |
 | `mlp_out` | `blocks.L.hook_mlp_out` | the MLP branch's output | the same output |
 | `transcoder` | `blocks.L.hook_mlp_in` -> `hook_mlp_out` | the MLP's input | the MLP branch's output |
 
@@ -11,6 +12,10 @@
 output (Gemma Scope's `hf_hook_point_out`), else the `mlp` module's output. The MLP's input is the `mlp` module's
 input, i.e. the pre-MLP norm's output (Gemma's `pre_feedforward_layernorm`, Llama/Qwen's
 `post_attention_layernorm`, TransformerLens's `ln2.hook_normalized` / `mlp.hook_in`).
+
+"The attention branch's output" is likewise what the block adds to the residual: Gemma 2/3's
+`post_attention_layernorm` output (a norm after attention, told apart by the block also having a
+`pre_feedforward_layernorm`; Llama/Qwen's `post_attention_layernorm` is the pre-MLP norm), else `o_proj`'s output.
 
 A site needs one or two hook points `(layer, point)`: where the encoder reads and where the edit is written.
 The site is derived from an SAE's metadata (its hook), never stored in a spec.
@@ -26,24 +31,30 @@ from torch import nn
 
 from steer.errors import ConfigError
 
-SITE_KINDS = ("resid_post", "attn_out", "mlp_out", "transcoder")
+SITE_KINDS = ("resid_post", "attn_z", "attn_out", "mlp_out", "transcoder")
 # hook point -> (submodules of a decoder block to try, in order; "" = the block itself), and which side of the
 # module it is: the module's input (a forward pre-hook) or its output (a forward hook)
 POINTS: dict[str, tuple[tuple[str, ...], str]] = {
     "block_out": (("",), "output"),
     "attn_in": (("self_attn.o_proj", "attn.c_proj"), "input"),
+    "attn_out": (("post_attention_layernorm", "self_attn.o_proj", "attn.c_proj"), "output"),
     "mlp_in": (("mlp", "feed_forward"), "input"),
     "mlp_out": (("post_feedforward_layernorm", "mlp", "feed_forward"), "output"),
 }
+# a submodule that counts for a point only in blocks that also have this one: `post_attention_layernorm` follows
+# attention only where a `pre_feedforward_layernorm` is the pre-MLP norm (Gemma 2/3); in Llama it is the pre-MLP norm
+_ONLY_WITH = {"post_attention_layernorm": "pre_feedforward_layernorm"}
 # kind -> (the point its encoder reads, the point its edit writes)
 _KIND_POINTS = {
     "resid_post": ("block_out", "block_out"),
-    "attn_out": ("attn_in", "attn_in"),
+    "attn_z": ("attn_in", "attn_in"),
+    "attn_out": ("attn_out", "attn_out"),
     "mlp_out": ("mlp_out", "mlp_out"),
     "transcoder": ("mlp_in", "mlp_out"),
 }
 STEERABLE_HOOKS = (
-    "blocks.L.hook_resid_post, blocks.L.attn.hook_z (the o_proj input), blocks.L.hook_mlp_out, and transcoders "
+    "blocks.L.hook_resid_post, blocks.L.attn.hook_z (the o_proj input), blocks.L.hook_attn_out (the attention "
+    "output), blocks.L.hook_mlp_out, and transcoders "
     "from blocks.L.hook_mlp_in to blocks.L.hook_mlp_out"
 )
 
@@ -72,18 +83,23 @@ class Site:
 
 
 class UnplaceableHook(ConfigError):
-    """An SAE reads a hook the steering hooks cannot place (the embeddings, an attention output after o_proj...)."""
+    """An SAE reads a hook the steering hooks cannot place (the embeddings, the residual before block 0...)."""
 
 
-_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|attn\.hook_z|hook_mlp_out)")
+_BLOCK_HOOK = re.compile(
+    r"blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|attn\.hook_z|hook_attn_out|hook_mlp_out)"
+)
 _TRANSCODER_IN = re.compile(r"blocks\.(\d+)\.(?:hook_mlp_in|mlp\.hook_in|ln2\.hook_normalized)")
 _HF_HOOK = re.compile(
     r"(?:model\.)?layers[._](\d+)"
-    r"(\.self_attn\.o_proj|\.post_feedforward_layernorm|\.pre_feedforward_layernorm|\.mlp)?(?:\.(input|output))?"
+    r"(\.self_attn\.o_proj|\.self_attn|\.post_feedforward_layernorm|\.pre_feedforward_layernorm|\.mlp)?"
+    r"(?:\.(input|output))?"
 )
 _HF_KINDS = {
     (None, "output"): "resid_post",
-    (".self_attn.o_proj", "input"): "attn_out",
+    (".self_attn.o_proj", "input"): "attn_z",
+    (".self_attn.o_proj", "output"): "attn_out",
+    (".self_attn", "output"): "attn_out",
     (".post_feedforward_layernorm", "output"): "mlp_out",
     (".mlp", "output"): "mlp_out",
 }
@@ -114,7 +130,8 @@ def trained_site(metadata: dict[str, Any], transcoder: bool = False) -> tuple[st
                 else:
                     kinds = {
                         "hook_resid_post": "resid_post",
-                        "attn.hook_z": "attn_out",
+                        "attn.hook_z": "attn_z",
+                        "hook_attn_out": "attn_out",
                         "hook_mlp_out": "mlp_out",
                     }
                     return kinds[name], layer
@@ -151,10 +168,10 @@ def point_module(block: nn.Module, point: str) -> tuple[nn.Module, str]:
     """The submodule of decoder `block` that hook point `point` hooks, and its side ("input" / "output")."""
     names, side = POINTS[point]
     for name in names:
-        module = block
-        for part in filter(None, name.split(".")):
-            module = getattr(module, part, None)
-        if isinstance(module, nn.Module):
+        if name in _ONLY_WITH and _submodule(block, _ONLY_WITH[name]) is None:
+            continue
+        module = _submodule(block, name)
+        if module is not None:
             return module, side
     raise UnplaceableHook(
         f"cannot find the {point} hook point in decoder block {type(block).__name__}: none of its submodules "
@@ -162,12 +179,20 @@ def point_module(block: nn.Module, point: str) -> tuple[nn.Module, str]:
     )
 
 
+def _submodule(block: nn.Module, name: str) -> nn.Module | None:
+    """`block`'s submodule at dotted `name` ("" = the block itself), or None when it has none."""
+    module = block
+    for part in filter(None, name.split(".")):
+        module = getattr(module, part, None)
+    return module if isinstance(module, nn.Module) else None
+
+
 def site_widths(block: nn.Module, site: Site, d_model: int) -> tuple[int, int]:
     """`(d_in, d_out)` an SAE at `site` must have in a model with this decoder `block` and hidden size; raises
     `UnplaceableHook` if the block lacks a module the site hooks."""
     for _, point in (site.read_point, site.write_point):
         point_module(block, point)
-    if site.kind == "attn_out":
+    if site.kind == "attn_z":
         module, _ = point_module(block, "attn_in")
         width = int(getattr(module, "in_features", None) or module.nx)  # nn.Linear, or GPT-2's Conv1D
         return width, width

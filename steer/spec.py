@@ -80,8 +80,8 @@ class Intervention:
     """Edits of SAE features at decoder block `layer`, at `positions`.
 
     Where in the block is the SAE's own site (`steer.sites`): the block's output (residual SAEs), the input of
-    `o_proj` (`attn.hook_z` SAEs), the MLP output (`hook_mlp_out` SAEs), or, for a transcoder, the MLP input it
-    encodes and the MLP output it edits. A transcoder is named like an SAE.
+    `o_proj` (`attn.hook_z` SAEs), the attention output (`hook_attn_out` SAEs), the MLP output (`hook_mlp_out`
+    SAEs), or, for a transcoder, the MLP input it encodes and the MLP output it edits. A transcoder is named like an SAE.
     `sae`: a loaded `SAE` (serialised through the reference it was loaded from, `SAE.source`), a local
     folder, or `{"repo": "owner/name", "sae_id": "sub/folder"}`.
     `positions`: "special" (chat-template special tokens and the role names after them), "all",
@@ -163,7 +163,7 @@ class Intervention:
         site = self.site(sae)
         d_in, d_out = widths or (d_model, d_model)
         if sae.d_in != d_in:
-            what = "attn_out width (the o_proj input)" if site.kind == "attn_out" else "hidden size"
+            what = "attn_z width (the o_proj input)" if site.kind == "attn_z" else "hidden size"
             raise SpecError(
                 f"the SAE reads d_in={sae.d_in} but the model's {what} is {d_in} (layer {self.layer})"
             )

@@ -1,9 +1,10 @@
 """Gemma Scope (Gemma 2, `params.npz`) and Gemma Scope 2 (Gemma 3, `params.safetensors` + `config.json`).
 
 Both are JumpReLU SAEs with per-feature thresholds, no `b_dec` on the input and no normalisation, as
-SAELens 6.54.12's `gemma_2` and `gemma_3` converters read them. Gemma Scope 2's single-layer transcoders
-(`transcoder/`, `transcoder_all/`) read the MLP input (`pre_feedforward_layernorm` output) and write the MLP
-output (`post_feedforward_layernorm` output); the `_affine` ones add `x @ affine_skip_connection`. Neither folder states its hook in a way
+SAELens 6.54.12's `gemma_2`, `gemma_2_transcoder` and `gemma_3` converters read them. The transcoders (Gemma
+Scope 1's `gemma-scope-2b-pt-transcoders`, Gemma Scope 2's `transcoder/`, `transcoder_all/`) read the MLP input
+(`pre_feedforward_layernorm` output) and write the MLP output (`post_feedforward_layernorm` output); Gemma Scope
+2's `_affine` ones add `x @ affine_skip_connection`. Neither folder states its hook in a way
 SAELens uses directly: Gemma Scope 1 has no config at all (everything comes from the repo id and the
 folder names), Gemma Scope 2 has a `config.json` in most folders; both are derived here, in one place,
 for the loader and for the registry builder.
@@ -82,7 +83,8 @@ def _site_metadata(site: str, layer: int) -> dict[str, Any]:
 
 # -- Gemma Scope 1 ----------------------------------------------------------------------------
 def describe_gs1(repo_id: str, path: str) -> dict[str, Any]:
-    """What SAELens's `gemma_2` converter derives from a repo id and folder: model, hook, d_in, d_sae."""
+    """What SAELens's `gemma_2` / `gemma_2_transcoder` converters derive from a repo id and folder: model, hook,
+    d_in, d_sae, architecture."""
     where = f"{repo_id}:{path}"
     size = next((key for key in ("27b", "9b", "2b") if key in repo_id), None)
     if size is None:
@@ -101,16 +103,27 @@ def describe_gs1(repo_id: str, path: str) -> dict[str, Any]:
         site = next(
             (
                 s
-                for key, s in (("res", "resid_post"), ("mlp", "mlp_out"), ("att", "attn_out"))
+                for key, s in (
+                    ("transcoders", "transcoder"),
+                    ("res", "resid_post"),
+                    ("mlp", "mlp_out"),
+                    ("att", "attn_out"),
+                )
                 if f"-{key}" in repo_id
             ),
             None,
         )
         if site is None:
-            raise SAEFormatError(f"{where}: cannot tell the site (res, mlp or att) from the repo id")
-        meta = _site_metadata(site, _layer(path, where))
+            raise SAEFormatError(
+                f"{where}: cannot tell the site (res, mlp, att or transcoders) from the repo id"
+            )
+        layer = _layer(path, where)
+        meta = _site_metadata(site, layer)
+        if site == "transcoder":  # SAELens's gemma_2_transcoder names the MLP input by TransformerLens's ln2
+            meta["hook_name"] = f"blocks.{layer}.ln2.hook_normalized"
         d_in = d_attn if site == "attn_out" else d_model
-    return {"model_name": name, "d_in": d_in, "d_sae": _width(path), **meta}
+    architecture = "jumprelu_transcoder" if "hook_name_out" in meta else "jumprelu"
+    return {"model_name": name, "d_in": d_in, "d_sae": _width(path), "architecture": architecture, **meta}
 
 
 def _gs1_key(names: list[str], upper: str) -> str:
@@ -141,16 +154,19 @@ def parse_gs1(folder: Path, hints: dict[str, Any]) -> FolderLayout:
             f"{where}: {W_enc} has shape [{d_in}, {d_sae}], but the folder name {path!r} says width "
             f"{info['d_sae']} (expected d_sae={info['d_sae']})"
         )
-    metadata = {
-        k: info[k]
-        for k in ("model_name", "hook_name", "hook_layer", "hf_hook_name", "hf_hook_side")
-        if k in info
-    }
+    metadata = {k: v for k, v in info.items() if k not in ("d_in", "d_sae", "architecture")}
     embedding = metadata.get("hook_name") == "hook_embed"
     if embedding:
         metadata["embedding_scale_folded"] = math.sqrt(d_in)
+    transcoder = info["architecture"] != "jumprelu"  # a Gemma Scope 1 transcoder writes the width it reads
     cfg = build_config(
-        where, architecture="jumprelu", d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, metadata=metadata
+        where,
+        architecture=info["architecture"],
+        d_in=d_in,
+        d_sae=d_sae,
+        d_out=d_in if transcoder else None,
+        apply_b_dec_to_input=False,
+        metadata=metadata,
     )
     tensors = [
         FileTensor(W_enc, (d_in, d_sae), "W_enc"),

@@ -28,6 +28,7 @@ FORMATS = {
     None: ("saelens", False),
     "sae_lens": ("saelens", False),
     "gemma_2": ("gemma-scope", False),
+    "gemma_2_transcoder": ("gemma-scope", False),
     "gemma_3": ("gemma-scope-2", False),
     "llama_scope": ("llama-scope", False),
     "llama_scope_r1_distill": ("llama-scope-r1", False),
@@ -74,16 +75,14 @@ def _from_metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def derive(fmt: str, repo_id: str, path: str, sae_id: str) -> dict[str, Any] | None:
-    """fast-steer's fields for one SAE or transcoder (None: skip it, e.g. a Gemma Scope 1 transcoder)."""
+    """fast-steer's fields for one SAE or transcoder (None: skip it, e.g. a Gemma Scope 2 CLT)."""
     if fmt == "gemma-scope":
-        if "transcoder" in repo_id:
-            return None
         info = gemma_scope.describe_gs1(repo_id, path)
         return {
             **_from_metadata(info),
             "d_in": info["d_in"],
             "d_sae": info["d_sae"],
-            "architecture": "jumprelu",
+            "architecture": info["architecture"],
             "apply_b_dec_to_input": False,
         }
     if fmt == "gemma-scope-2":

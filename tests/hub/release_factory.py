@@ -145,15 +145,23 @@ def _linear(d_in: int, d_sae: int, seed: int, dtype: torch.dtype) -> dict[str, t
 
 
 def llama_scope(
-    root: Path, path: str, layer: int, *, norm_scaling_factor: float, d_sae: int = 64, seed: int = 0
+    root: Path,
+    path: str,
+    layer: int,
+    *,
+    norm_scaling_factor: float,
+    d_sae: int = 64,
+    seed: int = 0,
+    site: str = "resid_post",
 ) -> dict[str, bytes]:
-    """`{path}/hyperparams.json` + `{path}/checkpoints/final.safetensors` (bf16, nn.Linear layout)."""
+    """`{path}/hyperparams.json` + `{path}/checkpoints/final.safetensors` (bf16, nn.Linear layout) of an SAE on
+    `blocks.{layer}.hook_{site}` (resid_post, attn_out or mlp_out)."""
     hyper = {
         "d_model": D_IN,
         "d_sae": d_sae,
         "expansion_factor": d_sae // D_IN,
-        "hook_point_in": f"blocks.{layer}.hook_resid_post",
-        "hook_point_out": f"blocks.{layer}.hook_resid_post",
+        "hook_point_in": f"blocks.{layer}.hook_{site}",
+        "hook_point_out": f"blocks.{layer}.hook_{site}",
         "jump_relu_threshold": 0.05,
         "dataset_average_activation_norm": {"in": math.sqrt(D_IN) / norm_scaling_factor, "out": 1.0},
         "dtype": "torch.bfloat16",

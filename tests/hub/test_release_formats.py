@@ -60,6 +60,12 @@ def _cases() -> dict[str, tuple]:
             lambda root, p: rf.gemma_scope_1(root, p, d_sae=4096, seed=7),
             {"d_in": rf.D_IN},
         ),
+        "gs1_transcoder": (
+            "gemma-scope-2b-pt-transcoders",
+            "layer_0/width_16k/average_l0_76",
+            lambda root, p: rf.gemma_scope_1(root, p, d_sae=16384, seed=23),
+            {"d_in": rf.D_IN, "d_out": rf.D_IN},
+        ),
         "gs2_res": (
             gs2,
             "layer_13_width_16k_l0_medium",
@@ -196,10 +202,15 @@ def test_sites_and_hooks(hub_cache):
     assert transcoder.metadata["hf_hook_name_out"] == "model.layers.13.post_feedforward_layernorm"
     edits = [{"feature": 0, "op": "add", "strength": 1.0}]
     # each is steered at its own site of layer 13; another layer is refused (unless allowed)
-    for sae, kind in ((res, "resid_post"), (attn, "attn_out"), (mlp, "mlp_out"), (transcoder, "transcoder")):
+    for sae, kind in ((res, "resid_post"), (attn, "attn_z"), (mlp, "mlp_out"), (transcoder, "transcoder")):
         assert Intervention(sae=sae, layer=13, edits=edits).check_model(26, rf.D_IN, sae) == Site(13, kind)
         with pytest.raises(SpecError, match="trained on layer 13"):
             Intervention(sae=sae, layer=12, edits=edits).check_model(26, rf.D_IN, sae)
+    gs1_transcoder = load_sae("gemma-scope-2b-pt-transcoders:layer_0/width_16k/average_l0_76")
+    assert gs1_transcoder.transcoder and gs1_transcoder.d_out == rf.D_IN
+    assert gs1_transcoder.metadata["hook_name_out"] == "blocks.0.hook_mlp_out"
+    spec = Intervention(sae=gs1_transcoder, layer=0, edits=edits)
+    assert spec.check_model(26, rf.D_IN, gs1_transcoder) == Site(0, "transcoder")
     embedding = load_sae("gemma-scope-2b-pt-res", _first("gemma-scope-2b-pt-res", "embedding/width_4k"))
     with pytest.raises(SpecError, match="reads hook_embed, which fast-steer cannot place a steering hook on"):
         Intervention(sae=embedding, layer=0, edits=edits).check_model(26, rf.D_IN, embedding)
@@ -283,6 +294,7 @@ REAL = [
     ("gemma-2b-it-res-jb", "blocks.12.hook_resid_post"),
     ("gemma-scope-2-4b-it-transcoders", "transcoder/layer_17_width_16k_l0_big_affine"),
     ("mwhanna-qwen3-4b-transcoders", "layer_3"),
+    ("gemma-scope-2b-pt-transcoders", "layer_0/width_16k/average_l0_76"),
 ]
 
 
@@ -306,6 +318,10 @@ def test_registry_matches_the_pinned_yaml():
         "blocks.17.hook_mlp_in",
     )
     assert (lookup(*REAL[9]).format, lookup(*REAL[9]).hook) == ("mwhanna-transcoder", "blocks.3.mlp.hook_in")
+    assert (lookup(*REAL[10]).architecture, lookup(*REAL[10]).hook) == (
+        "jumprelu_transcoder",
+        "blocks.0.ln2.hook_normalized",
+    )
 
 
 def test_unknown_release_or_id_lists_the_closest():
@@ -394,3 +410,28 @@ def test_llama_scope_r1_needs_the_norm_scale(tmp_path):
     rf.llama_scope_r1(tmp_path, "L15R", 15)
     with pytest.raises(SAEFormatError, match="needs its input norm scale"):
         load_sae(tmp_path / "L15R")
+
+
+def test_a_llama_scope_attn_out_sae_steers_the_attention_output(tmp_path):
+    """Llama Scope's `hook_attn_out` (after o_proj) is the `attn_out` site: a spec on it steers."""
+    from steer import Edit, SteeredModel
+    from steer.hooks import decoder_layers
+    from steer.sites import point_module
+    from tests.chat_families import family_model, family_tokenizer
+
+    rf.llama_scope(tmp_path, "L1A", 1, norm_scaling_factor=2.0, site="attn_out")
+    sae = load_sae(tmp_path / "L1A", dtype="float32")
+    assert sae.metadata["hook_name"] == "blocks.1.hook_attn_out"
+    tok = family_tokenizer("llama3")
+    sm = SteeredModel(family_model("llama3", n_layers=2, d_model=rf.D_IN), tok)
+    spec = Intervention(sae=sae, layer=1, edits=[Edit(0, "add", 20.0)], positions="all")
+    assert spec.check_model(2, rf.D_IN, sae) == Site(1, "attn_out")
+    o_proj = decoder_layers(sm.model)[1].self_attn.o_proj
+    assert point_module(decoder_layers(sm.model)[1], "attn_out") == (o_proj, "output")
+    ids = torch.tensor([tok.encode("Hello there, how are you?")])
+    with torch.no_grad():
+        plain = sm(input_ids=ids).logits
+        with sm.steer(spec) as report:
+            steered = sm(input_ids=ids).logits
+    assert report.positions == ids.shape[1]
+    assert (steered - plain).abs().max() > 1e-3

@@ -29,12 +29,14 @@ def family(request):
 
 def site_sae(sm: SteeredModel, kind: str, architecture: str = "standard", seed: int = 0) -> SAE:
     """A random SAE (or transcoder) trained, by its metadata, on `kind` of layer `LAYER`."""
-    if kind == "attn_out":
+    if kind == "attn_z":
         d_in = point_module(decoder_layers(sm.model)[LAYER], "attn_in")[0].in_features
         return random_sae(d_in, 32, architecture, seed, metadata={"hook_name": f"blocks.{LAYER}.attn.hook_z"})
-    if kind == "mlp_out":
-        meta = {"hook_name": f"blocks.{LAYER}.hook_mlp_out"}
-        return random_sae(sm.d_model, 32, architecture, seed, metadata=meta)
+    if kind in ("attn_out", "mlp_out"):
+        hook = "hook_attn_out" if kind == "attn_out" else "hook_mlp_out"
+        return random_sae(
+            sm.d_model, 32, architecture, seed, metadata={"hook_name": f"blocks.{LAYER}.{hook}"}
+        )
     meta = {"hook_name": f"blocks.{LAYER}.hook_mlp_in", "hook_name_out": f"blocks.{LAYER}.hook_mlp_out"}
     sae = random_sae(sm.d_model, 32, architecture, seed, d_out=sm.d_model, metadata=meta)
     if sae.skip:
@@ -117,7 +119,7 @@ def test_a_transcoder_edit_adds_exactly_its_decoder_delta_at_special_positions(f
     assert report.positions == int(special.sum())
 
 
-@pytest.mark.parametrize("kind", ["attn_out", "mlp_out", "transcoder"])
+@pytest.mark.parametrize("kind", ["attn_z", "attn_out", "mlp_out", "transcoder"])
 def test_kv_cache_equals_recompute(family, kind):
     sm, tok = family
     sae = site_sae(sm, kind, "jumprelu_transcoder" if kind == "transcoder" else "jumprelu")
@@ -133,16 +135,14 @@ def test_kv_cache_equals_recompute(family, kind):
             assert not torch.equal(cached, plain), f"the {positions} edit should change the greedy tokens"
 
 
-@pytest.mark.parametrize("kind", ["attn_out", "mlp_out"])
+@pytest.mark.parametrize("kind", ["attn_z", "attn_out", "mlp_out"])
 def test_sae_sites_edit_only_their_positions(family, kind):
-    """An attn_out / mlp_out edit at special positions leaves the other positions of its layer bit-identical."""
+    """An SAE edit at special positions leaves the other positions of its layer bit-identical."""
     sm, tok = family
     sae = site_sae(sm, kind)
     ids, mask = _inputs(tok)
     special = sm.special_tokens.mask(ids, mask)
-    module, side = point_module(
-        decoder_layers(sm.model)[LAYER], "attn_in" if kind == "attn_out" else "mlp_out"
-    )
+    module, side = point_module(decoder_layers(sm.model)[LAYER], "attn_in" if kind == "attn_z" else kind)
     spec = Intervention(layer=LAYER, sae=sae, edits=[Edit(0, "add", 5.0), Edit(1, "set", 3.0)])
 
     def run(steered: bool) -> torch.Tensor:
@@ -161,11 +161,47 @@ def test_sae_sites_edit_only_their_positions(family, kind):
     assert (steered[special] - plain[special]).norm(dim=-1).min() > 1.0
 
 
+@pytest.mark.parametrize("op", ["add", "set"])
+def test_an_attn_out_edit_adds_exactly_its_decoder_delta_at_special_positions(family, op):
+    """`hook_attn_out` SAEs edit what attention adds to the residual: Gemma's post-attention norm output (Gemma's
+    `post_attention_layernorm` follows attention), else `o_proj`'s output (Llama's is the pre-MLP norm)."""
+    sm, tok = family
+    sae = site_sae(sm, "attn_out")
+    block = decoder_layers(sm.model)[LAYER]
+    module, side = point_module(block, "attn_out")
+    gemma = hasattr(block, "pre_feedforward_layernorm")
+    assert side == "output" and module is (
+        block.post_attention_layernorm if gemma else block.self_attn.o_proj
+    )
+    ids, mask = _inputs(tok)
+    special = sm.special_tokens.mask(ids, mask)
+    spec = Intervention(layer=LAYER, sae=sae, edits=[Edit(5, op, 2.5)], positions="special")
+    before: list[torch.Tensor] = []
+    after: list[torch.Tensor] = []
+    with torch.no_grad(), sm.steer(spec) as report:
+        handles = [
+            module.register_forward_hook(lambda m, a, o: before.append(o.detach().clone()), prepend=True),
+            module.register_forward_hook(lambda m, a, o: after.append(o.detach().clone())),
+        ]
+        sm(input_ids=ids, attention_mask=mask)
+        for handle in handles:
+            handle.remove()
+    x = before[0][special]
+    if op == "add":
+        expected = (2.5 * sae.W_dec[5] / sae.W_dec[5].norm()).expand(len(x), -1)
+    else:
+        expected = (2.5 - sae.encode(x)[:, 5])[:, None] * sae.W_dec[5]
+    delta = after[0] - before[0]
+    assert torch.equal(delta[~special], torch.zeros_like(delta[~special])), "only special positions change"
+    torch.testing.assert_close(delta[special], expected, rtol=1e-5, atol=1e-5)
+    assert report.positions == int(special.sum())
+
+
 def test_mixed_rows_and_hooks_removed(family):
-    """A transcoder on row 0 and an attn_out SAE on row 2 of one batch: row 1 runs the plain model bit for bit,
+    """A transcoder on row 0 and an attn_z SAE on row 2 of one batch: row 1 runs the plain model bit for bit,
     each steered row replies as it does alone; no hook is left behind."""
     sm, tok = family
-    transcoder, attn = site_sae(sm, "transcoder", "jumprelu_transcoder"), site_sae(sm, "attn_out")
+    transcoder, attn = site_sae(sm, "transcoder", "jumprelu_transcoder"), site_sae(sm, "attn_z")
     specs = [
         Intervention(layer=LAYER, sae=transcoder, edits=[Edit(0, "add", 60.0), Edit(1, "set", 30.0)]),
         None,
@@ -194,14 +230,14 @@ def test_sites_that_cannot_be_placed_or_do_not_fit(family):
     embed = random_sae(sm.d_model, 16, metadata={"hook_name": "hook_embed"})
     with pytest.raises(SpecError, match="reads hook_embed, which fast-steer cannot place a steering hook on"):
         sm.compile(Intervention(layer=0, sae=embed, edits=[Edit(0)]))
-    attn_out = random_sae(sm.d_model, 16, metadata={"hook_name": f"blocks.{LAYER}.hook_attn_out"})
-    with pytest.raises(SpecError, match="hook_attn_out, which fast-steer cannot place"):
-        sm.compile(Intervention(layer=LAYER, sae=attn_out, edits=[Edit(0)]))
+    resid_pre = random_sae(sm.d_model, 16, metadata={"hook_name": "blocks.0.hook_resid_pre"})
+    with pytest.raises(SpecError, match="blocks.0.hook_resid_pre, which fast-steer cannot place"):
+        sm.compile(Intervention(layer=0, sae=resid_pre, edits=[Edit(0)]))
     wrong_width = random_sae(sm.d_model, 16, metadata={"hook_name": f"blocks.{LAYER}.attn.hook_z"})
     heads = point_module(decoder_layers(sm.model)[LAYER], "attn_in")[0].in_features
     if heads != sm.d_model:  # Gemma 3 and Qwen3 set head_dim apart from hidden_size / heads; Llama does not
         with pytest.raises(
-            SpecError, match=rf"reads d_in=48 but the model's attn_out width \(the o_proj input\) is {heads}"
+            SpecError, match=rf"reads d_in=48 but the model's attn_z width \(the o_proj input\) is {heads}"
         ):
             sm.compile(Intervention(layer=LAYER, sae=wrong_width, edits=[Edit(0)]))
     with pytest.raises(SpecError, match="trained on layer 1"):

@@ -25,6 +25,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from steer.chat_template import template_messages
 from steer.errors import ConfigError, FastSteerError
 
 if TYPE_CHECKING:
@@ -109,6 +110,15 @@ class FastSteerLM(HFLM):
             yield
         finally:
             self._steering_enabled = previous
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """HFLM's rendering, with the turns as `steer.chat_template.template_messages` gives them: a system message
+        is folded into the first user turn where the template has no system role (HFLM would drop it)."""
+        return super().apply_chat_template(
+            template_messages(self.tokenizer, chat_history), add_generation_prompt
+        )
 
     # Every model call lm-eval makes happens inside one of these three request methods.
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:

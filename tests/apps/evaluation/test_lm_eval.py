@@ -290,3 +290,16 @@ def test_an_unknown_task_is_one_clear_error(tiny, compare):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "Tasks not found: typo_task" in result.output and "mmlu_local" in result.output
     assert "lm-eval ls tasks" in result.output
+
+
+def test_a_system_message_is_folded_where_the_template_refuses_it():
+    """Gemma 2's template raises on a system role: the adapter folds it into the first user turn (HFLM drops it)."""
+    from steer.chat_template import fold_system
+    from tests.chat_families import family_model, family_tokenizer
+
+    tok = family_tokenizer("gemma2")
+    lm = FastSteerLM(pretrained=family_model("gemma2", n_layers=1), tokenizer=tok, device="cpu", batch_size=1)
+    chat = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello there"}]
+    rendered = lm.apply_chat_template(chat)
+    assert rendered == tok.apply_chat_template(fold_system(chat), tokenize=False, add_generation_prompt=True)
+    assert "Answer in French.\n\nHello there" in rendered
