@@ -72,6 +72,32 @@ def test_a_faulting_row_fails_alone(tiny):
     assert SECRET not in failed.text and "RuntimeError" not in failed.text
 
 
+def test_a_batch_that_fails_as_a_whole_reruns_its_rows_alone(tiny):
+    """A forward that fails for the whole batch (here: a real pre-hook on layer 0 that refuses the first batch
+    of several rows) costs nothing: each row that had sent nothing runs again alone and gets its solo reply."""
+    model, tok, sae_dir = tiny
+    refused = []
+
+    def refuse_first_batch(module, args):
+        hidden = args[0]
+        if hidden.shape[0] > 1 and not refused:
+            refused.append(hidden.shape[0])
+            raise RuntimeError(SECRET)
+
+    handle = model.model.layers[0].register_forward_pre_hook(refuse_first_batch)
+    try:
+        with serving(model, tok, sae_dir, max_batch=3, window=60.0) as server:
+            with ThreadPoolExecutor(3) as pool:
+                replies = list(pool.map(lambda text: _post(server, _body(text)), PROMPTS))
+            stats = health(server)
+    finally:
+        handle.remove()
+    assert refused == [3] and stats["batches"] == 1 and stats["failed_rows"] == 0
+    for reply, text in zip(replies, PROMPTS, strict=True):
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == hf_greedy(model, tok, text, 8)
+
+
 def test_engine_death_503_then_recovery(tiny):
     model, tok, sae_dir = tiny
 
