@@ -328,3 +328,36 @@ def test_layout_is_safetensors_and_json_only(collection):
     manifest = json.loads((collection.folder / store.MANIFEST).read_text())
     assert manifest["data"]["conversations"] == N_UNIQUE + DUPLICATES
     assert manifest["settings"]["model"] == "tiny-llama"
+
+
+def test_the_index_merge_equals_a_direct_sort(tmp_path):
+    """`store.build_index` (a two-pass counting sort, one chunk in memory) gives each feature's entries in token
+    order, as sorting every (feature, token) pair at once does."""
+    from train.interp import store
+
+    rng = np.random.default_rng(0)
+    d_sae, bins, entries, start = 30, 5, [], 0
+    (tmp_path / store.CHUNKS).mkdir()
+    for i in range(3):
+        n_tok = int(rng.integers(10, 30))
+        nnz = rng.integers(0, 5, size=n_tok)
+        features = np.concatenate([rng.choice(d_sae, size=k, replace=False) for k in nnz]).astype(np.int32)
+        values = (rng.random(len(features)) * 3).astype(np.float16)
+        rows = np.repeat(np.arange(n_tok) + start, nnz)
+        entries += list(zip(features.tolist(), rows.tolist(), values.tolist(), strict=True))
+        chunk = {"token_ids": rng.integers(0, 50, n_tok).astype(np.int32), "special": rng.random(n_tok) < 0.2,
+                 "offsets": np.array([0, n_tok // 2, n_tok]), "indptr": np.concatenate([[0], np.cumsum(nnz)]),
+                 "features": features, "values": values}  # fmt: skip
+        store.write_atomic(store.chunk_path(tmp_path, i), chunk)
+        start += n_tok
+    stats = store.build_index(tmp_path, 3, d_sae, bins, skip_first=False)
+    index = load_file(str(tmp_path / store.INDEX))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    assert stats["nonzero"] == len(entries) and stats["tokens"] == start
+    assert index["token_index"].tolist() == [e[1] for e in entries]
+    assert index["values"].tolist() == [e[2] for e in entries]
+    assert (
+        np.diff(index["feature_ptr"]).tolist()
+        == np.bincount([e[0] for e in entries], minlength=d_sae).tolist()
+    )
+    assert index["histogram"].sum() == len(entries) and index["histogram"].shape == (d_sae, bins)

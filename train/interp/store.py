@@ -54,38 +54,52 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def build_index(folder: Path, n_chunks: int, d_sae: int, bins: int, skip_first: bool) -> dict[str, Any]:
-    """Merge the chunks into `tokens.safetensors` and the per-feature `index.safetensors`; their statistics."""
-    chunks = [load_file(str(chunk_path(folder, i))) for i in range(n_chunks)]
-    token_ids = np.concatenate([c["token_ids"] for c in chunks])
-    special = np.concatenate([c["special"] for c in chunks])
-    starts = np.cumsum([0] + [len(c["token_ids"]) for c in chunks])
-    offsets = np.concatenate(
-        [c["offsets"][:-1] + s for c, s in zip(chunks, starts[:-1], strict=True)] + [starts[-1:]]
-    ).astype(np.int64)
-    rows = np.concatenate(
-        [
-            np.repeat(np.arange(len(c["token_ids"])) + s, np.diff(c["indptr"]))
-            for c, s in zip(chunks, starts[:-1], strict=True)
-        ]
-    )
-    if len(token_ids) >= 2**31:
-        raise ValueError(f"{len(token_ids)} tokens exceed the int32 token index; collect fewer instances")
-    features = np.concatenate([c["features"] for c in chunks]).astype(np.int64)
-    values = np.concatenate([c["values"] for c in chunks])
-    del chunks
-    order = np.argsort(features, kind="stable")  # chunks are in token order: stays ascending per feature
-    count = np.bincount(features, minlength=d_sae).astype(np.int64)
-    features = features[order]
-    token_index = rows[order].astype(np.int32)
-    values = values[order]
+    """Merge the chunks into `tokens.safetensors` and the per-feature `index.safetensors`; their statistics.
+
+    Two passes over the chunks, one chunk in memory at a time: the first counts each feature's entries and
+    its peak, the second writes each chunk's entries into their feature's slice (a counting sort; chunks are
+    in token order, so each slice stays ascending). Memory: the index itself plus one chunk."""
+    paths = [chunk_path(folder, i) for i in range(n_chunks)]
+    count, peak = np.zeros(d_sae, dtype=np.int64), np.zeros(d_sae, dtype=np.float32)
+    token_ids, special, offsets, dtype, start = [], [], [], np.dtype(np.float32), 0
+    for path in paths:
+        c = load_file(str(path))
+        token_ids.append(c["token_ids"])
+        special.append(c["special"])
+        offsets.append(c["offsets"][:-1] + start)
+        start += len(c["token_ids"])
+        dtype = c["values"].dtype
+        features, values, first, chunk_count = _by_feature(c, d_sae)
+        live = chunk_count > 0
+        if live.any():
+            peak[live] = np.maximum(peak[live], np.maximum.reduceat(values.astype(np.float32), first[live]))
+        count += chunk_count
+    if start >= 2**31:
+        raise ValueError(f"{start} tokens exceed the int32 token index; collect fewer instances")
+    token_ids, special = np.concatenate(token_ids), np.concatenate(special)
+    offsets = np.concatenate([*offsets, [start]]).astype(np.int64)
     feature_ptr = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
-    peak = np.zeros(d_sae, dtype=np.float32)
+    token_index = np.empty(int(feature_ptr[-1]), dtype=np.int32)
+    values = np.empty(int(feature_ptr[-1]), dtype=dtype)
+    histogram = np.zeros(d_sae * bins, dtype=np.int64)
+    scale = np.where(peak > 0, peak, 1.0)
+    cursor, start = feature_ptr[:-1].copy(), 0
+    for path in paths:
+        c = load_file(str(path))
+        rows = np.repeat(np.arange(len(c["token_ids"]), dtype=np.int64) + start, np.diff(c["indptr"]))
+        start += len(c["token_ids"])
+        order = np.argsort(c["features"], kind="stable")
+        features, chunk_values, first, chunk_count = _by_feature(c, d_sae, order)
+        slots = cursor[features] + np.arange(len(features)) - first[features]  # rank inside the feature
+        token_index[slots] = rows[order]
+        values[slots] = chunk_values
+        cursor += chunk_count
+        slot = np.minimum(
+            (chunk_values.astype(np.float32) / scale[features] * bins).astype(np.int64), bins - 1
+        )
+        histogram += np.bincount(features * bins + slot, minlength=d_sae * bins)
     live = count > 0
-    if live.any():
-        peak[live] = np.maximum.reduceat(values.astype(np.float32), feature_ptr[:-1][live])
-    scale = np.where(peak > 0, peak, 1.0)[features]
-    slot = np.minimum((values.astype(np.float32) / scale * bins).astype(np.int64), bins - 1)
-    histogram = np.bincount(features * bins + slot, minlength=d_sae * bins).reshape(d_sae, bins)
+    histogram = histogram.reshape(d_sae, bins)
     write_atomic(folder / TOKENS, {"token_ids": token_ids, "special": special, "offsets": offsets})
     write_atomic(
         folder / INDEX,
@@ -108,6 +122,18 @@ def build_index(folder: Path, n_chunks: int, d_sae: int, bins: int, skip_first: 
         "mean_l0": float(len(values) / max(counted, 1)),
         "live_features": int(live.sum()),
     }
+
+
+def _by_feature(
+    chunk: dict[str, np.ndarray], d_sae: int, order: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A chunk's entries grouped by feature (stable, so in token order inside a feature): features, values,
+    each feature's first position among them, and its count."""
+    order = np.argsort(chunk["features"], kind="stable") if order is None else order
+    features = chunk["features"].astype(np.int64)[order]
+    count = np.bincount(features, minlength=d_sae).astype(np.int64)
+    first = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    return features, chunk["values"][order], first, count
 
 
 def remove_chunks(folder: Path) -> None:
