@@ -355,12 +355,12 @@ def run_environment(device: str) -> dict[str, Any]:
     import platform
 
     import torch
-    import transformers
+
+    from hub.model import library_versions
 
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **library_versions(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
         "device": device,
         "load average at the end (1/5/15 min)": " ".join(f"{x:.1f}" for x in os.getloadavg()),

@@ -124,7 +124,9 @@ def environment(device: str) -> dict:
     import torch
     import transformers
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+    from hub.model import library_versions
+
+    env = {"python": platform.python_version(), **library_versions(),
            "transformers_from": str(Path(transformers.__file__).parent), "cuda_available": torch.cuda.is_available()}  # fmt: skip
     if device.startswith("cuda") and torch.cuda.is_available():
         env |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,

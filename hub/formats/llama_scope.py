@@ -72,6 +72,20 @@ def _linear_tensors(d_in: int, d_sae: int) -> list[FileTensor]:
     ]
 
 
+def _config(where: str, raw: dict[str, Any], model: str, d_in: int, d_sae: int, scale: float) -> SAEConfig:
+    """The JumpReLU config both Llama Scope layouts share: no b_dec on the input, inputs scaled by `scale`."""
+    return build_config(
+        where,
+        architecture="jumprelu",
+        d_in=d_in,
+        d_sae=d_sae,
+        apply_b_dec_to_input=False,
+        normalize_activations="expected_average_only_in",
+        norm_scaling_factor=scale,
+        metadata={"model_name": model, **hook_metadata(raw.get("hook_point_in"), where)},
+    )
+
+
 def parse_v1(folder: Path, hints: dict[str, Any]) -> FolderLayout:
     where = str(folder / V1_CONFIG_FILE)
     raw = read_json(folder / V1_CONFIG_FILE)
@@ -82,17 +96,7 @@ def parse_v1(folder: Path, hints: dict[str, Any]) -> FolderLayout:
     scale = _norm_factor(raw, d_in, where)
     if scale is None:
         raise SAEFormatError(f"{where}: lacks dataset_average_activation_norm.in (the input norm scale)")
-    metadata = {"model_name": "meta-llama/Llama-3.1-8B", **hook_metadata(raw.get("hook_point_in"), where)}
-    cfg = build_config(
-        where,
-        architecture="jumprelu",
-        d_in=d_in,
-        d_sae=d_sae,
-        apply_b_dec_to_input=False,
-        normalize_activations="expected_average_only_in",
-        norm_scaling_factor=scale,
-        metadata=metadata,
-    )
+    cfg = _config(where, raw, "meta-llama/Llama-3.1-8B", d_in, d_sae, scale)
 
     def fold(loaded: Tensors) -> None:  # SAELens: a scalar threshold, multiplied by the norm scale
         loaded["threshold"] = torch.full_like(loaded["b_enc"], float(threshold) * scale)
@@ -112,20 +116,7 @@ def parse_r1(folder: Path, hints: dict[str, Any]) -> FolderLayout:
             "load it by its release id (fast-steer's registry has it), e.g. "
             "llama_scope_r1_distill:l15r_800m_slimpajama"
         )
-    metadata = {
-        "model_name": "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
-        **hook_metadata(raw.get("hook_point_in"), where),
-    }
-    cfg = build_config(
-        where,
-        architecture="jumprelu",
-        d_in=d_in,
-        d_sae=d_sae,
-        apply_b_dec_to_input=False,
-        normalize_activations="expected_average_only_in",
-        norm_scaling_factor=float(scale),
-        metadata=metadata,
-    )
+    cfg = _config(where, raw, "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", d_in, d_sae, float(scale))
     tensors = [
         *_linear_tensors(d_in, d_sae),
         FileTensor("log_jumprelu_threshold", (d_sae,), "threshold", torch.exp),

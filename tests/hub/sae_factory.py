@@ -4,13 +4,18 @@ formats we read (a FAST-release SAELens 5.3.3 folder, an EleutherAI sparsify fol
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from hub import sae_metadata
 from steer.sae import SAE, SAEConfig, build_sae
+
+SAELENS_PYTHON = Path(__file__).resolve().parents[2] / ".venv-saelens" / "bin" / "python"
 
 
 def random_sae(
@@ -164,3 +169,21 @@ def fake_hub_cache(root, repo_id: str, files: dict[str, bytes]) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return commit
+
+
+def run_saelens_worker(worker: Path, work: Path) -> None:
+    """Run `worker` (a script reading and writing `work`) with SAELens's venv, offline, reading the Hugging Face
+    cache `work/hf-cache` (`fake_hub_cache`); fail the test with its stderr when it fails."""
+    if not SAELENS_PYTHON.exists():
+        pytest.fail(f"{SAELENS_PYTHON} is missing: run `make saelens-venv` (SAELens lives in its own venv)")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "HF_HUB_CACHE": str(work / "hf-cache"),
+    }
+    proc = subprocess.run(
+        [str(SAELENS_PYTHON), str(worker), str(work)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, f"SAELens worker failed:\n{proc.stderr[-4000:]}"

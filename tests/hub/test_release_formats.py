@@ -5,8 +5,6 @@ same synthetic files: same feature activations. Also: the registry against the p
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import huggingface_hub
@@ -22,10 +20,9 @@ from hub.sae_io import describe_reference
 from steer.sites import Site
 from steer.spec import Intervention, SpecError, parse_sae_ref
 from tests.hub import release_factory as rf
-from tests.hub.sae_factory import fake_hub_cache
+from tests.hub.sae_factory import fake_hub_cache, run_saelens_worker
 
 REPO = Path(__file__).resolve().parents[2]
-SAELENS_PYTHON = REPO / ".venv-saelens" / "bin" / "python"
 SAELENS_YAML = next(
     (REPO / ".venv-saelens" / "lib").glob("python*/site-packages/sae_lens/pretrained_saes.yaml"), None
 )
@@ -148,19 +145,7 @@ def releases_cache(tmp_path_factory):
     save_file({"x": x}, str(work / "inputs.safetensors"))
     spec = [{"name": n, "release": r, "sae_id": i, "cfg_overrides": o} for n, (r, i, _, o) in cases.items()]
     (work / "cases.json").write_text(json.dumps(spec))
-    if not SAELENS_PYTHON.exists():
-        pytest.fail(f"{SAELENS_PYTHON} is missing: run `make saelens-venv` (SAELens lives in its own venv)")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONWARNINGS": "ignore",
-        "HF_HUB_CACHE": str(work / "hf-cache"),
-    }
-    proc = subprocess.run(
-        [str(SAELENS_PYTHON), str(WORKER), str(work)], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert proc.returncode == 0, f"SAELens worker failed:\n{proc.stderr[-4000:]}"
+    run_saelens_worker(WORKER, work)
     return work, x, load_file(str(work / "saelens_release_out.safetensors"))
 
 

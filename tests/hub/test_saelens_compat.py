@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,15 @@ from safetensors.torch import load_file, save_file
 
 from hub import load_sae, sae_layer, save_sae
 from hub.publish import push_saes
-from tests.hub.sae_factory import fake_hub_cache, random_sae, write_fast_release_sae, write_sparsify_sae
+from tests.hub.sae_factory import (
+    fake_hub_cache,
+    random_sae,
+    run_saelens_worker,
+    write_fast_release_sae,
+    write_sparsify_sae,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-SAELENS_PYTHON = REPO / ".venv-saelens" / "bin" / "python"
 WORKER = Path(__file__).with_name("saelens_worker.py")
 HUB_REPO = "me/tiny-saes"
 
@@ -36,8 +39,6 @@ CONVERTED = ("from_fast_release", "from_sparsify")
 @pytest.fixture(scope="module")
 def exchange(tmp_path_factory):
     """Our folders and inputs in a work dir, the SAELens worker run once over them; its outputs."""
-    if not SAELENS_PYTHON.exists():
-        pytest.fail(f"{SAELENS_PYTHON} is missing: run `make saelens-venv` (SAELens lives in its own venv)")
     work = tmp_path_factory.mktemp("saelens")
     torch.manual_seed(0)
     x = torch.randn(8, 16) * 3 + 0.5
@@ -64,17 +65,7 @@ def exchange(tmp_path_factory):
         },
     )
     (work / "hub.json").write_text(json.dumps({"repo": HUB_REPO, "sae_ids": pushed.sae_ids}))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONWARNINGS": "ignore",
-        "HF_HUB_CACHE": str(work / "hf-cache"),
-    }
-    proc = subprocess.run(
-        [str(SAELENS_PYTHON), str(WORKER), str(work)], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert proc.returncode == 0, f"SAELens worker failed:\n{proc.stderr[-4000:]}"
+    run_saelens_worker(WORKER, work)
     return work, x, saes, load_file(str(work / "saelens_out.safetensors")), pushed.sae_ids
 
 

@@ -93,3 +93,12 @@ def hf_greedy(model, tokenizer, text: str, n: int) -> str:
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def wait_for(predicate, what: str, seconds: float = 120.0) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `seconds` (a hang guard, not a speed bound)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)

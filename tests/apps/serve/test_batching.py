@@ -7,7 +7,6 @@ import gc
 import json
 import socket
 import threading
-import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,7 @@ import torch
 
 from apps.serve.auth import check_bind, is_loopback
 from apps.serve.rows import Row, RowDecoder
-from tests.apps.serve.helpers import OTHER, STRONG, chat, client, health, serving, tiny_parts
+from tests.apps.serve.helpers import OTHER, STRONG, chat, client, health, serving, tiny_parts, wait_for
 from tests.steer.helpers import chat_ids, greedy, pad_batch
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Say hi", "Why is the sky blue?"]
@@ -27,14 +26,6 @@ PROMPTS = ["What is the capital of France?", "Name three colours.", "Say hi", "W
 @pytest.fixture(scope="module")
 def tiny(chatml_tokenizer, tmp_path_factory):
     return tiny_parts(chatml_tokenizer, tmp_path_factory.mktemp("serve_batching"))
-
-
-def _wait_for(predicate, what: str, seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_mixed_batch_equals_each_request_alone(tiny):
@@ -85,7 +76,7 @@ def test_full_queue_answers_429_at_once(tiny):
         running = chat(cl, PROMPTS[0], max_tokens=2000, stream=True)
         next(iter(running))  # the first request is generating
         queued = ThreadPoolExecutor(1).submit(chat, cl, PROMPTS[1], max_tokens=4)
-        _wait_for(lambda: health(server)["queued"] == 1, "the second request to be queued")
+        wait_for(lambda: health(server)["queued"] == 1, "the second request to be queued")
         with pytest.raises(openai.RateLimitError) as caught:
             chat(cl, PROMPTS[2], max_tokens=4)
         assert health(server)["queued"] == 1, "refused while the queue was full, not after waiting"
@@ -126,7 +117,7 @@ def _give_up_while_running(server, body: dict) -> None:
     running = health(server)["running"]
     with socket.create_connection((url.host, url.port)) as sock:
         sock.sendall(head.encode() + content)
-        _wait_for(lambda: health(server)["running"] == running + 1, "the row to run")
+        wait_for(lambda: health(server)["running"] == running + 1, "the row to run")
 
 
 def test_disconnect_cancels_the_row_and_keeps_nothing(tiny):
@@ -137,7 +128,7 @@ def test_disconnect_cancels_the_row_and_keeps_nothing(tiny):
         chunks = iter(stream)
         next(chunks), next(chunks)
         stream.close()
-        _wait_for(
+        wait_for(
             lambda: health(server)["cancelled_rows"] == before["cancelled_rows"] + 1, "the row to cancel"
         )
         after = health(server)
@@ -145,7 +136,7 @@ def test_disconnect_cancels_the_row_and_keeps_nothing(tiny):
 
         _give_up_while_running(server, {"model": "tiny", "max_tokens": 1000, "min_tokens": 1000,
                                         "messages": [{"role": "user", "content": PROMPTS[3]}]})  # fmt: skip
-        _wait_for(
+        wait_for(
             lambda: health(server)["cancelled_rows"] == before["cancelled_rows"] + 2, "the row to cancel"
         )
         after = health(server)
@@ -158,13 +149,13 @@ def test_disconnect_cancels_the_row_and_keeps_nothing(tiny):
 
         for _ in range(20):  # warm-up: allocator pools, compiled specs, connection pools
             disconnect()
-        _wait_for(lambda: health(server)["running"] == 0, "the last row to end")
+        wait_for(lambda: health(server)["running"] == 0, "the last row to end")
         tracemalloc.start()
         gc.collect()
         start_size = tracemalloc.get_traced_memory()[0]
         for _ in range(200):
             disconnect()
-        _wait_for(lambda: health(server)["running"] == 0, "the last row to end")
+        wait_for(lambda: health(server)["running"] == 0, "the last row to end")
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - start_size
         tracemalloc.stop()

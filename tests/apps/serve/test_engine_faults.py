@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from apps.serve.rows import Row
-from tests.apps.serve.helpers import MODEL, health, hf_greedy, serving, tiny_parts
+from tests.apps.serve.helpers import MODEL, health, hf_greedy, serving, tiny_parts, wait_for
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Say hi"]
 SECRET = "the secret text of a bug"
@@ -33,14 +32,6 @@ def _body(text: str, **fields) -> dict:
 
 def _post(server, body: dict) -> httpx.Response:
     return httpx.post(server.url + "/chat/completions", json=body, timeout=120)
-
-
-def _wait_for(predicate, what: str, seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +106,7 @@ def test_engine_death_503_then_recovery(tiny):
         assert "engine thread died" in down.json()["reason"]
         error = refused.json()["error"]
         assert refused.status_code == 503 and error["code"] == "engine_unavailable", refused.text
-        _wait_for(lambda: httpx.get(base + "/health").status_code == 200, "the engine's restart")
+        wait_for(lambda: httpx.get(base + "/health").status_code == 200, "the engine's restart")
         again = _post(server, _body(PROMPTS[1]))
         assert again.status_code == 200
         assert again.json()["choices"][0]["message"]["content"] == hf_greedy(model, tok, PROMPTS[1], 8)
@@ -142,7 +133,7 @@ def test_request_timeout_504_and_stream_error(tiny):
                 events = [line.removeprefix("data: ") for line in stream.iter_lines() if line]
             assert json.loads(events[-1])["error"]["code"] == "request_timeout"
             release.set()
-            _wait_for(lambda: health(server)["cancelled_rows"] == 2, "both rows to be cancelled")
+            wait_for(lambda: health(server)["cancelled_rows"] == 2, "both rows to be cancelled")
             assert health(server)["queued"] == 0
     finally:
         release.set()
