@@ -21,6 +21,7 @@ import torch
 
 from hub.formats.base import FileTensor, FolderLayout, Tensors, build_config, positive_int, transpose
 from hub.validate import SAEFormatError, read_json
+from steer.sae import SAEConfig
 
 V1_CONFIG_FILE = "hyperparams.json"
 V1_WEIGHTS_FILE = "checkpoints/final.safetensors"
