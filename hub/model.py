@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from hub.cache import hub_reachable
 from hub.default_model import DEFAULT_HUB_ID, cached_default_dir, convert_default_from_wheel
@@ -122,6 +128,7 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     device_map: DeviceMap | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load `ref`: `"default"` (SmolLM2-135M-Instruct), a local folder, or a Hugging Face model id.
 
@@ -131,6 +138,8 @@ def load_model(
     `dtype="auto"`: `fast_dtype(device)`; `device` as `resolve_device` takes it (`auto` included).
     `device_map`: spread the model over devices with accelerate (GPUs, CPU, disk, as `DeviceMap` says)
     instead of moving it to `device`, which then only picks the `auto` dtype.
+    `weights=False`: the model's modules on the meta device, no weights read (enough to check specs against
+    it, e.g. for a server whose engine, vLLM, loads the weights itself).
     """
     device = resolve_device(device)
     torch_dtype = dtype_from_name(resolve_dtype(dtype, device))
@@ -139,14 +148,20 @@ def load_model(
     for route, folder in _routes(ref):
         try:
             path = folder()
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement)
+            if weights:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement)
+            else:
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(
+                        AutoConfig.from_pretrained(path), dtype=torch_dtype
+                    )
             tokenizer = AutoTokenizer.from_pretrained(path)
         except ROUTE_MISSES as exc:
             failures.append(f"- {route}: {type(exc).__name__}: {exc}")
             log.info("model route %s failed: %s", route, exc)
             continue
         # outside the route choice: running out of memory is no miss
-        model = (model if placement else model.to(device)).eval()
+        model = (model if placement or not weights else model.to(device)).eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), ref=ref)

@@ -125,6 +125,15 @@ class SpecialTokens:
         marked_ids = set(ids) | {tok for _, seq in keep_roles for tok in seq}
         return SpecialTokens(ids, keep_roles, tuple((i, n) for i, n in self.names if i in marked_ids))
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpecialTokens:
+        """The automaton `to_dict` described (sent to processes that have no tokenizer, e.g. vLLM workers)."""
+        roles = tuple((role, tuple(seq)) for role, seq in data["roles"].items())
+        names = dict(zip(data["special_ids"], data["special_tokens"], strict=True))
+        for role, seq in roles:
+            names.update(zip(seq, data["role_tokens"][role], strict=True))
+        return cls(tuple(data["special_ids"]), roles, tuple(names.items()))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (for SAE metadata and reports)."""
         names = dict(self.names)
@@ -134,6 +143,26 @@ class SpecialTokens:
             "roles": {role: list(seq) for role, seq in self.roles},
             "role_tokens": {role: [names[i] for i in seq] for role, seq in self.roles},
         }
+
+
+class MarkedSequence:
+    """The marks of one growing sequence by absolute position: the automaton runs once over each position, so
+    marks stay right however the sequence is fed (in chunks, from a cached prefix, recomputed after eviction)."""
+
+    def __init__(self, special: SpecialTokens) -> None:
+        self.special = special
+        self.states: list[int] = []  # the automaton's state after each position seen so far
+
+    def marks(self, positions: Sequence[int], tokens: Sequence[int], history: Sequence[int]) -> list[bool]:
+        """Whether each of `positions` (fed `tokens` now) is marked; positions before them that were never fed
+        here (a cached prefix) are read from `history`, the sequence's tokens so far."""
+        fed = dict(zip(positions, tokens, strict=True))
+        state = self.states[-1] if self.states else OUTSIDE
+        for position in range(len(self.states), max(positions, default=-1) + 1):
+            token = fed[position] if position in fed else history[position]
+            state = self.special.step(state, token)
+            self.states.append(state)
+        return [self.states[p] != OUTSIDE for p in positions]
 
 
 def marked(states: Sequence[int], real: Sequence[bool] | None = None) -> list[bool]:

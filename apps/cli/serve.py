@@ -73,6 +73,38 @@ LIMITS = "apps.serve.schemas:Limits"
 @device_option
 @device_map_options
 @click.option("--dtype", default="float32", show_default=True, help="float32 | bfloat16 | float16 | auto")
+@click.option(
+    "--engine",
+    type=click.Choice(["hf", "vllm"]),
+    default="hf",
+    show_default=True,
+    help="hf: windowed batching over HF generate (the reference); vllm: vLLM's continuous batching and paged "
+    "KV cache (needs vLLM: `make vllm-venv`, then .venv-vllm/bin/fast-steer).",
+)
+@click.option(
+    "--vllm-max-batched-tokens",
+    type=click.IntRange(1),
+    default=None,
+    help="vllm: tokens per engine step, i.e. the prefill chunk [default: vLLM's].",
+)
+@click.option(
+    "--vllm-memory-utilization",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="vllm: share of GPU memory (on CPU, of host memory) vLLM reserves [default: 0.9 GPU, 0.1 CPU].",
+)
+@click.option(
+    "--vllm-max-model-len",
+    type=click.IntRange(1),
+    default=None,
+    help="vllm: positions per sequence [default: the model's context].",
+)
+@click.option(
+    "--vllm-prefix-caching/--no-vllm-prefix-caching",
+    default=True,
+    show_default=True,
+    help="vllm: share the KV cache of common prompt prefixes (steered rows are salted by their spec).",
+)
 @config_option(LIMITS, "max_batch", "--max-batch", type=click.IntRange(1, 256), help="Rows per batch.")
 @click.option(
     "--batch-window-ms",
@@ -146,6 +178,11 @@ def serve_command(
     device: str,
     device_map: DeviceMap | None,
     dtype: str,
+    engine: str,
+    vllm_max_batched_tokens: int | None,
+    vllm_memory_utilization: float | None,
+    vllm_max_model_len: int | None,
+    vllm_prefix_caching: bool,
     batch_window_ms: float,
     **limit_values: int | float,
 ) -> None:
@@ -153,17 +190,34 @@ def serve_command(
     from apps.serve.auth import check_bind
     from apps.serve.loading import default_steering, load_named_saes
     from apps.serve.schemas import Limits
-    from apps.serve.server import make_service, serve
-    from hub import load_model
+    from apps.serve.server import VllmServe, make_service, serve
+    from apps.serve.vllm_engine import VllmOptions, import_vllm
+    from hub import load_model, resolve_device
     from steer.hooks import input_device
 
     check_bind(host, api_key)
     limits = Limits(**limit_values)  # every other option is a `Limits` field of the same name
-    loaded = load_model(model_ref, dtype=dtype, device=device, device_map=device_map)
+    vllm = None
+    if engine == "vllm":
+        import_vllm()  # its clear error before anything loads
+        if device_map is not None:
+            raise click.UsageError("--device-map is for --engine hf; vLLM places the model itself")
+    # with vLLM the model here only checks specs: its modules on the meta device, no weights read
+    loaded = load_model(model_ref, dtype=dtype, device=device, device_map=device_map, weights=engine == "hf")
+    if engine == "vllm":
+        options = VllmOptions(
+            vllm_max_batched_tokens, vllm_memory_utilization, vllm_max_model_len, vllm_prefix_caching
+        )
+        vllm = VllmServe(loaded.source, dtype, resolve_device(device), options)
     d_model = loaded.model.config.get_text_config().hidden_size
-    home = input_device(loaded.model)  # each SAE moves to the device of its layer when a spec compiles
+    # each SAE moves to the device of its layer when a spec compiles; with vLLM, read and checked on the CPU,
+    # then kept here as shapes only (meta): the workers load their own copies
+    home = input_device(loaded.model) if vllm is None else "cpu"
     saes = load_named_saes(list(sae_args), home, d_model)
     default = default_steering(spec_path, saes, home, d_model) if spec_path else None
+    if vllm is not None:
+        for s in saes:
+            s.sae.to("meta")
     name = served_model_name or (Path(loaded.source).name if model_ref == "default" else model_ref)
     service = make_service(
         loaded.model,
@@ -177,6 +231,7 @@ def serve_command(
         allow_hosts=allow_hosts,
         docs=docs,
         default_steering=default,
+        vllm=vllm,
     )
     for s in saes:
         click.echo(f"SAE {s.name}: layer {s.sae.layer}, {s.sae.d_in}x{s.sae.d_sae} {s.sae.cfg.architecture}")

@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 
 from apps.serve.auth import Gate
-from apps.serve.engine import Engine, EngineDown, QueueFull
 from apps.serve.errors import APIError, install_error_handlers
 from apps.serve.labels import search_features
 from apps.serve.responses import Choice, ResponseFormat, sse
@@ -38,6 +37,7 @@ from apps.serve.schemas import (
     SteeringUpdate,
 )
 from apps.serve.steering import RowSpec, Steering
+from apps.serve.supervised import EngineDown, QueueFull, SupervisedEngine
 from steer import SteeredModel
 from steer.chat_template import template_messages
 
@@ -64,7 +64,7 @@ class Service:
 
     sm: SteeredModel
     steering: Steering
-    engine: Engine
+    engine: SupervisedEngine
     limits: Limits
     model_name: str
     api_key: str | None = None

@@ -6,17 +6,12 @@ One worker thread owns the model. It waits for a request, collects more for `win
 model bit for bit). A logits processor chooses each row's token with that row's own sampler, so a greedy
 row's reply is what it would be alone wherever the plain model is batch-invariant; a stopping criterion
 ends rows one by one (end of turn, stop string, max tokens, a client that went away) while the others go on.
-A full queue refuses at once (`QueueFull`); nothing waits for room.
 
 Faults stay with their row: an exception while choosing or decoding one row's token fails that row only,
 and when a whole batch fails (its forward pass), the rows that have sent nothing yet are run again one by
-one, so only the row that causes it fails. A client is told a bug's error id, never its text (the traceback
-is logged under that id); a `FastSteerError` (what the user asked for) keeps its message. `fault`, a
-callable run on each row before each of its tokens, lets tests and the soak bench make a row raise.
-
-A supervisor thread runs the worker thread. If the worker dies, the rows in flight and in the queue fail
-with 503, `down` says why (`/health` answers 503 with it), new requests get `EngineDown` at once, and a
-fresh worker starts after `restart_delay` seconds.
+one, so only the row that causes it fails. `fault`, a callable run on each row before each of its tokens,
+lets tests and the soak bench make a row raise. The queue, the counters and the supervision of the worker
+thread are `apps.serve.supervised`'s.
 """
 
 from __future__ import annotations
@@ -24,12 +19,9 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
 
 import torch
 from transformers import (
@@ -40,60 +32,26 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from apps.serve.errors import log_internal
 from apps.serve.rows import Failure, Row, RowDecoder
 from apps.serve.sampling import RowSampler
-from steer import FastSteerError, SteeredModel
+from apps.serve.supervised import (
+    RESTART_DELAY,
+    EngineDown,
+    EngineStats,
+    QueueFull,
+    SupervisedEngine,
+    bug_failure,
+    context_length,
+    end_of_turn_ids,
+)
+from steer import SteeredModel
 from steer.positions import pad_token_id
+
+__all__ = ["RESTART_DELAY", "Engine", "EngineDown", "EngineStats", "Fault", "QueueFull", "context_length"]
 
 log = logging.getLogger(__name__)
 
-RESTART_DELAY = 1.0  # seconds between the worker thread's death and its replacement
-UNSET_MAX_LENGTH = 10**9  # a tokenizer's model_max_length above this is transformers' "not set"
-
 Fault = Callable[[Row], None]
-
-
-class QueueFull(Exception):
-    """The engine's queue already holds `max_queue` requests."""
-
-
-class EngineDown(Exception):
-    """The worker thread died and has not been replaced yet; the message says why."""
-
-
-def context_length(model, tokenizer) -> int | None:
-    """The positions the model can attend to: its config's `max_position_embeddings` (GPT-2's `n_positions`),
-    else the tokenizer's `model_max_length` when it sets one; None when neither says."""
-    n = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if isinstance(n, int) and n > 0:
-        return n
-    n = getattr(tokenizer, "model_max_length", None)
-    return n if isinstance(n, int) and 0 < n < UNSET_MAX_LENGTH else None
-
-
-def bug_failure(what: str, exc: BaseException) -> Failure:
-    """What a client is told of an exception: a `FastSteerError`'s own message (400), else a logged error id."""
-    if isinstance(exc, FastSteerError):
-        return Failure(f"generation failed: {exc}", 400)
-    return Failure(f"internal error, id {log_internal(what, exc)} (see the server log)")
-
-
-@dataclass
-class EngineStats:
-    """Counters since start (what `/health` reports)."""
-
-    queued: int = 0
-    running: int = 0
-    batches: int = 0
-    rows: int = 0
-    largest_batch: int = 0
-    generated_tokens: int = 0
-    cancelled_rows: int = 0
-    failed_rows: int = 0
-    refused: int = 0
-    steered_positions: int = 0  # positions edited by the specs of finished rows
-    restarts: int = 0  # workers replaced after the previous one died
 
 
 class _Chooser(LogitsProcessor):
@@ -150,8 +108,8 @@ class _Finished(StoppingCriteria):
         return torch.tensor([d.done for d in self.decoders], dtype=torch.bool, device=input_ids.device)
 
 
-class Engine:
-    """Runs queued requests (groups of rows that share one batch, e.g. a steered/plain comparison)."""
+class Engine(SupervisedEngine):
+    """Runs queued requests with windowed static batching over HF `generate`."""
 
     def __init__(
         self,
@@ -166,108 +124,31 @@ class Engine:
         """`max_batch` rows per batch and `max_queue` waiting requests (`Limits`); `window` seconds of waiting;
         `fault` (None in production) runs on each row before each token; `restart_delay` seconds before a
         dead worker is replaced."""
+        super().__init__(
+            max_batch=max_batch,
+            max_queue=max_queue,
+            context=context_length(sm.model, sm.tokenizer),
+            restart_delay=restart_delay,
+        )
         self.sm = sm
-        self.max_batch, self.max_queue, self.window = max_batch, max_queue, window
-        self.fault, self.restart_delay = fault, restart_delay
-        self.context = context_length(sm.model, sm.tokenizer)
+        self.window, self.fault = window, fault
         # A copy for decoding in this thread while the app's thread encodes prompts with the original
         # (a Rust tokenizer refuses to be borrowed by two threads at once when one changes its settings).
         self.tokenizer = tokenizer = copy.deepcopy(sm.tokenizer)
-        eos = sm.model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.eos_ids = frozenset(
-            [*eos, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]
-        )
+        self.eos_ids = end_of_turn_ids(sm.model.generation_config.eos_token_id, tokenizer)
         self.pad_id = pad_token_id(tokenizer)
-        self._queue: deque[list[Row]] = deque()
-        self._wake = threading.Condition()
-        self._stats = EngineStats()
-        self._stopping = False
-        self._down: str | None = None  # why the worker is dead, until its replacement starts
         self._current: list[RowDecoder] = []  # the batch in flight
-        self._death: BaseException | None = None
-        self._supervisor = threading.Thread(target=self._supervise, name="fast-steer-supervisor", daemon=True)
-
-    # -- the asyncio side ------------------------------------------------------------------------
-    def start(self) -> Engine:
-        self._supervisor.start()
-        return self
-
-    def stop(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
-        self._supervisor.join()
-
-    @property
-    def down(self) -> str | None:
-        """Why the engine cannot take requests now (its worker died and is being replaced), or None."""
-        with self._wake:
-            return self._down
-
-    def submit(self, rows: Sequence[Row]) -> None:
-        """Queue `rows` to run in one batch; `QueueFull` at once when `max_queue` requests are waiting,
-        `EngineDown` while the worker is being replaced."""
-        if len(rows) > self.max_batch:
-            raise ValueError(f"a request of {len(rows)} rows cannot fit a batch of {self.max_batch}")
-        with self._wake:
-            if self._down is not None:
-                raise EngineDown(self._down)
-            if len(self._queue) >= self.max_queue:
-                self._stats.refused += 1
-                raise QueueFull(
-                    f"the queue is full ({self.max_queue} requests waiting, --max-queue); retry later"
-                )
-            self._queue.append(list(rows))
-            self._wake.notify()
-
-    def stats(self) -> dict:
-        with self._wake:
-            return asdict(self._stats) | {"queued": len(self._queue)}
-
-    # -- the supervisor thread ---------------------------------------------------------------------
-    def _supervise(self) -> None:
-        """Run the worker thread; when it dies, fail what it held, refuse requests, and replace it."""
-        while True:
-            worker = threading.Thread(target=self._work, name="fast-steer-engine", daemon=True)
-            worker.start()
-            worker.join()
-            with self._wake:
-                if self._stopping:
-                    return
-            death = self._death or RuntimeError("the engine thread ended")
-            self._death = None
-            error_id = log_internal("the engine thread died", death)
-            reason = (
-                f"the engine thread died ({type(death).__name__}, error id {error_id}); "
-                f"a new one starts in {self.restart_delay:g} s"
-            )
-            with self._wake:
-                self._down = reason
-                self._stats.restarts += 1
-                self._stats.running = 0
-                queued = [row for rows in self._queue for row in rows]
-                self._queue.clear()
-            failure = Failure(f"{reason}: retry then", 503)
-            for decoder in self._current:
-                if not decoder.done:
-                    decoder.fail(failure)
-            for row in queued:
-                row.sink(failure)
-            self._current = []
-            with self._wake:
-                self._wake.wait_for(lambda: self._stopping, timeout=self.restart_delay)
-                if self._stopping:
-                    return
-                self._down = None
 
     # -- the worker thread -------------------------------------------------------------------------
-    def _work(self) -> None:
-        try:
-            while self._run_next_batch():
-                pass
-        except BaseException as exc:  # noqa: BLE001 - the supervisor reports it and starts a new worker
-            self._death = exc
+    def _serve(self) -> None:
+        while self._run_next_batch():
+            pass
+
+    def _in_flight(self) -> list[RowDecoder]:
+        return self._current
+
+    def _forget_in_flight(self) -> None:
+        self._current = []
 
     def _run_next_batch(self) -> bool:
         """Run one batch (False once stopped); its rows are dropped on return, so nothing outlives a batch."""

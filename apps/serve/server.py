@@ -5,18 +5,31 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 
 import uvicorn
 
 from apps.serve.app import Service, build_app
 from apps.serve.auth import check_bind
-from apps.serve.engine import RESTART_DELAY, Engine, Fault
+from apps.serve.engine import RESTART_DELAY, Engine, Fault, context_length
 from apps.serve.errors import APIError
 from apps.serve.schemas import Limits
 from apps.serve.steering import NamedSAE, Steering
+from apps.serve.vllm_engine import VllmEngine, VllmOptions, check_vllm_spec
 from steer import SpecError, SteeredModel
 
 DEFAULT_WINDOW = 0.01
+
+
+@dataclass(frozen=True)
+class VllmServe:
+    """What `--engine vllm` needs beyond the app: the model vLLM loads (a folder or Hub id), its dtype and
+    device, and vLLM's own settings."""
+
+    model_path: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    options: VllmOptions = field(default_factory=VllmOptions)
 
 
 def make_service(
@@ -34,24 +47,44 @@ def make_service(
     default_steering=None,
     fault: Fault | None = None,
     restart_delay: float = RESTART_DELAY,
+    vllm: VllmServe | None = None,
 ) -> Service:
     """A service with its engine started; `default_steering` is a request-style `steering` value; `fault`
-    and `restart_delay` go to the `Engine` (tests and the soak bench make rows fail with `fault`)."""
+    and `restart_delay` go to the HF `Engine` (tests and the soak bench make rows fail with `fault`).
+
+    `vllm`: run the rows on vLLM (`VllmEngine`) instead of HF `generate`; `model` then only checks specs
+    (its weights may be on the meta device: `hub.load_model(..., weights=False)`)."""
     limits = limits or Limits()
     sm = SteeredModel(model, tokenizer)
-    steering = Steering(sm, saes, limits)
+    steering = Steering(sm, saes, limits, check_vllm_spec if vllm is not None else None)
     try:
         steering.default = steering.parse(default_steering)
     except APIError as exc:  # the operator's spec, not a client's request: a startup error
         raise SpecError(f"the default steering (--spec): {exc.message}") from exc
-    engine = Engine(
-        sm,
-        max_batch=limits.max_batch,
-        max_queue=limits.max_queue,
-        window=window,
-        fault=fault,
-        restart_delay=restart_delay,
-    ).start()
+    if vllm is None:
+        engine = Engine(
+            sm,
+            max_batch=limits.max_batch,
+            max_queue=limits.max_queue,
+            window=window,
+            fault=fault,
+            restart_delay=restart_delay,
+        )
+    else:
+        engine = VllmEngine(
+            vllm.model_path,
+            tokenizer,
+            saes,
+            sm.special_tokens if tokenizer.chat_template else None,
+            dtype=vllm.dtype,
+            device=vllm.device,
+            max_batch=limits.max_batch,
+            max_queue=limits.max_queue,
+            context=context_length(model, tokenizer),
+            options=vllm.options,
+            restart_delay=restart_delay,
+        )
+    engine.start()
     return Service(sm, steering, engine, limits, model_name, api_key, admin_key, tuple(allow_hosts), docs)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,17 @@ def _nbytes(tensor) -> int:
 class Steering:
     """Named SAEs, the default spec, and request steering fields turned into `RowSpec`s (400 when bad)."""
 
-    def __init__(self, sm: SteeredModel, saes: list[NamedSAE], limits: Limits) -> None:
+    def __init__(
+        self,
+        sm: SteeredModel,
+        saes: list[NamedSAE],
+        limits: Limits,
+        check: Callable[[CompiledIntervention], None] | None = None,
+    ) -> None:
+        """`check`: the engine's own test of a compiled spec (raising `SpecError` for what it cannot steer)."""
         self.sm = sm
         self.limits = limits
+        self.check = check
         self.saes = {s.name: s for s in saes}
         if len(self.saes) != len(saes):
             raise ConfigError(f"SAE names must be unique, got {[s.name for s in saes]}")
@@ -109,6 +118,8 @@ class Steering:
         for spec, where in zip(specs, wheres, strict=True):
             try:
                 compiled.append(self.sm.compile(spec))
+                if self.check is not None:
+                    self.check(compiled[-1])
             except SpecError as exc:
                 raise APIError.bad_request(f"{where}: {exc}", where) from None
         row_spec = RowSpec(key, tuple(data), tuple(compiled))
