@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from apps.serve.rows import Failure, Row, RowDecoder
 from apps.serve.sampling import TokenLogprob
-from apps.serve.supervised import RESTART_DELAY, SupervisedEngine, end_of_turn_ids
+from apps.serve.supervised import RESTART_DELAY, SupervisedEngine, bug_failure, end_of_turn_ids
 from apps.serve.vllm_worker import PAYLOAD_KEY, ROW_KEY
 from steer import SpecError
 from steer.errors import ConfigError
@@ -265,10 +265,13 @@ class VllmEngine(SupervisedEngine):
             return
         completion = output.outputs[0]
         logprobs = completion.logprobs or [None] * len(completion.token_ids)
-        for token, entry in zip(completion.token_ids, logprobs, strict=True):
-            if decoder.done:
-                break
-            decoder.push(token, _token_logprob(token, entry, decoder.row.params.logprobs))
+        try:
+            for token, entry in zip(completion.token_ids, logprobs, strict=True):
+                if decoder.done:
+                    break
+                decoder.push(token, _token_logprob(token, entry, decoder.row.params.logprobs))
+        except Exception as exc:  # noqa: BLE001 - this row fails, the others go on
+            decoder.fail(bug_failure(f"row {output.request_id} failed", exc))
         if not decoder.done and output.finished:  # vLLM ends where the decoder does; say so if not
             decoder.fail(
                 Failure(f"internal error: vLLM ended the request ({completion.finish_reason}) early")

@@ -92,9 +92,9 @@ class WorkerSteering:
         self.saes = saes
         self.special = special
         self.dtype = runner.model_config.dtype
-        self.plan: dict[int, list[tuple[CompiledIntervention, torch.Tensor, str]]] = {}
+        self.plan: dict[int, list[tuple[CompiledIntervention, torch.Tensor]]] = {}  # layer -> (spec, rows)
         self.input_ids: torch.Tensor | None = None  # the step's token ids, from the embedding's input
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # the server's row id -> positions edited
         self.marks: dict[str, MarkedSequence] = {}
         self.compiled: OrderedDict[str, list[CompiledIntervention]] = OrderedDict()
 
@@ -139,25 +139,32 @@ class WorkerSteering:
             raise RuntimeError("the step's token ids were not seen (the model was fed embeddings)")
         ids, where = input_ids.tolist(), args[0].tolist()
         starts = runner.query_start_loc.np
+        chosen: dict[str, tuple] = {}  # payload -> (its specs, the rows each edits): one edit per spec
         for i, request_id, payload, row in steered:
             state = runner.requests[request_id]
             rows = range(int(starts[i]), int(starts[i + 1]))
             row_positions = [where[r] for r in rows]
             row_ids = [ids[r] for r in rows]
             special = None
-            for item in self._compile(payload):
+            items = self._compile(payload)
+            lists = chosen.setdefault(payload, (items, [[] for _ in items]))[1]
+            for item, into in zip(items, lists, strict=True):
                 if item.positions == "special" and special is None:
                     special = self._marks(request_id, state, row_positions, row_ids)
-                chosen = [
+                picked = [
                     r
                     for k, r in enumerate(rows)
                     if selects(
                         item.positions, row_positions[k], row_ids[k], state.num_prompt_tokens, special, k
                     )
                 ]
-                if chosen:
-                    index = torch.tensor(chosen, device=input_ids.device)
-                    self.plan.setdefault(item.layer, []).append((item, index, row))
+                into.extend(picked)
+                self.counts[row] = self.counts.get(row, 0) + len(picked)
+        for items, lists in chosen.values():
+            for item, picked in zip(items, lists, strict=True):
+                if picked:
+                    index = torch.tensor(picked, device=input_ids.device)
+                    self.plan.setdefault(item.layer, []).append((item, index))
 
     def edit_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output):
@@ -165,15 +172,17 @@ class WorkerSteering:
             if not items:
                 return None
             hidden, residual = output
-            for item, index, row in items:
+            for item, index in items:
                 x = hidden[index] + residual[index]  # the residual stream at the chosen rows
                 delta = torch.zeros_like(x)
-                if item.add_vector is not None:
-                    delta = delta + item.add_vector.to(x.device, x.dtype)
+                if (
+                    item.add_vector is not None
+                ):  # first, as in `CompiledIntervention.apply`: latent edits read it
+                    delta += item.add_vector.to(x.device, x.dtype)
+                    x = x + delta
                 if item.latent is not None:
-                    delta = delta + item.latent.delta(x, x.dtype)
+                    delta += item.latent.delta(x, x.dtype)
                 residual = residual.index_add(0, index, delta)
-                self.counts[row] = self.counts.get(row, 0) + len(index)
             return hidden, residual
 
         return hook
