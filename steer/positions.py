@@ -17,7 +17,7 @@ left out of residual statistics) and `pad_token_id` (which id pads a batch).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -153,13 +153,15 @@ class MarkedSequence:
         self.special = special
         self.states: list[int] = []  # the automaton's state after each position seen so far
 
-    def marks(self, positions: Sequence[int], tokens: Sequence[int], history: Sequence[int]) -> list[bool]:
-        """Whether each of `positions` (fed `tokens` now) is marked; positions before them that were never fed
-        here (a cached prefix) are read from `history`, the sequence's tokens so far."""
+    def marks(
+        self, positions: Sequence[int], tokens: Sequence[int], token_at: Callable[[int], int]
+    ) -> list[bool]:
+        """Whether each of `positions` (fed `tokens` now) is marked; the tokens of positions before them that
+        were never fed here (a cached prefix) are read with `token_at(position)`."""
         fed = dict(zip(positions, tokens, strict=True))
         state = self.states[-1] if self.states else OUTSIDE
         for position in range(len(self.states), max(positions, default=-1) + 1):
-            token = fed[position] if position in fed else history[position]
+            token = fed[position] if position in fed else token_at(position)
             state = self.special.step(state, token)
             self.states.append(state)
         return [self.states[p] != OUTSIDE for p in positions]

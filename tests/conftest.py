@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from apps.serve.process import free_port  # noqa: F401 - re-exported for the tests
 from train.data import shared_data_dir  # imports transformers: after the offline settings above
 
 SHARED_DATA = shared_data_dir()
@@ -97,19 +97,12 @@ def build_tiny_model(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
-def save_tiny_model(folder: Path, tokenizer, n_layers: int = 4):
+def save_tiny_model(folder: Path, tokenizer, n_layers: int = 4, d_model: int = 64):
     """A tiny random Llama saved with `tokenizer` into `folder` (what `--model` takes); returns the model."""
-    model = build_tiny_model("llama", len(tokenizer), n_layers=n_layers)
+    model = build_tiny_model("llama", len(tokenizer), n_layers=n_layers, d_model=d_model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(params=TINY_ARCHS)

@@ -37,7 +37,8 @@ def bench_all(ctx: click.Context) -> None:
 STEER = steer_bench.BenchConfig
 SERVE = serve_bench.BenchServeConfig
 SOAK = soak_bench.SoakConfig
-SERVE_ONLY = ("requests_per_client", "repeats", "concurrency")  # the options of bench serve without --soak
+# the options of bench serve without --soak
+SERVE_ONLY = ("requests_per_client", "repeats", "concurrency", "engine", "vllm_python")
 SOAK_ONLY = ("requests", "clients", "max_seconds", "compared", "seed")
 DEFAULT_SOURCES = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
 
@@ -79,6 +80,10 @@ def bench_steer_command(**options) -> None:
     SERVE, "concurrency", "--concurrency", type=Numbers(int), help="Comma-separated client counts."
 )
 @config_option(SERVE, "window_ms", "--window-ms", type=click.FloatRange(0), help="Batch window.")
+@config_option(SERVE, "engine", "--engine", type=click.Choice(tuple(serve_bench.ENGINES)),
+               help="The server's engine; both: interleaved, with vLLM ÷ HF tokens/s.")  # fmt: skip
+@config_option(SERVE, "vllm_python", "--vllm-python", type=click.Path(dir_okay=False),
+               help="Python of the vLLM environment [default: .venv-vllm/bin/python of this checkout].")  # fmt: skip
 @click.option("--soak", is_flag=True, help="The load and fault test instead, with the --soak options below.")
 @config_option(SOAK, "requests", "--requests", type=click.IntRange(1), help="--soak: requests sent.")
 @config_option(SOAK, "clients", "--clients", type=click.IntRange(1), help="--soak: concurrent clients.")
@@ -108,6 +113,8 @@ def bench_serve_command(ctx: click.Context, soak: bool, **options) -> None:
         return
     if min(options["concurrency"]) < 1:
         raise click.BadParameter("client counts must be positive", param_hint="--concurrency")
+    if options["vllm_python"] is not None and options["engine"] == "hf":
+        raise click.UsageError("--vllm-python is for --engine vllm or both")
     cfg = SERVE(**{k: v for k, v in options.items() if k not in SOAK_ONLY})
     click.echo(json.dumps(serve_bench.run_bench(cfg), indent=2))
 

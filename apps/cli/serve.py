@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 8000
 LIMITS = "apps.serve.schemas:Limits"
+VLLM = "apps.serve.vllm_engine:VllmOptions"
 
 
 @click.command("serve")
@@ -81,28 +82,31 @@ LIMITS = "apps.serve.schemas:Limits"
     help="hf: windowed batching over HF generate (the reference); vllm: vLLM's continuous batching and paged "
     "KV cache (needs vLLM: `make vllm-venv`, then .venv-vllm/bin/fast-steer).",
 )
-@click.option(
+@config_option(
+    VLLM,
+    "max_num_batched_tokens",
     "--vllm-max-batched-tokens",
     type=click.IntRange(1),
-    default=None,
-    help="vllm: tokens per engine step, i.e. the prefill chunk [default: vLLM's].",
+    help="vllm: tokens per engine step, i.e. the prefill chunk [none: vLLM's default].",
 )
-@click.option(
+@config_option(
+    VLLM,
+    "memory_utilization",
     "--vllm-memory-utilization",
     type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    help="vllm: share of GPU memory (on CPU, of host memory) vLLM reserves [default: 0.9 GPU, 0.1 CPU].",
+    help="vllm: share of GPU memory (on CPU, of host memory) vLLM reserves [none: 0.9 on GPU, 0.1 on CPU].",
 )
-@click.option(
+@config_option(
+    VLLM,
+    "max_model_len",
     "--vllm-max-model-len",
     type=click.IntRange(1),
-    default=None,
-    help="vllm: positions per sequence [default: the model's context].",
+    help="vllm: positions per sequence [none: the model's context].",
 )
-@click.option(
+@config_option(
+    VLLM,
+    "prefix_caching",
     "--vllm-prefix-caching/--no-vllm-prefix-caching",
-    default=True,
-    show_default=True,
     help="vllm: share the KV cache of common prompt prefixes (steered rows are salted by their spec).",
 )
 @config_option(LIMITS, "max_batch", "--max-batch", type=click.IntRange(1, 256), help="Rows per batch.")

@@ -13,8 +13,13 @@ ends). A plain row has neither, so plain requests share the prefix cache and nev
 
 vLLM runs with `enforce_eager=True` and the V1 model runner (`VLLM_USE_V2_MODEL_RUNNER=0`): the worker's setup
 refuses CUDA graphs, compilation, speculative decoding and a runner without the V1 input batch, and the server
-does not start. Sampling is vLLM's (per-request seeds, top-p, `min_tokens`); greedy rows match the HF engine's
-tokens within numerical tolerance, sampled rows draw from vLLM's generators, not ours.
+does not start. Its engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `step()` schedules
+exactly the rows added before it: the rows of one request (a comparison's steered and plain rows) start in the
+same step, and batches, hence plain rows' logprobs, do not depend on timing. (A core in its own process starts
+a step as soon as the first of them arrives, and outlives a server ended by SIGTERM.)
+
+Sampling is vLLM's (per-request seeds, top-p, `min_tokens`); greedy rows match the HF engine's tokens within
+numerical tolerance, sampled rows draw from vLLM's generators, not ours.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ def cache_salt(spec: RowSpec, prompt_length: int) -> str:
 def import_vllm():
     """vLLM's engine, its arguments and its prompt and sampling types; a clear error where it is not installed."""
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core steps in this process
     try:
         from vllm import SamplingParams
         from vllm.engine.arg_utils import EngineArgs

@@ -12,7 +12,9 @@ specs, as the server compiled them, with position lists as token ids. Each steer
 chosen from what it is, never from how it was fed: "special" marks come from the request's whole token
 history by absolute position (`MarkedSequence`), so chunked prefill, prefix-cache hits and recompute after
 preemption mark exactly what one whole forward would; "generated" is a position at or past the prompt's
-length, "prompt" one before it.
+length, "prompt" one before it. A row's count of edited positions is of distinct positions, as one whole
+forward edits them: positions a prefix-cache hit skips count (their KV was edited under the same spec: the
+cache salt), positions recomputed after preemption do not count again.
 
 Editing: vLLM's decoder layers return `(hidden, residual)` and the next layer adds them, so the residual
 stream is `hidden + residual`; an edit reads that sum and adds its delta to `residual` at the selected rows
@@ -95,6 +97,7 @@ class WorkerSteering:
         self.plan: dict[int, list[tuple[CompiledIntervention, torch.Tensor]]] = {}  # layer -> (spec, rows)
         self.input_ids: torch.Tensor | None = None  # the step's token ids, from the embedding's input
         self.counts: dict[str, int] = {}  # the server's row id -> positions edited
+        self.counted_to: dict[str, int] = {}  # the server's row id -> the first position not counted yet
         self.marks: dict[str, MarkedSequence] = {}
         self.compiled: OrderedDict[str, list[CompiledIntervention]] = OrderedDict()
 
@@ -159,7 +162,7 @@ class WorkerSteering:
                     )
                 ]
                 into.extend(picked)
-                self.counts[row] = self.counts.get(row, 0) + len(picked)
+            self._count(row, request_id, state, items, row_positions, row_ids)
         for items, lists in chosen.values():
             for item, picked in zip(items, lists, strict=True):
                 if picked:
@@ -188,6 +191,8 @@ class WorkerSteering:
         return hook
 
     def pop_counts(self, rows: list[str]) -> dict[str, int]:
+        for r in rows:
+            self.counted_to.pop(r, None)
         return {r: self.counts.pop(r, 0) for r in rows}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -206,11 +211,31 @@ class WorkerSteering:
             self.compiled.popitem(last=False)
         return out
 
+    def _count(self, row: str, request_id: str, state, items, positions: list[int], ids: list[int]) -> None:
+        """Add to `row`'s count the positions up to this step's last that its specs select and that are not
+        counted yet: those fed now, and before them those a prefix-cache hit held (read from the history)."""
+        start = self.counted_to.get(row, 0)
+        if not positions or positions[-1] < start:
+            return
+        fed = dict(zip(positions, ids, strict=True))
+        span = list(range(start, positions[-1] + 1))
+        tokens = [fed[p] if p in fed else state.get_token_id(p) for p in span]
+        special = None
+        if any(item.positions == "special" for item in items):
+            special = self._marks(request_id, state, span, tokens)
+        n_prompt = state.num_prompt_tokens
+        self.counts[row] = self.counts.get(row, 0) + sum(
+            selects(item.positions, p, t, n_prompt, special, k)
+            for item in items
+            for k, (p, t) in enumerate(zip(span, tokens, strict=True))
+        )
+        self.counted_to[row] = span[-1] + 1
+
     def _marks(self, request_id: str, state, positions: list[int], ids: list[int]) -> list[bool]:
         if self.special is None:
             raise RuntimeError("positions='special' needs the chat template's special tokens")
         sequence = self.marks.setdefault(request_id, MarkedSequence(self.special))
-        return sequence.marks(positions, ids, [*state.prompt_token_ids, *state.output_token_ids])
+        return sequence.marks(positions, ids, state.get_token_id)
 
     def _forget(self, live: dict) -> None:
         """Drop the marks of requests the runner no longer holds (their counts wait to be read)."""

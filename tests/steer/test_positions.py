@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steer.positions import OUTSIDE, resolve_special_tokens, token_ids
+from steer.positions import OUTSIDE, MarkedSequence, SpecialTokens, resolve_special_tokens, token_ids
 from tests.conftest import read_conversations
 
 LLAMA3_TEMPLATE = (
@@ -139,6 +139,27 @@ def test_stream_matches_full_mask_with_padding(chatml_tokenizer):
     for row, seq in enumerate(seqs):
         alone = st.mask(torch.tensor(seq))
         assert torch.equal(full[row][attn[row].bool()], alone)
+
+
+def test_marked_sequence_fed_in_pieces_matches_the_whole_mask(chatml_tokenizer):
+    """Chunks, a skipped (cached) prefix read from the history, and a recomputed chunk: the marks of one whole
+    forward, by absolute position."""
+    st = resolve_special_tokens(chatml_tokenizer)
+    seq = _render(chatml_tokenizer, read_conversations(n=1)[0][:3])
+    whole = st.mask(torch.tensor(seq)).tolist()
+    assert any(whole) and not all(whole)
+    sequence = MarkedSequence(st)
+    read = []
+    start = 7  # positions 0..6 come from the prefix cache: never fed, read from the history
+    for lo in range(start, len(seq), 5):
+        chunk = list(range(lo, min(lo + 5, len(seq))))
+        marks = sequence.marks(chunk, [seq[p] for p in chunk], lambda p: read.append(p) or seq[p])
+        assert marks == [whole[p] for p in chunk]
+    assert read == list(range(start)), "only the skipped prefix is read from the history"
+    recomputed = list(range(3, 9))  # after preemption: positions seen before, fed again
+    assert sequence.marks(recomputed, [seq[p] for p in recomputed], seq.__getitem__) == whole[3:9]
+    back = SpecialTokens.from_dict(st.to_dict())  # as sent to vLLM workers
+    assert (back.special_ids, back.roles, dict(back.names)) == (st.special_ids, st.roles, dict(st.names))
 
 
 def test_extra_tokens_and_token_ids(chatml_tokenizer):

@@ -40,6 +40,7 @@ NO_FIELD: dict[str, dict[str, str]] = {
         "host": "where the server listens, no config",
         "port": "where the server listens, no config",
         "batch_window_ms": "make_service's `window`, in seconds (apps.serve.server.DEFAULT_WINDOW), no config",
+        "engine": "which engine class make_service builds (hf: Engine, vllm: VllmEngine), no config",
     },
     "harvest": {
         "cache_dtype": "write_cache argument, no config",

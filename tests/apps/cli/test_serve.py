@@ -11,9 +11,10 @@ from click.testing import CliRunner
 
 from apps.cli import main
 from apps.serve.loading import default_steering, load_named_saes
+from apps.serve.process import serve_process
 from hub import sae_metadata, save_sae
 from steer import SpecError
-from tests.apps.serve.helpers import LAYER, STRONG, serve_process, tiny_parts
+from tests.apps.serve.helpers import LAYER, STRONG, tiny_parts
 from tests.steer.helpers import random_sae
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from apps.interp.judge import Judge, JudgeConfig
 from apps.interp.run import InterpConfig, run_interp
+from apps.serve.process import serve_process
 from tests.apps.interp.test_run import setup  # noqa: F401  (the module fixture: tiny model, data, SAE)
-from tests.apps.serve.helpers import serve_process
 from train.interp.collect import CollectConfig
 
 pytestmark = pytest.mark.integration

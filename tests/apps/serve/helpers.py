@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
@@ -16,7 +12,7 @@ from apps.serve.loading import load_named_saes
 from apps.serve.schemas import Limits
 from apps.serve.server import BackgroundServer, make_service
 from hub import sae_metadata, save_sae
-from tests.conftest import build_tiny_model, free_port
+from tests.conftest import build_tiny_model
 from tests.steer.helpers import random_sae
 
 LAYER = 1
@@ -24,29 +20,6 @@ MODEL = "tiny"
 STRONG = {"sae": "tiny", "layer": LAYER, "edits": [{"feature": 3, "op": "add", "strength": 40.0}]}
 OTHER = {"sae": "tiny", "layer": LAYER, "edits": [{"feature": 5, "op": "add", "strength": -40.0}],
          "positions": "generated"}  # fmt: skip
-
-
-@contextmanager
-def serve_process(*options: str) -> Iterator[str]:
-    """`python -m apps serve *options` as users start it, on a free port of 127.0.0.1: yields the base URL once
-    `/health` answers 200 (fails with the server's output if it exits first), stops it after."""
-    port = free_port()
-    args = [sys.executable, "-m", "apps", "serve", *options, "--port", str(port)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
 
 
 def tiny_parts(tokenizer, root):
