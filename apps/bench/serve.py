@@ -66,7 +66,7 @@ class BenchServeConfig(ServerBenchConfig):
     """Requests each client sends, one after the other."""
     repeats: int = 5
     """Interleaved repeats of every scenario."""
-    concurrency: tuple[int, ...] = (1, 4, 8)
+    concurrency: tuple[int, ...] = (1, 8, 32)
     """Client counts measured."""
     engine: str = "hf"
     """The server's engine: hf, vllm, or both (interleaved, with vLLM ÷ HF tokens/s)."""

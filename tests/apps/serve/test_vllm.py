@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -277,3 +278,40 @@ def test_vllm_engine_without_vllm_says_make_vllm_venv():
     assert importlib.util.find_spec("vllm") is None, "the main environment has vLLM: it should not"
     result = CliRunner().invoke(main, ["serve", "--engine", "vllm"])
     assert result.exit_code != 0 and "make vllm-venv" in result.output
+
+
+REFUSALS = """
+import json, sys, types
+from vllm.engine.arg_utils import EngineArgs
+from apps.serve.vllm_worker import refusal
+
+def config(**kw):
+    args = EngineArgs(model=sys.argv[1], dtype="float32", max_model_len=512, gpu_memory_utilization=0.1, **kw)
+    return args.create_engine_config()
+
+def runner(cfg, v1=True):  # what `refusal` reads of a model runner: its config, and the V1 batch's presence
+    return types.SimpleNamespace(vllm_config=cfg, **({"input_batch": [], "query_start_loc": []} if v1 else {}))
+
+eager = config(enforce_eager=True)
+print(json.dumps({
+    "eager": refusal(runner(eager)),
+    "compiled": refusal(runner(config(enforce_eager=False))),
+    "speculative": refusal(runner(config(enforce_eager=True, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}))),
+    "no_v1_batch": refusal(runner(eager, v1=False)),
+}))
+"""
+
+
+def test_worker_refuses_what_it_cannot_steer(default_model):
+    """Real vLLM configurations: eager is accepted; compilation, speculative decoding and a runner without the
+    V1 input batch are each refused with their reason (the worker's setup returns it, the server exits)."""
+    folder = default_model.source
+    result = subprocess.run([vllm_env_python(), "-c", REFUSALS, folder], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, **vllm_cpu_env()})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    why = json.loads(result.stdout.strip().splitlines()[-1])
+    assert why["eager"] is None
+    assert "enforce_eager" in why["compiled"]
+    assert "speculative decoding" in why["speculative"]
+    assert "V1 input batch" in why["no_v1_batch"]
