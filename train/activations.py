@@ -220,8 +220,9 @@ class ActivationStream(BufferedStream):
             return
         batch = self._batches[self.batch_pos]
         self.batch_pos += 1
-        self.buffer.push(self.harvester(batch))
-        release_free_memory()
+        h = self.harvester.residuals(batch)
+        release_free_memory()  # the forward's freed transients are not held while its rows are copied out
+        self.buffer.push(self.harvester.kept(batch, h))
         s, last = self.stats, self.harvester.last_stats
         s["tokens_harvested"] += last["kept"]
         s["real_tokens"] += last["real"]

@@ -9,7 +9,8 @@ Public API:
         .state_dict() / .load_state_dict(state)    tensors + ints, no pickle needed
 
 Memory is bounded: one preallocated [capacity, d_in] float32 store plus a pending tensor that holds what
-did not fit from the last push (at most one push). Shuffling permutes slot indices, never the rows, so
+did not fit from the last push (at most one push); a push copies rows into free slots directly, and only
+the rows that wait are copied again. Shuffling permutes slot indices, never the rows, so
 there is no transient copy of the store: when the store is full a seeded permutation picks half of its
 slots to hand out (in that order); popped slots become free and the next pushes fill them. Slots of the
 handed-out half that are left over when a request cannot be served stay in the store and are mixed again
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from steer.errors import ConfigError
+from train.memory import release_free_memory
 
 
 class MixingBuffer:
@@ -50,13 +52,13 @@ class MixingBuffer:
         """Add activation rows; what does not fit waits in `pending` until slots are freed."""
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"expected activations of shape [n, {self.d_in}], got {tuple(x.shape)}")
-        x = x.detach().to("cpu", torch.float32)
-        if len(self.pending):
-            x = torch.cat([self.pending, x])
-        take = min(len(self.free), len(x))
-        self.store[self.free[:take]] = x[:take]
-        self.free = self.free[take:]
-        self.pending = x[take:].clone()
+        left = []
+        for rows in (self.pending, x.detach().to("cpu", torch.float32)):  # waiting rows first, then the new
+            take = min(len(self.free), len(rows))
+            self.store[self.free[:take]] = rows[:take]
+            self.free = self.free[take:]
+            left.append(rows[take:])
+        self.pending = torch.cat(left)  # a copy of the rows that wait, never of the whole push
 
     def can_pop(self, n: int) -> bool:
         """Whether `pop(n)` can be served now (from the handed-out half, or after re-mixing a full store)."""
@@ -120,6 +122,7 @@ class BufferedStream:
 
     Subclasses set `buffer`, `batch_size` and `stats` (with `tokens_yielded` and `dropped_tokens`), and
     implement `_fill()`, which adds rows to the buffer or, at the end of a finite stream, calls `_finish()`.
+    Freed heap pages are handed back before each fill and after a refill (`train.memory`).
     After the end, the flushed remainder is handed out in whole batches; a last partial batch is dropped
     and counted. With a `quota` (the trainer's token count) the end comes as soon as the rows held cover
     it, so a run harvests less than one forward batch more than it trains on.
@@ -154,11 +157,16 @@ class BufferedStream:
     def next_batch(self) -> torch.Tensor:
         """The next float32 [batch_size, d_in] tensor; StopIteration at the end of a finite stream."""
         n = self.batch_size
+        filled = False
         while not self.exhausted and not self.buffer.can_pop(n):
             if self.quota is not None and self.tokens_yielded + len(self.buffer) >= self.quota:
                 self._finish()
             else:
+                release_free_memory()  # the pages the steps (or the last fill) freed are not held meanwhile
                 self._fill()
+                filled = True
+        if filled:
+            release_free_memory()  # nor are the fill's while the SAEs train
         if not self.exhausted:
             out = self.buffer.pop(n)
         else:

@@ -1,9 +1,13 @@
-"""Host memory of a training run: its peak, a fresh peak window, and handing freed heap pages back.
+"""Host memory of a training run: its peak, a fresh peak window, handing freed heap pages back, and the size
+of Python objects.
 
-Harvesting allocates tensors of changing shapes (one per forward batch); glibc keeps the freed pages in its
-heap, so a long CPU run's resident memory creeps up well past what it holds. `release_free_memory` returns
-them (`malloc_trim`) whenever resident memory has crept up; the stream calls it after each forward batch
-and the trainer after each step.
+glibc keeps freed heap pages resident, and a training run frees a lot: a forward to layer L of 8,192 tokens
+allocates some 600 tensors over 1 MiB (about 100 MiB live at once), an SAE step a few dozen. glibc's best
+fit scatters them over a heap that longer-lived tensors have cut into holes, so one forward touches 2-4x
+the memory it holds at once, and the steps' scattered pages add up with the forward's. The streams
+(`train.buffer.BufferedStream`) therefore call `release_free_memory` (`malloc_trim`) at each change of
+phase: before each harvesting step, so the SAE steps' freed pages are not held while the model runs, and
+after a refill, so the model's are not held while the SAEs train.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import ctypes
 import ctypes.util
 import functools
 import resource
+import sys
 
 
 def peak_memory_mib() -> float:
@@ -50,15 +55,29 @@ def resident_memory_mib() -> float | None:
 
 
 _PAGE_MIB = resource.getpagesize() / 2**20
-_SLACK_MIB = 64.0  # resident growth tolerated before trimming (a trim costs ~10 ms on a 1 GiB heap)
-_after_last_trim: list[float] = [0.0]
 
 
 def release_free_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc `malloc_trim`; a no-op elsewhere) once
-    resident memory has grown by more than 64 MiB since the last time, so frequent calls stay cheap."""
-    trim, rss = _malloc_trim(), resident_memory_mib()
-    if trim is None or rss is None or rss - _after_last_trim[0] < _SLACK_MIB:
-        return
-    trim(0)
-    _after_last_trim[0] = resident_memory_mib() or 0.0
+    """Give the C heap's free pages back to the system (glibc `malloc_trim`, all arenas; a no-op elsewhere).
+    A trim costs a few milliseconds, and the pages given back are faulted in again when next used."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def object_mib(root: object) -> float:
+    """MiB the Python objects reachable from `root` through dicts, lists and tuples occupy (each once)."""
+    seen: set[int] = set()
+    stack, total = [root], 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return total / 2**20

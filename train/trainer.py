@@ -41,7 +41,7 @@ from train.config import SAETrainSpec, TrainConfig
 from train.distributed import DistContext
 from train.gsnr import gradient_snr
 from train.losses import LossOutput, Objective, build_objective
-from train.memory import peak_memory_mib, release_free_memory
+from train.memory import peak_memory_mib
 from train.schedules import LRSchedule, SparsityWarmup
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,6 @@ LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
 CKPT_DIR = "checkpoints"
 # Settings that may change between a killed run and its resume; everything else must match.
-# Steps between heap trims (a trim costs up to ~10 ms; every step, that was ~5% of a CPU step).
-_TRIM_EVERY = 16
 _RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "gsnr_every", "gsnr_micro_batches"}
 
 
@@ -247,7 +245,8 @@ class SAETrainer:
             self._renormalise_decoder(obj.sae)
             obj.sync_to_sae()
             with torch.no_grad():
-                counts = (res.feature_acts > 0).sum(dim=0)
+                # int32 counts: summing the bool mask into int64 first copies it, [batch, d_sae] x 8 bytes
+                counts = (res.feature_acts > 0).sum(dim=0, dtype=torch.int32)
                 self.dist.all_reduce_sum_(counts)
                 self.since_fired[i] += n_global
                 self.since_fired[i][counts > 0] = 0
@@ -328,8 +327,6 @@ class SAETrainer:
                 break
             with clock("step"):
                 metrics = self.train_step(x * self.scale if self.scale != 1.0 else x)
-                if self.step % _TRIM_EVERY == 0:
-                    release_free_memory()
             bar.update(x.shape[0] * self.dist.world_size)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
                 rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)

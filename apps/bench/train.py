@@ -11,7 +11,7 @@ Measured in one run on the same conversations (JSON on stdout, progress bars on 
 3. the bare SAE step (the trainer's own step on those activations) in float32 and under bfloat16 autocast;
 4. the sequential limit: the trained tokens' bare forward in its fastest setting, then their SAE steps in
    the fastest setting (`bare_*_setting` name them); `end_to_end_ratio_to_limit` = end-to-end rate / limit;
-5. peak memory of the end-to-end run against model + SAEs + optimiser + buffer + transients;
+5. peak memory of the end-to-end run against the runtime, model, corpus, SAEs + optimiser, buffer and transients;
 6. the activation cache: harvesting to disk (`fast-steer harvest`), its read rate, and training from it
    (`train --activations`): the training loop's rate over the bare SAE step (goal >= 0.9);
 7. `--vs-saelens`: SAELens 6.54 (in `.venv-saelens`, `make saelens-venv`) on the same model, layer, SAE
@@ -138,7 +138,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     from train.config import SAETrainSpec, TrainConfig
     from train.distributed import DistContext
     from train.harvest import Harvester, harvest_throughput
-    from train.memory import reset_peak_memory, resident_memory_mib
+    from train.memory import object_mib, reset_peak_memory, resident_memory_mib
     from train.pipeline import open_stream, train
     from train.run_config import DataConfig, RunConfig, StreamSettings
     from train.trainer import SAETrainer
@@ -158,6 +158,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     stream, source = open_stream(run, DistContext.current(device), loaded)
     loading_seconds = time.perf_counter() - t0
     Harvester(model, layer)(stream.sample_batches(1)[0])  # warm-up: one-off kernel set-up is not throughput
+    del stream  # each end-to-end run opens its own: no second corpus and buffer held during theirs
     settings = SETTINGS if both_settings else {_setting(autocast): autocast}
     with tempfile.TemporaryDirectory() as tmp:
         e2e = {
@@ -174,6 +175,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         trained = e2e[best]["tokens_trained"]
 
         # the very batches the run harvested, in order: the forward in every setting, on the same tokens
+        stream, source = open_stream(run, DistContext.current(device), loaded)
         batches = stream.sample_batches(trained)
         real = sum(b.n_tokens for b in batches)
         with tqdm(total=2 * repeats * real, unit="tok", unit_scale=True, desc="forward vs harvest") as bar:
@@ -197,7 +199,8 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     limit = 1 / (
         1 / forward[fwd_best] + 1 / steps[step_best]
     )  # the trained tokens' forward, then their steps
-    estimate = _memory_estimate(model, run.stream, d_in, expansion, batch_size, base_rss)
+    corpus_mib = 0.0 if cuda else object_mib(stream.corpus.items)
+    estimate = _memory_estimate(model, run.stream, d_in, expansion, batch_size, base_rss, corpus_mib)
     peak = max(r["peak_memory_mib"] for r in e2e.values())
     return {
         "model": model_ref,
@@ -271,6 +274,9 @@ def _reset_peak(device: str, reset_host_peak) -> bool:
     import torch
 
     if not device.startswith("cuda"):
+        from train.memory import release_free_memory
+
+        release_free_memory()  # the window starts from what is held, not from pages the bench freed before it
         return reset_host_peak()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -302,9 +308,10 @@ def _cache_bench(run, stream, source: str, tmp: Path, write_cache, train) -> dic
 
 
 def _memory_estimate(
-    model, stream_cfg, d_in: int, expansion: int, batch_size: int, runtime_mib: float
+    model, stream_cfg, d_in: int, expansion: int, batch_size: int, runtime_mib: float, corpus_mib: float
 ) -> dict:
-    """What a training run must hold (MiB): runtime, model, SAE state, buffer and the largest transients."""
+    """What a training run must hold (MiB): runtime, model, the corpus, SAE state, buffer and the largest
+    transients."""
     mib = 2**20
     d_sae = d_in * expansion
     text_cfg = model.config.get_text_config()
@@ -312,6 +319,8 @@ def _memory_estimate(
     return {
         "runtime_baseline": runtime_mib,  # host: Python, torch and transformers before the model; CUDA: 0
         "model": sum(p.numel() * p.element_size() for p in model.parameters()) / mib,
+        # host: the loaded records, which the stream reads again every epoch (Python objects; CUDA: 0)
+        "corpus": corpus_mib,
         "saes_params_grads_adam": 4 * (2 * d_sae * d_in + d_sae + d_in) * 4 / mib,
         "buffer": stream_cfg.buffer_tokens * d_in * 4 * 1.5 / mib,  # store + pending refill
         "step_activations": 4 * batch_size * d_sae * 4 / mib,  # feature acts + 3 gradients of [batch, d_sae]
