@@ -135,14 +135,14 @@ def test_bench_train_memory_estimate_grows_with_the_sae_width(chatml_tokenizer):
     from train.run_config import StreamSettings
 
     model = build_tiny_model("llama", len(chatml_tokenizer), n_layers=3)
-    narrow, wide = (_memory_estimate(model, StreamSettings(), 64, e, 64, 500.0) for e in (2, 8))
+    narrow, wide = (_memory_estimate(model, StreamSettings(), 64, e, 64, 500.0, 20.0) for e in (2, 8))
     width_parts = {"saes_params_grads_adam", "step_activations"}
     for part in width_parts:
         assert 3.9 < wide[part] / narrow[part] <= 4, f"{part}: 4x the features, 4x the memory"
     assert {p: narrow[p] for p in narrow.keys() - width_parts} == {
         p: wide[p] for p in wide.keys() - width_parts
     }
-    assert narrow["runtime_baseline"] == 500.0 and narrow["model"] > 0
+    assert narrow["runtime_baseline"] == 500.0 and narrow["corpus"] == 20.0 and narrow["model"] > 0
 
 
 def test_bench_train_rejects_a_bad_budget(model_dir):
