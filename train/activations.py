@@ -41,7 +41,6 @@ from steer.positions import pad_token_id
 from train.buffer import BufferedStream, MixingBuffer, check_identity
 from train.data import Corpus, content_hash
 from train.harvest import Harvester
-from train.memory import release_free_memory
 from train.run_config import RunConfig
 from train.sequences import (
     METHOD_LABELS,
@@ -220,9 +219,7 @@ class ActivationStream(BufferedStream):
             return
         batch = self._batches[self.batch_pos]
         self.batch_pos += 1
-        h = self.harvester.residuals(batch)
-        release_free_memory()  # the forward's freed transients are not held while its rows are copied out
-        self.buffer.push(self.harvester.kept(batch, h))
+        self.buffer.push(self.harvester(batch))
         s, last = self.stats, self.harvester.last_stats
         s["tokens_harvested"] += last["kept"]
         s["real_tokens"] += last["real"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from steer.errors import ConfigError
-from train.memory import release_free_memory
+from train.memory import release_free_memory, tune_heap
 
 
 class MixingBuffer:
@@ -122,7 +122,7 @@ class BufferedStream:
 
     Subclasses set `buffer`, `batch_size` and `stats` (with `tokens_yielded` and `dropped_tokens`), and
     implement `_fill()`, which adds rows to the buffer or, at the end of a finite stream, calls `_finish()`.
-    Freed heap pages are handed back before each fill and after a refill (`train.memory`).
+    Freed heap pages are handed back before and after each refill (`train.memory`).
     After the end, the flushed remainder is handed out in whole batches; a last partial batch is dropped
     and counted. With a `quota` (the trainer's token count) the end comes as soon as the rows held cover
     it, so a run harvests less than one forward batch more than it trains on.
@@ -157,16 +157,15 @@ class BufferedStream:
     def next_batch(self) -> torch.Tensor:
         """The next float32 [batch_size, d_in] tensor; StopIteration at the end of a finite stream."""
         n = self.batch_size
-        filled = False
-        while not self.exhausted and not self.buffer.can_pop(n):
-            if self.quota is not None and self.tokens_yielded + len(self.buffer) >= self.quota:
-                self._finish()
-            else:
-                release_free_memory()  # the pages the steps (or the last fill) freed are not held meanwhile
-                self._fill()
-                filled = True
-        if filled:
-            release_free_memory()  # nor are the fill's while the SAEs train
+        if not self.exhausted and not self.buffer.can_pop(n):
+            tune_heap()
+            release_free_memory()  # the pages the steps freed are not held while the buffer refills
+            while not self.exhausted and not self.buffer.can_pop(n):
+                if self.quota is not None and self.tokens_yielded + len(self.buffer) >= self.quota:
+                    self._finish()
+                else:
+                    self._fill()
+            release_free_memory()  # nor are the refill's while the SAEs train
         if not self.exhausted:
             out = self.buffer.pop(n)
         else:

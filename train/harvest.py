@@ -7,7 +7,6 @@ Public API:
         .residuals(batch) -> Tensor [B, T, d] in the model's dtype
         .per_sequence(batch) -> list of float32 [len_i, d] (all real tokens, no exclusions)
         .__call__(batch) -> float32 [n_kept, d] (real tokens only, exclusions applied); .last_stats
-        .kept(batch, h) -> the same from residuals already computed
     harvest_throughput(model, batches, layer, repeats=3, on_tokens=None) -> dict (bare forward vs harvesting)
     bare_forward_rate(model, batches, layer, repeats=3, autocast=False) -> real tokens/s of the bare forward
 
@@ -125,10 +124,7 @@ class Harvester:
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         """float32 [n_kept, d]: real tokens only, minus the configured exclusions."""
-        return self.kept(batch, self.residuals(batch))
-
-    def kept(self, batch: Batch, h: torch.Tensor) -> torch.Tensor:
-        """`__call__` on the residuals `h` that `residuals(batch)` returned."""
+        h = self.residuals(batch)
         keep = batch.attention_mask.to(h.device, dtype=torch.bool, copy=True)
         n_real = int(keep.sum())
         if self.exclude_first_token:
