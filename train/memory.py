@@ -42,9 +42,14 @@ def reset_peak_memory() -> bool:
 
 
 @functools.cache
-def _libc_function(name: str):
+def _libc() -> ctypes.CDLL | None:
     lib = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(lib), name, None) if lib else None
+    return ctypes.CDLL(lib) if lib else None
+
+
+def _libc_function(name: str):
+    """The C library's function `name`, or None where there is no such library or function."""
+    return getattr(_libc(), name, None)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
