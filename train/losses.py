@@ -21,6 +21,7 @@ from torch import nn
 
 from steer.sae import SAE
 from train.config import SAETrainSpec
+from train.standard_loss import StandardLossFn
 
 
 def rectangle(x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +91,16 @@ class Objective(nn.Module):
     def forward(self, x: torch.Tensor, coefficient: float, dead_mask: torch.Tensor | None) -> LossOutput:
         raise NotImplementedError
 
-    def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-activations; one fused `addmm` in the plain training set-up (no input normalisation or b_dec)."""
+    def plain_setup(self, x: torch.Tensor) -> bool:
+        """Whether the encoder reads `x` as it is: no input normalisation, no `b_dec`, the SAE's dtype."""
         cfg = self.sae.cfg
-        if cfg.normalize_activations == "none" and not cfg.apply_b_dec_to_input and x.dtype == self.sae.dtype:
+        return (
+            cfg.normalize_activations == "none" and not cfg.apply_b_dec_to_input and x.dtype == self.sae.dtype
+        )
+
+    def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations; one fused `addmm` in the plain training set-up."""
+        if self.plain_setup(x):
             return torch.addmm(self.sae.b_enc, x, self.sae.W_enc)
         return self.sae.hidden_pre(x)
 
@@ -105,6 +112,16 @@ class StandardObjective(Objective):
     def forward(
         self, x: torch.Tensor, coefficient: float, dead_mask: torch.Tensor | None = None
     ) -> LossOutput:
+        if self.plain_setup(x):
+            compute = (
+                torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type)
+                else x.dtype
+            )
+            sae = self.sae
+            return LossOutput(
+                *StandardLossFn.apply(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, coefficient, compute)
+            )
         feature_acts = torch.relu(self.hidden_pre(x))
         sae_out = self.sae.decode(feature_acts)
         mse = mse_loss(sae_out, x)

@@ -51,6 +51,8 @@ SUMMARY_FILE = "train_summary.json"
 CKPT_DIR = "checkpoints"
 # Settings that may change between a killed run and its resume; everything else must match.
 _RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "gsnr_every", "gsnr_micro_batches"}
+# devices with a fused (single-kernel) Adam
+_FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
 def finished_run(out_dir: str | Path) -> bool:
@@ -142,13 +144,17 @@ class SAETrainer:
         torch.manual_seed(cfg.seed)
         self.objectives: list[Objective] = [self._build(spec) for spec in self.specs]
         self.optimizers = [
-            # foreach: one multi-tensor kernel per Adam op instead of the CPU default's Python loop over the
-            # parameters; bit-identical results (`fused=True` is faster still on CPU, but not bit-identical)
+            # fused: one kernel for the whole update (on CPU 3.6x faster than foreach, which is itself faster
+            # than the default loop over the parameters); equal to them up to rounding order
             torch.optim.Adam(
                 list(obj.trainable_parameters().values()),
                 lr=cfg.lr,
                 betas=(cfg.adam_beta1, cfg.adam_beta2),
-                foreach=True,
+                **(
+                    {"fused": True}
+                    if torch.device(self.dist.device).type in _FUSED_ADAM_DEVICES
+                    else {"foreach": True}
+                ),
             )
             for obj in self.objectives
         ]
@@ -215,8 +221,13 @@ class SAETrainer:
             sae.b_dec.copy_(median.to(sae.b_dec))
 
     # -- one optimiser step -------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """One optimiser step of every SAE on the local batch `x`; returns per-SAE metric tensors."""
+    def measures(self, step: int) -> bool:
+        """Whether the loop logs the metrics of 0-indexed optimiser step `step`."""
+        return (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.total_steps
+
+    def train_step(self, x: torch.Tensor, measure: bool = True) -> list[dict[str, torch.Tensor]]:
+        """One optimiser step of every SAE on the local batch `x`; returns per-SAE metric tensors (an empty
+        list unless `measure`: counting the features that fire costs a pass over the activations)."""
         lr = self.lr_at(self.step)
         n_global = x.shape[0] * self.dist.world_size
         out = []
@@ -245,21 +256,25 @@ class SAETrainer:
             self._renormalise_decoder(obj.sae)
             obj.sync_to_sae()
             with torch.no_grad():
-                # int32 counts: summing the bool mask into int64 first copies it, [batch, d_sae] x 8 bytes
-                counts = (res.feature_acts > 0).sum(dim=0, dtype=torch.int32)
-                self.dist.all_reduce_sum_(counts)
+                # a feature fired where its largest activation is positive: one reduction, no [batch, d_sae]
+                # mask (a comparison into bool and its count cost 4x the max on CPU)
+                fired = res.feature_acts.amax(dim=0).float().clamp_min_(0)
+                self.dist.all_reduce_sum_(fired)
                 self.since_fired[i] += n_global
-                self.since_fired[i][counts > 0] = 0
-                out.append(
-                    {
-                        "loss": res.loss.detach(),
-                        "mse": res.mse.detach(),
-                        "penalty": res.penalty.detach(),
-                        "l0": counts.sum().float() / n_global,
-                        "coefficient": torch.tensor(coefficient),
-                        **gsnr,
-                    }
-                )
+                self.since_fired[i][fired > 0] = 0
+                if measure:
+                    active = (res.feature_acts > 0).sum(dtype=torch.float32)
+                    self.dist.all_reduce_sum_(active)
+                    out.append(
+                        {
+                            "loss": res.loss.detach(),
+                            "mse": res.mse.detach(),
+                            "penalty": res.penalty.detach(),
+                            "l0": active / n_global,
+                            "coefficient": torch.tensor(coefficient),
+                            **gsnr,
+                        }
+                    )
             del res  # free this SAE's activations before the next SAE's forward
         self.step += 1
         self.tokens += n_global
@@ -271,8 +286,7 @@ class SAETrainer:
         """Project out of each decoder row's gradient its component along the (unit-norm) row."""
         grad = sae.W_dec.grad
         if grad is not None:
-            parallel = (grad * sae.W_dec).sum(dim=1, keepdim=True)
-            grad -= parallel * sae.W_dec
+            grad.addcmul_(sae.W_dec, torch.linalg.vecdot(grad, sae.W_dec)[:, None], value=-1)
 
     @staticmethod
     @torch.no_grad()
@@ -326,7 +340,10 @@ class SAETrainer:
                 )
                 break
             with clock("step"):
-                metrics = self.train_step(x * self.scale if self.scale != 1.0 else x)
+                measure = self.measures(self.step)
+                out = self.train_step(x * self.scale if self.scale != 1.0 else x, measure)
+            if measure:
+                metrics = out
             bar.update(x.shape[0] * self.dist.world_size)
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
                 rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)

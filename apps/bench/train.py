@@ -57,7 +57,7 @@ def _sae_step_rates(trainers: dict, xs, repeats: int, bar) -> dict[str, float]:
         for name, trainer in trainers.items():
             t0 = time.perf_counter()
             for x in xs:
-                trainer.train_step(x)
+                trainer.train_step(x, measure=trainer.measures(trainer.step))
                 bar.update(len(x))
             if x.is_cuda:
                 torch.cuda.synchronize(x.device)
