@@ -75,6 +75,14 @@ class LossOutput:
     mse: torch.Tensor
     penalty: torch.Tensor  # the sparsity (standard, jumprelu) or auxiliary (topk) term, coefficient applied
     feature_acts: torch.Tensor
+    # [d_sae] sums over tokens of non-negative activations, where the objective computes them anyway
+    activation_sums: torch.Tensor | None = None
+
+    def fired(self) -> torch.Tensor:
+        """[d_sae] bool: the features with a positive activation in the batch."""
+        if self.activation_sums is not None:  # a sum of non-negative terms is positive iff one of them is
+            return self.activation_sums > 0
+        return self.feature_acts.amax(dim=0) > 0  # one reduction: no [batch, d_sae] comparison mask
 
 
 class Objective(nn.Module):

@@ -30,7 +30,8 @@ import torch
 
 
 class StandardLossFn(torch.autograd.Function):
-    """`(loss, mse, penalty, feature_acts)` of a standard SAE on `x`; `feature_acts` has no gradient."""
+    """`(loss, mse, penalty, feature_acts, activation_sums)` of a standard SAE on `x`; the last two (the
+    activations and their float32 sums over tokens) have no gradient."""
 
     @staticmethod
     def forward(
@@ -42,7 +43,7 @@ class StandardLossFn(torch.autograd.Function):
         b_dec: torch.Tensor,
         coefficient: float,
         compute_dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if ctx.needs_input_grad[0]:
             raise ValueError("StandardLossFn gives no gradient to the input activations; detach them")
         with torch.autocast(x.device.type, enabled=False):
@@ -57,12 +58,12 @@ class StandardLossFn(torch.autograd.Function):
             penalty = coefficient * (acts_sum @ norms) / x.shape[0]
         ctx.save_for_backward(x_c, feature_acts, error, W_dec_c, W_dec, norms, acts_sum)
         ctx.coefficient = coefficient
-        ctx.mark_non_differentiable(feature_acts)
+        ctx.mark_non_differentiable(feature_acts, acts_sum)
         ctx.set_materialize_grads(False)
-        return mse + penalty, mse, penalty, feature_acts
+        return mse + penalty, mse, penalty, feature_acts, acts_sum
 
     @staticmethod
-    def backward(ctx: Any, g_loss: torch.Tensor | None, g_mse: torch.Tensor | None, g_penalty, _g_acts):
+    def backward(ctx: Any, g_loss: torch.Tensor | None, g_mse: torch.Tensor | None, g_penalty, *_no_grads):
         x_c, feature_acts, error, W_dec_c, W_dec, norms, acts_sum = ctx.saved_tensors
         batch, dtype = x_c.shape[0], W_dec.dtype
         zero = error.new_zeros(())

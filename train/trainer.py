@@ -256,9 +256,7 @@ class SAETrainer:
             self._renormalise_decoder(obj.sae)
             obj.sync_to_sae()
             with torch.no_grad():
-                # a feature fired where its largest activation is positive: one reduction, no [batch, d_sae]
-                # mask (a comparison into bool and its count cost 4x the max on CPU)
-                fired = res.feature_acts.amax(dim=0).float().clamp_min_(0)
+                fired = res.fired().float()
                 self.dist.all_reduce_sum_(fired)
                 self.since_fired[i] += n_global
                 self.since_fired[i][fired > 0] = 0

@@ -139,3 +139,15 @@ def test_spec_validation_messages():
         SAETrainSpec(arch="gated")
     assert SAETrainSpec(arch="topk", k=32, expansion=8).name == "topk-x8-k32"
     assert math.isclose(SAETrainSpec(arch="standard", sparsity_coefficient=5).sparsity_coefficient, 5)
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+def test_fired_features_are_those_with_a_positive_activation(arch: str):
+    sae = _sae(arch, k=3 if arch == "topk" else None)
+    with torch.no_grad():
+        sae.b_enc[:4] = -50.0  # four features that cannot fire on this batch
+    obj = build_objective(sae, SAETrainSpec(arch=arch, k=3, jumprelu_init_threshold=0.1))
+    res = obj(torch.randn(16, 6, dtype=torch.float64), coefficient=1.0, dead_mask=None)
+    fired = res.fired()
+    assert torch.equal(fired, (res.feature_acts > 0).any(dim=0))
+    assert not fired[:4].any() and fired.any()

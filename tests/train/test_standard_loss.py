@@ -35,8 +35,9 @@ def _grads(output: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tenso
 def test_gradients_equal_autograd_in_float64(which: int):
     params = _params(torch.float64)
     x = torch.randn(9, 12, dtype=torch.float64) * 2
-    ours = StandardLossFn.apply(x, *params, 2.5, torch.float64)
+    *ours, sums = StandardLossFn.apply(x, *params, 2.5, torch.float64)
     ref = _reference(x, *params, 2.5)
+    torch.testing.assert_close(sums, ref[3].sum(0).float())
     for a, b in zip(ours, ref, strict=True):  # the MSE and penalty in float32, as `train.losses.mse_loss`
         torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-6, atol=0)
     for a, b in zip(_grads(ours[which], params), _grads(ref[which], params), strict=True):
@@ -47,7 +48,7 @@ def test_gradients_equal_autograd_in_float64(which: int):
 def test_a_combination_of_outputs_gets_the_summed_gradient():
     params = _params(torch.float64, seed=1)
     x = torch.randn(5, 12, dtype=torch.float64)
-    loss, mse, penalty, _ = StandardLossFn.apply(x, *params, 0.7, torch.float64)
+    loss, mse, penalty, *_ = StandardLossFn.apply(x, *params, 0.7, torch.float64)
     r_loss, r_mse, r_penalty, _ = _reference(x, *params, 0.7)
     ours = _grads(loss + 2 * mse - penalty, params)
     for a, b in zip(ours, _grads(r_loss + 2 * r_mse - r_penalty, params), strict=True):
@@ -57,7 +58,7 @@ def test_a_combination_of_outputs_gets_the_summed_gradient():
 def test_bfloat16_compute_is_as_close_to_float64_as_autograd_under_autocast():
     params = _params(torch.float32, d_in=64, d_sae=256, seed=2)
     x = torch.randn(128, 64) * 2
-    ours = StandardLossFn.apply(x, *params, 1.0, torch.bfloat16)
+    *ours, _ = StandardLossFn.apply(x, *params, 1.0, torch.bfloat16)
     assert ours[3].dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = _reference(x, *params, 1.0)
