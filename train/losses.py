@@ -21,7 +21,7 @@ from torch import nn
 
 from steer.sae import SAE
 from train.config import SAETrainSpec
-from train.standard_loss import StandardLossFn
+from train.fused_losses import JumpReLULossFn, StandardLossFn
 
 
 def rectangle(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +62,12 @@ class StepFn(torch.autograd.Function):
         bw = ctx.bandwidth
         threshold_grad = torch.sum(-(1.0 / bw) * rectangle((x - threshold) / bw) * grad_out, dim=0)
         return None, threshold_grad, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the SAE's matmuls run in on `x`: the autocast dtype where autocast is on, else `x`'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def mse_loss(sae_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -121,14 +127,11 @@ class StandardObjective(Objective):
         self, x: torch.Tensor, coefficient: float, dead_mask: torch.Tensor | None = None
     ) -> LossOutput:
         if self.plain_setup(x):
-            compute = (
-                torch.get_autocast_dtype(x.device.type)
-                if torch.is_autocast_enabled(x.device.type)
-                else x.dtype
-            )
             sae = self.sae
             return LossOutput(
-                *StandardLossFn.apply(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, coefficient, compute)
+                *StandardLossFn.apply(
+                    x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, coefficient, compute_dtype(x)
+                )
             )
         feature_acts = torch.relu(self.hidden_pre(x))
         sae_out = self.sae.decode(feature_acts)
@@ -153,9 +156,24 @@ class JumpReLUObjective(Objective):
     def forward(
         self, x: torch.Tensor, coefficient: float, dead_mask: torch.Tensor | None = None
     ) -> LossOutput:
+        bw = self.spec.jumprelu_bandwidth
+        if self.plain_setup(x):
+            sae = self.sae
+            return LossOutput(
+                *JumpReLULossFn.apply(
+                    x,
+                    sae.W_enc,
+                    sae.b_enc,
+                    sae.W_dec,
+                    sae.b_dec,
+                    self.log_threshold,
+                    coefficient,
+                    bw,
+                    compute_dtype(x),
+                )
+            )
         hidden_pre = self.hidden_pre(x)
         threshold = self.log_threshold.exp()
-        bw = self.spec.jumprelu_bandwidth
         feature_acts = JumpReLUFn.apply(hidden_pre, threshold, bw)
         sae_out = self.sae.decode(feature_acts)
         mse = mse_loss(sae_out, x)
