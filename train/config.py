@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from hub import fast_dtype
 from steer.errors import ConfigError
 from steer.sae import architectures, sae_class
 
@@ -88,7 +89,8 @@ class TrainConfig:
     norm_scaling_factor: float | None = None  # a fixed factor (one for every method of a comparison)
     encoder_init: str = "transpose"  # "kaiming": W_enc drawn independently (SAELens); "transpose": W_dec.T
     sae_dtype: str = "float32"
-    autocast: bool = False  # bf16 autocast of the SAE matmuls (slower than float32 on some CPUs)
+    # bfloat16 autocast of the SAE step; None: where bfloat16 matmuls are native (`sae_autocast`)
+    autocast: bool | None = None
     seed: int = 42
     checkpoint_every: int = 100  # steps; 0 = only at the end
     log_every: int = 10  # steps between JSONL log lines
@@ -171,6 +173,14 @@ class TrainConfig:
         """Tokens actually trained on: whole batches, so `total_tokens` rounded up to a batch."""
         return self.total_steps * self.batch_size
 
+    def sae_autocast(self, device: str) -> bool:
+        """Whether the SAE step runs under bfloat16 autocast on `device`: `autocast`, or where it is None,
+        where bfloat16 matmuls are native (`hub.fast_dtype`: CUDA, AMX / AVX-512 BF16 CPUs). At the main
+        job's budget autocast trains 1.2-1.3x faster with the same evaluation metrics (README, Speed)."""
+        if self.autocast is not None:
+            return self.autocast
+        return fast_dtype(str(device)) == "bfloat16"
+
     def resolved_specs(self) -> list[SAETrainSpec]:
         """The SAE specs with the preset's sparsity coefficient (and jumprelu settings) filled in where unset."""
         out = []
@@ -220,6 +230,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         normalize_activations="none",
         encoder_init="kaiming",
         sae_dtype="float32",
+        autocast=False,
         seed=42,
         l1_coefficient=5.0,
         l0_coefficient=0.01,

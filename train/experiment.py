@@ -142,7 +142,7 @@ class ReproduceConfig:
             l1_coefficient=self.l1_coefficient,
             l0_coefficient=self.l0_coefficient,
             gsnr_every=self.gsnr_every or None,
-            autocast=self.autocast or None,
+            autocast=self.autocast,
             seed=self.seed,
         )
 

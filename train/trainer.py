@@ -169,6 +169,7 @@ class SAETrainer:
         self.since_fired = [
             torch.zeros(o.sae.d_sae, dtype=torch.long, device=device) for o in self.objectives
         ]
+        self.autocast = cfg.sae_autocast(device)
         self.step = 0
         self.tokens = 0
         self.scale = cfg.norm_scaling_factor or 1.0  # activation scaling factor (see `initialise`)
@@ -238,7 +239,7 @@ class SAETrainer:
                 group["lr"] = lr
             autocast = (
                 torch.autocast(x.device.type, dtype=torch.bfloat16)
-                if self.cfg.autocast
+                if self.autocast
                 else contextlib.nullcontext()
             )
             gsnr = {}
@@ -544,6 +545,7 @@ class SAETrainer:
             **asdict(result),
             "sae_dirs": [str(p) for p in result.sae_dirs],
             "config": self.cfg.to_dict(),
+            "sae_autocast": self.autocast,
         }
         summary["finished"] = result.steps == self.cfg.total_steps
         (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")

@@ -41,11 +41,11 @@ SAELENS_SCRIPT = Path(__file__).with_name("saelens_worker.py")
 
 
 # the two settings of an end-to-end run: the SAE step in float32, or under bfloat16 autocast
-SETTINGS = {"default": False, "autocast": True}
+SETTINGS = {"float32": False, "autocast": True}
 
 
 def _setting(autocast: bool) -> str:
-    return "autocast" if autocast else "default"
+    return "autocast" if autocast else "float32"
 
 
 def _sae_step_rates(trainers: dict, xs, repeats: int, bar) -> dict[str, float]:
@@ -117,7 +117,7 @@ def _end_to_end(run, loaded, device: str, out: Path, reset_host_peak) -> dict:
 
 
 def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch_size: int, tokens: int,
-              buffer_tokens: int, repeats: int, autocast: bool, dtype: str, device: str, *,
+              buffer_tokens: int, repeats: int, autocast: bool | None, dtype: str, device: str, *,
               loaded: LoadedModel | None = None, with_cache: bool = True,
               both_settings: bool = False) -> dict:  # fmt: skip
     """All measurements of `fast-steer bench train` (without SAELens).
@@ -148,6 +148,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     base_rss = 0.0 if cuda else resident_memory_mib() or 0.0
     cfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, saes=[SAETrainSpec(expansion=expansion)],
                       checkpoint_every=0, log_every=10**9, autocast=autocast)  # fmt: skip
+    autocast = cfg.sae_autocast(device)  # None: the trainer's own choice on this device
     run = RunConfig(layer=layer, training=cfg, model=model_ref, device=device, model_dtype=dtype,
                     data=DataConfig(chat=list(data)), stream=StreamSettings(buffer_tokens=buffer_tokens))  # fmt: skip
     loaded_here = loaded is None

@@ -137,7 +137,10 @@ def bench_serve_command(ctx: click.Context, soak: bool, **options) -> None:
     help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32).",
 )
 @click.option(
-    "--autocast", is_flag=True, help="bf16 autocast for the SAE step (--vs-saelens: both settings)."
+    "--autocast/--no-autocast",
+    default=None,
+    help="bf16 autocast for the SAE step (default: the trainer's, where bf16 matmuls are native; "
+    "--vs-saelens: both settings).",
 )
 @device_option
 @click.option(

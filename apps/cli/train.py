@@ -214,7 +214,11 @@ def run_config_from_options(opts: dict, training, activations: str | None = None
 @click.option(
     "--gsnr-every", type=int, help="Steps between gradient signal-to-noise logs (a multiple of --log-every)."
 )
-@click.option("--autocast/--no-autocast", default=None, help="bf16 autocast for the SAE step.")
+@click.option(
+    "--autocast/--no-autocast",
+    default=None,
+    help="bf16 autocast for the SAE step (default: where bf16 matmuls are native: CUDA, AMX CPUs).",
+)
 @click.option(
     "--jumprelu-bandwidth", type=float, help="STE bandwidth.  [default: the preset's: 0.1, paper 0.001]"
 )

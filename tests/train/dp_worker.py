@@ -28,6 +28,7 @@ def dp_config() -> TrainConfig:
         lr=2e-2,
         lr_end=2e-3,
         dead_feature_window=640,
+        autocast=False,  # float32: one process and two agree to float32 rounding
         checkpoint_every=10,
         log_every=5,
         seed=3,

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from hub import load_sae
+from hub import fast_dtype, load_sae
 from tests.conftest import free_port
 from train.config import SAETrainSpec, TrainConfig
 from train.trainer import LOG_FILE, SUMMARY_FILE, SAETrainer, geometric_median
@@ -213,3 +213,14 @@ def test_gsnr_is_logged_and_leaves_training_unchanged(tmp_path):
     )
     with pytest.raises(ValueError, match="multiple of log_every"):
         _cfg(gsnr_every=3)
+
+
+def test_autocast_follows_native_bfloat16_unless_set(tmp_path):
+    auto = TrainConfig(total_tokens=64)
+    assert auto.autocast is None and auto.sae_autocast("cuda:0")
+    assert auto.sae_autocast("cpu") == (fast_dtype("cpu") == "bfloat16")
+    assert not TrainConfig(total_tokens=64, autocast=False).sae_autocast("cuda")
+    assert TrainConfig(total_tokens=64, autocast=True).sae_autocast("cpu")
+    trainer = SAETrainer(_cfg(autocast=False), d_in=16, out_dir=tmp_path, progress=False)
+    trainer.fit(SparseStream(seed=0))
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text())["sae_autocast"] is False

@@ -87,7 +87,7 @@ def test_bench_steer_rejects_a_prefill_only_run(model_dir):
 def test_bench_train_reports_rates_and_memory(model_dir):
     out = _bench("train", "--model", str(model_dir), "--data", str(CHAT_DATA), "--layer", "1",
                  "--expansion", "2", "--batch-size", "64", "--tokens", "1500", "--buffer-tokens", "512",
-                 "--repeats", "1")  # fmt: skip
+                 "--repeats", "1", "--no-autocast")  # fmt: skip
     for key in ("bare_forward_tokens_per_s", "harvest_tokens_per_s", "bare_sae_step_tokens_per_s",
                 "sequential_limit_tokens_per_s", "end_to_end_tokens_per_s", "peak_memory_mib"):  # fmt: skip
         assert out[key] > 0, key
@@ -102,11 +102,11 @@ def test_bench_train_reports_rates_and_memory(model_dir):
     )
     forward, steps = out["bare_forward_tokens_per_s_by_setting"], out["bare_sae_step_tokens_per_s_by_setting"]
     assert {"float32 weights", "bfloat16 weights", "float32 weights, bfloat16 autocast"} == forward.keys()
-    assert steps.keys() == {"default", "autocast"}
+    assert steps.keys() == {"float32", "autocast"}
     # the limit is built from the fastest setting of each, and says which
     assert out["bare_forward_tokens_per_s"] == forward[out["bare_forward_setting"]] == max(forward.values())
     assert out["bare_sae_step_tokens_per_s"] == steps[out["bare_sae_step_setting"]] == max(steps.values())
-    assert out["end_to_end_setting"] == "default" and out["end_to_end_by_setting"].keys() == {"default"}
+    assert out["end_to_end_setting"] == "float32" and out["end_to_end_by_setting"].keys() == {"float32"}
     assert 0 < out["end_to_end_harvest_share"] < 1
     assert (out["end_to_end_ratio_to_limit"] > 1) == (out["end_to_end_tokens_per_s"] > limit)
     assert out["peak_memory_covers"] == "the end-to-end run"
@@ -124,12 +124,12 @@ def test_bench_train_reports_rates_and_memory(model_dir):
 
 def test_bench_train_compares_the_best_of_each_tool():
     ours = {"end_to_end_tokens_per_s": 300.0,
-            "end_to_end_by_setting": {"default": {"tokens_per_s": 200.0}, "autocast": {"tokens_per_s": 300.0}}}  # fmt: skip
-    saelens = {"default": {"tokens_per_s": 100.0}, "autocast": {"tokens_per_s": 250.0}}
+            "end_to_end_by_setting": {"float32": {"tokens_per_s": 200.0}, "autocast": {"tokens_per_s": 300.0}}}  # fmt: skip
+    saelens = {"float32": {"tokens_per_s": 100.0}, "autocast": {"tokens_per_s": 250.0}}
     out = compare_with_saelens(ours, saelens)
     assert out["saelens_best_setting"] == "autocast" and out["saelens_best_tokens_per_s"] == 250.0
     assert out["end_to_end_over_saelens"] == pytest.approx(1.2), "the best of ours over the best of theirs"
-    assert out["end_to_end_over_saelens_by_setting"] == pytest.approx({"default": 2.0, "autocast": 1.2})
+    assert out["end_to_end_over_saelens_by_setting"] == pytest.approx({"float32": 2.0, "autocast": 1.2})
 
 
 def test_bench_train_memory_estimate_grows_with_the_sae_width(chatml_tokenizer):
