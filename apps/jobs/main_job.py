@@ -39,8 +39,9 @@ class MainJobConfig:
     layer: int = 15
     tokens: int = 400_000
     # jumprelu, not standard: lower held-out Δ LM loss at fixed coefficients and along the Δ LM loss-L0 frontier
-    # in the study (docs/results.md, "main job recipe"); at this job's own 400k tokens, +13% LM loss (L0 99)
-    # against +37% for the standard SAE (L0 73), on the 48 held-out conversations the job evaluates on
+    # in the study (docs/results.md, "main job recipe"); at this job's own 400k tokens, +11.8% LM loss (L0 99)
+    # against +39% for the standard SAE (L0 73), on the 48 held-out conversations the job evaluates on
+    # (2026-12-06, bf16 autocast of the SAE step; README, Speed)
     arch: str = "jumprelu"
     expansion: int = 8
     batch_size: int = 1024
