@@ -44,9 +44,10 @@ def _check_input(ctx: Any, name: str) -> None:
 
 def _reconstruction_error(
     feature_acts: torch.Tensor, W_dec_c: torch.Tensor, b_dec: torch.Tensor, x: torch.Tensor
-) -> torch.Tensor:
-    """float32 `out - x`, the decoder in the activations' dtype."""
-    return torch.addmm(b_dec.to(feature_acts.dtype), feature_acts, W_dec_c).float() - x.float()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 `out - x` (the decoder in the activations' dtype) and the MSE, as `train.losses.mse_loss`."""
+    error = torch.addmm(b_dec.to(feature_acts.dtype), feature_acts, W_dec_c).float() - x.float()
+    return error, error.pow(2).sum(dim=-1).mean()
 
 
 def _output_weights(
@@ -98,8 +99,7 @@ class StandardLossFn(torch.autograd.Function):
             x_c = x.to(compute_dtype)
             W_dec_c = W_dec.to(compute_dtype)
             feature_acts = torch.addmm(b_enc.to(compute_dtype), x_c, W_enc.to(compute_dtype)).relu_()
-            error = _reconstruction_error(feature_acts, W_dec_c, b_dec, x)
-            mse = error.pow(2).sum(dim=-1).mean()
+            error, mse = _reconstruction_error(feature_acts, W_dec_c, b_dec, x)
             norms = W_dec.detach().float().norm(dim=1)
             acts_sum = feature_acts.sum(dim=0).float()
             penalty = coefficient * (acts_sum @ norms) / x.shape[0]
@@ -152,8 +152,7 @@ class JumpReLULossFn(torch.autograd.Function):
             W_dec_c = W_dec.to(compute_dtype)
             above = torch.addmm((b_enc - threshold).to(compute_dtype), x_c, W_enc.to(compute_dtype))
             feature_acts = _where_positive(above + threshold.to(compute_dtype), above, 0)
-            error = _reconstruction_error(feature_acts, W_dec_c, b_dec, x)
-            mse = error.pow(2).sum(dim=-1).mean()
+            error, mse = _reconstruction_error(feature_acts, W_dec_c, b_dec, x)
             acts_sum = feature_acts.sum(dim=0).float()
             # the threshold is positive: the active features are the positive activations, whose signs
             # are 1 (a count per feature, then summed; `count_nonzero` is 10x slower on CPU)
