@@ -344,7 +344,7 @@ class SAETrainer:
             if measure:
                 metrics = out
             bar.update(x.shape[0] * self.dist.world_size)
-            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
+            if measure:  # the step just taken is one the log records
                 rate = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
                 record = {**self._log_record(metrics, rate), **clock.shares()}
                 bar.set_postfix_str(self._postfix(record), refresh=False)
