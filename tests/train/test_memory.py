@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -47,11 +48,11 @@ def forward(x):  # a forward's pattern: transients of 9 and 24 MiB, allocated an
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
         x = x + (torch.nn.functional.silu(h @ w.T) @ w) * 1e-3
     return x
-for _ in range(int(sys.argv[2])):  # warm-up forwards
+forward(x)  # warm-up
+for _ in range(7):  # the page faults of each of seven more forwards
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     forward(x)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-forward(x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
@@ -59,16 +60,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_tuned_heap_reuses_freed_transients_without_faulting_them_in_again():
     """In a fresh process (as a training run starts): by default glibc maps the largest transients afresh
     and gives the heap's top back, so a repeated forward faults its pages in again; the tuned heap reuses
-    them once it has grown to the pattern's high-water mark (which the order in which two threads free
-    blocks can delay by a forward: hence three warm-ups)."""
+    them. By default the forward after the warm-up faults; tuned, the median of seven forwards does not:
+    where the heap can grow in place varies between processes (the address-space layout), so now and then
+    one tuned forward still extends it, by a few MiB. (Later default forwards can stop faulting too, once
+    glibc's own threshold has risen past the transients: the tuning makes that hold from the start.)"""
 
-    def faults(mode: str, warm_ups: int) -> int:
-        run = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REPEATED_FORWARD, mode, str(warm_ups)],
-                             capture_output=True, text=True, check=True, cwd=ROOT)  # fmt: skip
-        return int(run.stdout.split()[-1])
+    def faults(mode: str) -> list[int]:
+        run = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REPEATED_FORWARD, mode], capture_output=True,
+                             text=True, check=True, cwd=ROOT)  # fmt: skip
+        return [int(n) for n in run.stdout.split()]
 
-    assert faults("default", 1) > 5000, "about 25,000-35,000 pages (100-140 MiB) on this pattern"
-    assert faults("tuned", 3) < 500
+    assert faults("default")[0] > 5000, "about 25,000-35,000 pages (100-140 MiB) on this pattern"
+    assert statistics.median(faults("tuned")) < 500
 
 
 def test_object_size_counts_shared_objects_once():
