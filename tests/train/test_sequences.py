@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from train.sequences import (
     render_conversation,
     render_conversations,
     text_token_lists,
+    token_ids,
 )
 
 IM_START = 1
@@ -32,6 +35,25 @@ def test_render_matches_apply_chat_template(chatml_tokenizer):
         assert ids == list(expected)
         assert ids[0] == IM_START and ids[1] != IM_START  # no extra BOS added
     assert render_conversation(chatml_tokenizer, convs[0]) == render_conversations(chatml_tokenizer, convs)[0]
+
+
+@pytest.mark.parametrize("which", ["chatml", "default"])
+def test_token_ids_equal_the_tokenizer_call(which, chatml_tokenizer, request):
+    """The backend's direct read gives what the tokenizer's own call gives; a backend with truncation or
+    special-token splitting switched on goes through that call, which sets them as asked."""
+    tok = chatml_tokenizer if which == "chatml" else request.getfixturevalue("default_model").tokenizer
+    convs = read_conversations("topical_chat.jsonl", 8)
+    texts = tok.apply_chat_template(convs, tokenize=False) + ["<|im_start|> plain text", ""]
+    expected = [list(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    assert token_ids(tok, texts) == expected
+    assert max(map(len, expected)) > 16 and expected[-1] == []
+    changed = copy.deepcopy(tok)
+    changed.backend_tokenizer.enable_truncation(16)
+    assert token_ids(changed, texts) == expected
+    changed.split_special_tokens = True
+    split = token_ids(changed, texts)
+    assert split == [list(ids) for ids in changed(texts, add_special_tokens=False)["input_ids"]]
+    assert split[-2] != expected[-2]  # "<|im_start|>" is split into pieces, not read as the special token
 
 
 def test_fast_keeps_one_conversation_per_sequence(chatml_tokenizer):
