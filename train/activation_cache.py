@@ -182,6 +182,8 @@ def check_harvest_dtype(folder: Path, manifest: dict[str, Any], requested: str) 
 class CachedActivationStream(BufferedStream):
     """Yields float32 [batch_size / world_size, d_in] batches read from a harvested cache; resumable."""
 
+    releases_pages_at_refill = False  # no model runs here: the steps keep reusing their own freed pages
+
     def __init__(self, run: RunConfig, rank: int = 0, world_size: int = 1, chunk_tokens: int | None = None):
         self.folder = Path(run.data.activations)
         self.manifest = read_manifest(self.folder)

@@ -122,7 +122,9 @@ class BufferedStream:
 
     Subclasses set `buffer`, `batch_size` and `stats` (with `tokens_yielded` and `dropped_tokens`), and
     implement `_fill()`, which adds rows to the buffer or, at the end of a finite stream, calls `_finish()`.
-    Freed heap pages are handed back before and after each refill (`train.memory`).
+    Freed heap pages are handed back before and after each refill (`train.memory`) where the refill runs the
+    model (`releases_pages_at_refill`): a stream that reads a cache has no forward whose pages could pile up on the
+    steps', and a trim would only make its next step fault its pages in again.
     After the end, the flushed remainder is handed out in whole batches; a last partial batch is dropped
     and counted. With a `quota` (the trainer's token count) the end comes as soon as the rows held cover
     it, so a run harvests less than one forward batch more than it trains on.
@@ -136,6 +138,8 @@ class BufferedStream:
     # tokens the consumer takes in all (None: open-ended); once the rows held cover the rest, the stream
     # hands them out (flushed, shuffled) instead of harvesting a refill nobody trains on
     quota: int | None = None
+    # whether refills hand the heap's free pages back (the model's forward and the SAE steps take turns)
+    releases_pages_at_refill: bool = True
 
     def _fill(self) -> None:
         raise NotImplementedError
@@ -159,13 +163,15 @@ class BufferedStream:
         n = self.batch_size
         if not self.exhausted and not self.buffer.can_pop(n):
             tune_heap()
-            release_free_memory()  # the pages the steps freed are not held while the buffer refills
+            if self.releases_pages_at_refill:
+                release_free_memory()  # the pages the steps freed are not held while the buffer refills
             while not self.exhausted and not self.buffer.can_pop(n):
                 if self.quota is not None and self.tokens_yielded + len(self.buffer) >= self.quota:
                     self._finish()
                 else:
                     self._fill()
-            release_free_memory()  # nor are the refill's while the SAEs train
+            if self.releases_pages_at_refill:
+                release_free_memory()  # nor are the refill's while the SAEs train
         if not self.exhausted:
             out = self.buffer.pop(n)
         else:
