@@ -2,7 +2,7 @@
 
 Measured in one run on the same conversations (JSON on stdout, progress bars on stderr):
 1. end-to-end training (`train.pipeline.fit_stream`, the same code as `fast-steer train`) of `--tokens`
-   tokens on a freshly opened stream, timed as a whole (SAE set-up, the first buffer fill, initialisation
+   tokens on a freshly opened stream, `--repeats` times (medians; the highest peak), each timed as a whole (SAE set-up, the first buffer fill, initialisation
    and saving included; loading the corpus is timed apart as `data_loading_seconds`), in one setting
    (`--autocast` or not) or, with `--vs-saelens`, in both `SETTINGS`; the top-level figures are the faster's;
 2. on exactly the forward batches that run harvested: a bare forward to layer L vs FAST harvesting
@@ -16,7 +16,8 @@ Measured in one run on the same conversations (JSON on stdout, progress bars on 
    (`train --activations`): the training loop's rate over the bare SAE step (goal >= 0.9);
 7. `--vs-saelens`: SAELens 6.54 (in `.venv-saelens`, `make saelens-venv`) on the same model, layer, SAE
    size, batch and token budget in both settings (float32, and bfloat16 autocast of the LM and the SAE),
-   the best of each tool and the ratio of the bests.
+   each SAELens run right after ours in the same setting, `--repeats` of each (medians); the best of each
+   tool and the ratio of the bests.
 """
 
 from __future__ import annotations
@@ -119,14 +120,16 @@ def _end_to_end(run, loaded, device: str, out: Path, reset_host_peak) -> dict:
 def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch_size: int, tokens: int,
               buffer_tokens: int, repeats: int, autocast: bool | None, dtype: str, device: str, *,
               loaded: LoadedModel | None = None, with_cache: bool = True,
-              both_settings: bool = False) -> dict:  # fmt: skip
-    """All measurements of `fast-steer bench train` (without SAELens).
+              both_settings: bool = False, vs_saelens: bool = False) -> dict:  # fmt: skip
+    """All measurements of `fast-steer bench train`.
 
     `loaded`: a model already in memory (the GPU kit's random models of real shapes) instead of loading
     `model_ref` (then only its own dtype is timed for the limit); `with_cache=False` leaves out the
     activation-cache part (it writes every token to disk); `both_settings`: end to end in both `SETTINGS`
-    (else in `autocast`'s), the top-level figures from the faster. On CUDA the peak and the estimate are of
-    GPU memory (tensors allocated), elsewhere of host memory.
+    (else in `autocast`'s), the top-level figures from the faster; `vs_saelens`: both settings, each of our
+    `repeats` end-to-end runs followed by SAELens's in the same setting (medians of each, so a drift of the
+    machine's speed reaches both tools alike). On CUDA the peak and the estimate are of GPU memory (tensors
+    allocated), elsewhere of host memory.
     """
     from dataclasses import replace
 
@@ -160,18 +163,24 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     loading_seconds = time.perf_counter() - t0
     Harvester(model, layer)(stream.sample_batches(1)[0])  # warm-up: one-off kernel set-up is not throughput
     del stream  # each end-to-end run opens its own: no second corpus and buffer held during theirs
-    settings = SETTINGS if both_settings else {_setting(autocast): autocast}
+    settings = SETTINGS if both_settings or vs_saelens else {_setting(autocast): autocast}
+    if vs_saelens and not loaded_here:
+        raise FastSteerError(
+            "--vs-saelens runs SAELens on the model's folder: pass a model reference, not a model"
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        e2e = {
-            name: _end_to_end(
-                replace(run, training=replace(cfg, autocast=ac)),
-                loaded,
-                device,
-                Path(tmp) / name,
-                reset_peak_memory,
-            )  # fmt: skip
-            for name, ac in settings.items()
-        }
+        ours: dict[str, list[dict]] = {name: [] for name in settings}
+        theirs: dict[str, list[dict]] = {name: [] for name in settings}
+        for i in range(repeats):  # interleaved: each setting's run, then SAELens's in the same setting
+            for name, ac in settings.items():
+                run_ac = replace(run, training=replace(cfg, autocast=ac))
+                ours[name].append(
+                    _end_to_end(run_ac, loaded, device, Path(tmp) / f"{name}-{i}", reset_peak_memory)
+                )
+                if vs_saelens:
+                    theirs[name].append(run_saelens(Path(loaded.source), list(data), layer, expansion, batch_size,
+                                                    tokens, ac))  # fmt: skip
+        e2e = {name: median_run(runs, maxima=("peak_memory_mib",)) for name, runs in ours.items()}
         best = max(e2e, key=lambda name: e2e[name]["tokens_per_s"])
         trained = e2e[best]["tokens_trained"]
 
@@ -203,7 +212,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     corpus_mib = 0.0 if cuda else object_mib(stream.corpus.items)
     estimate = _memory_estimate(model, run.stream, d_in, expansion, batch_size, base_rss, corpus_mib)
     peak = max(r["peak_memory_mib"] for r in e2e.values())
-    return {
+    out = {
         "model": model_ref,
         "layer": layer,
         "sae": f"{d_in}x{d_in * expansion}",
@@ -253,6 +262,22 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         "peak_over_estimate": peak / sum(estimate.values()),
         "repeats": repeats,
     }
+    if vs_saelens:
+        out.update(compare_with_saelens(out, {name: median_run(runs) for name, runs in theirs.items()}))
+    return out
+
+
+def median_run(runs: list[dict], maxima: tuple[str, ...] = ()) -> dict:
+    """Whole runs of one setting as one: the median of every float that varies between them (the highest of
+    `maxima`), a flag only if every run has it, the rest as the runs have it, and `runs`, how many."""
+    out = dict(runs[0])
+    for key, value in out.items():
+        values = [r[key] for r in runs]
+        if isinstance(value, bool):
+            out[key] = all(values)
+        elif isinstance(value, float) and len(set(values)) > 1:
+            out[key] = max(values) if key in maxima else statistics.median(values)
+    return {**out, "runs": len(runs)}
 
 
 def compare_with_saelens(out: dict, saelens: dict[str, dict]) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import click
 
@@ -153,16 +152,10 @@ def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_to
     """Harvesting and end-to-end training throughput vs. the sequential limit (JSON)."""
     if min(batch_size, tokens, buffer_tokens, repeats) < 1:
         raise click.BadParameter("--batch-size, --tokens, --buffer-tokens and --repeats must be positive")
+    # --vs-saelens: SAELens's whole runs (start-up included), same model, layer, SAE, batch and token budget,
+    # in both settings, each right after ours
     out = train_bench.run_bench(model_ref, list(data), layer, expansion, batch_size, tokens, buffer_tokens, repeats,
-                    autocast, dtype, device, both_settings=vs_saelens)  # fmt: skip
-    if vs_saelens:
-        from hub import load_model
-
-        model_dir = Path(load_model(model_ref).source)
-        # whole runs (start-up included), same model, layer, SAE, batch and token budget, in both settings
-        saelens = {name: train_bench.run_saelens(model_dir, list(data), layer, expansion, batch_size, tokens, ac)
-                   for name, ac in train_bench.SETTINGS.items()}  # fmt: skip
-        out.update(train_bench.compare_with_saelens(out, saelens))
+                    autocast, dtype, device, vs_saelens=vs_saelens)  # fmt: skip
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from apps.bench.steer import TARGETS, _summarise
-from apps.bench.train import _memory_estimate, compare_with_saelens
+from apps.bench.train import _memory_estimate, compare_with_saelens, median_run
 from apps.cli import main
 from tests.conftest import CHAT_DATA, build_tiny_model, save_tiny_model
 
@@ -87,7 +87,8 @@ def test_bench_steer_rejects_a_prefill_only_run(model_dir):
 def test_bench_train_reports_rates_and_memory(model_dir):
     out = _bench("train", "--model", str(model_dir), "--data", str(CHAT_DATA), "--layer", "1",
                  "--expansion", "2", "--batch-size", "64", "--tokens", "1500", "--buffer-tokens", "512",
-                 "--repeats", "1", "--no-autocast")  # fmt: skip
+                 "--repeats", "2", "--no-autocast")  # fmt: skip
+    assert out["end_to_end_by_setting"]["float32"]["runs"] == 2, "--repeats whole runs, medians"
     for key in ("bare_forward_tokens_per_s", "harvest_tokens_per_s", "bare_sae_step_tokens_per_s",
                 "sequential_limit_tokens_per_s", "end_to_end_tokens_per_s", "peak_memory_mib"):  # fmt: skip
         assert out[key] > 0, key
@@ -130,6 +131,37 @@ def test_bench_train_compares_the_best_of_each_tool():
     assert out["saelens_best_setting"] == "autocast" and out["saelens_best_tokens_per_s"] == 250.0
     assert out["end_to_end_over_saelens"] == pytest.approx(1.2), "the best of ours over the best of theirs"
     assert out["end_to_end_over_saelens_by_setting"] == pytest.approx({"float32": 2.0, "autocast": 1.2})
+
+
+def test_median_run_takes_medians_the_highest_peak_and_flags_all_runs_share():
+    runs = [
+        {
+            "tokens_per_s": 100.0,
+            "seconds": 10.0,
+            "peak_memory_mib": 900.0,
+            "tokens": 4096,
+            "peak_window": True,
+        },
+        {
+            "tokens_per_s": 300.0,
+            "seconds": 3.0,
+            "peak_memory_mib": 1000.0,
+            "tokens": 4096,
+            "peak_window": False,
+        },
+        {
+            "tokens_per_s": 200.0,
+            "seconds": 5.0,
+            "peak_memory_mib": 950.0,
+            "tokens": 4096,
+            "peak_window": True,
+        },
+    ]
+    assert median_run(runs, maxima=("peak_memory_mib",)) == {
+        "tokens_per_s": 200.0, "seconds": 5.0, "peak_memory_mib": 1000.0, "tokens": 4096, "peak_window": False,
+        "runs": 3,
+    }  # fmt: skip
+    assert median_run(runs[:1])["runs"] == 1 and median_run(runs[:2])["tokens_per_s"] == 200.0
 
 
 def test_bench_train_memory_estimate_grows_with_the_sae_width(chatml_tokenizer):
