@@ -120,16 +120,15 @@ def _end_to_end(run, loaded, device: str, out: Path, reset_host_peak) -> dict:
 def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch_size: int, tokens: int,
               buffer_tokens: int, repeats: int, autocast: bool | None, dtype: str, device: str, *,
               loaded: LoadedModel | None = None, with_cache: bool = True,
-              both_settings: bool = False, vs_saelens: bool = False) -> dict:  # fmt: skip
+              vs_saelens: bool = False) -> dict:  # fmt: skip
     """All measurements of `fast-steer bench train`.
 
     `loaded`: a model already in memory (the GPU kit's random models of real shapes) instead of loading
     `model_ref` (then only its own dtype is timed for the limit); `with_cache=False` leaves out the
-    activation-cache part (it writes every token to disk); `both_settings`: end to end in both `SETTINGS`
-    (else in `autocast`'s), the top-level figures from the faster; `vs_saelens`: both settings, each of our
-    `repeats` end-to-end runs followed by SAELens's in the same setting (medians of each, so a drift of the
-    machine's speed reaches both tools alike). On CUDA the peak and the estimate are of GPU memory (tensors
-    allocated), elsewhere of host memory.
+    activation-cache part (it writes every token to disk); `vs_saelens`: end to end in both `SETTINGS` (else
+    in `autocast`'s; the top-level figures from the faster), each of our `repeats` runs followed by SAELens's
+    in the same setting (medians of each, so a drift of the machine's speed reaches both tools alike).
+    On CUDA the peak and the estimate are of GPU memory (tensors allocated), elsewhere of host memory.
     """
     from dataclasses import replace
 
@@ -163,7 +162,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     loading_seconds = time.perf_counter() - t0
     Harvester(model, layer)(stream.sample_batches(1)[0])  # warm-up: one-off kernel set-up is not throughput
     del stream  # each end-to-end run opens its own: no second corpus and buffer held during theirs
-    settings = SETTINGS if both_settings or vs_saelens else {_setting(autocast): autocast}
+    settings = SETTINGS if vs_saelens else {_setting(autocast): autocast}
     if vs_saelens and not loaded_here:
         raise FastSteerError(
             "--vs-saelens runs SAELens on the model's folder: pass a model reference, not a model"
