@@ -2,9 +2,10 @@
 
 Measured in one run on the same conversations (JSON on stdout, progress bars on stderr):
 1. end-to-end training (`train.pipeline.fit_stream`, the same code as `fast-steer train`) of `--tokens`
-   tokens on a freshly opened stream, `--repeats` times (medians; the highest peak), each timed as a whole (SAE set-up, the first buffer fill, initialisation
-   and saving included; loading the corpus is timed apart as `data_loading_seconds`), in one setting
-   (`--autocast` or not) or, with `--vs-saelens`, in both `SETTINGS`; the top-level figures are the faster's;
+   tokens on a freshly opened stream, `--repeats` times (medians; the highest peak), each timed as a whole
+   (SAE set-up, the first buffer fill, initialisation and saving included; loading the corpus is timed
+   apart as `data_loading_seconds`), in one setting (`--autocast` or not) or, with `--vs-saelens`, in both
+   `SETTINGS`; the top-level figures are the faster's;
 2. on exactly the forward batches that run harvested: a bare forward to layer L vs FAST harvesting
    (interleaved repeats, medians; padding share), and the bare forward in every weight dtype / autocast
    setting at hand (bfloat16 weights, float32 weights, float32 weights under bfloat16 autocast);
@@ -145,6 +146,10 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     from train.run_config import DataConfig, RunConfig, StreamSettings
     from train.trainer import SAETrainer
 
+    if vs_saelens and loaded is not None:
+        raise FastSteerError(
+            "--vs-saelens runs SAELens on the model's folder: pass a model reference, not a model"
+        )
     device = resolve_device(device)
     cuda = device.startswith("cuda")
     base_rss = 0.0 if cuda else resident_memory_mib() or 0.0
@@ -163,10 +168,6 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     Harvester(model, layer)(stream.sample_batches(1)[0])  # warm-up: one-off kernel set-up is not throughput
     del stream  # each end-to-end run opens its own: no second corpus and buffer held during theirs
     settings = SETTINGS if vs_saelens else {_setting(autocast): autocast}
-    if vs_saelens and not loaded_here:
-        raise FastSteerError(
-            "--vs-saelens runs SAELens on the model's folder: pass a model reference, not a model"
-        )
     with tempfile.TemporaryDirectory() as tmp:
         ours: dict[str, list[dict]] = {name: [] for name in settings}
         theirs: dict[str, list[dict]] = {name: [] for name in settings}
