@@ -74,6 +74,47 @@ def test_tuned_heap_reuses_freed_transients_without_faulting_them_in_again():
     assert statistics.median(faults("tuned")) < 500
 
 
+_FAULTS_OF_A_STEP_AFTER_EACH_BATCH = """
+import resource, sys
+import torch
+from train.buffer import BufferedStream, MixingBuffer
+
+class Rows(BufferedStream):
+    releases_pages_at_refill = sys.argv[1] == "release"
+
+    def __init__(self):
+        self.buffer, self.batch_size = MixingBuffer(4096, 64, seed=0), 1024  # a refill every 2 batches
+        self.stats = {"tokens_yielded": 0, "dropped_tokens": 0}
+
+    def _fill(self):
+        self.buffer.push(torch.randn(1024, 64))
+
+stream = Rows()
+for _ in range(24):  # a step's transient after each batch: 24 MiB, touched and freed
+    next(stream)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(6 * 2**20)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@linux
+def test_only_streams_that_run_the_model_hand_pages_back_at_their_refills():
+    """A stream that hands the heap's free pages back at each refill makes the next step fault its pages in
+    again; one that does not (a cache read: no forward's pages to keep apart from the steps') reuses them."""
+    from train.activation_cache import CachedActivationStream
+    from train.activations import ActivationStream
+
+    def faults(mode: str) -> list[int]:
+        run = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_STEP_AFTER_EACH_BATCH, mode],
+                             capture_output=True, text=True, check=True, cwd=ROOT)  # fmt: skip
+        return [int(n) for n in run.stdout.split()][4:]  # after the heap has grown to the step's size
+
+    assert sum(faults("release")) > 5 * 6000, "the step after each of ten refills faults its ~6,100 pages"
+    assert sum(faults("keep")) < 6144, "at most one late growth of the heap"
+    assert ActivationStream.releases_pages_at_refill and not CachedActivationStream.releases_pages_at_refill
+
+
 def test_object_size_counts_shared_objects_once():
     text = "x" * 100_000
     records = [[{"role": "user", "content": text}] for _ in range(10)]
