@@ -128,7 +128,13 @@ def bench_serve_command(ctx: click.Context, soak: bool, **options) -> None:
 @click.option(
     "--buffer-tokens", type=int, default=4096, show_default=True, help="Mixing buffer (small: short runs)."
 )
-@click.option("--repeats", type=int, default=2, show_default=True)
+@click.option(
+    "--repeats",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Repeats of every measurement, whole end-to-end runs included (medians).",
+)
 @click.option(
     "--dtype",
     default="auto",
@@ -145,7 +151,8 @@ def bench_serve_command(ctx: click.Context, soak: bool, **options) -> None:
 @click.option(
     "--vs-saelens",
     is_flag=True,
-    help="Both tools, with and without autocast (SAELens 6.54 in .venv-saelens).",
+    help="Both tools, with and without autocast, each SAELens run right after ours in the same setting "
+    "(SAELens 6.54 in .venv-saelens).",
 )
 def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_tokens, repeats, dtype, autocast,
                 device, vs_saelens) -> None:  # fmt: skip
