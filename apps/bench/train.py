@@ -146,10 +146,12 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     from train.run_config import DataConfig, RunConfig, StreamSettings
     from train.trainer import SAETrainer
 
-    if vs_saelens and loaded is not None:
-        raise FastSteerError(
-            "--vs-saelens runs SAELens on the model's folder: pass a model reference, not a model"
-        )
+    if vs_saelens:  # before anything is loaded or run
+        _check_saelens_venv()
+        if loaded is not None:
+            raise FastSteerError(
+                "--vs-saelens runs SAELens on the model's folder: pass a model reference, not a model"
+            )
     device = resolve_device(device)
     cuda = device.startswith("cuda")
     base_rss = 0.0 if cuda else resident_memory_mib() or 0.0
@@ -355,11 +357,15 @@ def _memory_estimate(
     }
 
 
+def _check_saelens_venv() -> None:
+    if not SAELENS_PYTHON.is_file():
+        raise FastSteerError(f"{SAELENS_PYTHON} not found: run `make saelens-venv` first")
+
+
 def run_saelens(model_dir: Path, data: list[str], layer: int, expansion: int, batch_size: int, tokens: int,
                 autocast: bool) -> dict:  # fmt: skip
     """SAELens training throughput in its own venv (a subprocess printing one JSON line)."""
-    if not SAELENS_PYTHON.is_file():
-        raise FastSteerError(f"{SAELENS_PYTHON} not found: run `make saelens-venv` first")
+    _check_saelens_venv()
     cmd = [str(SAELENS_PYTHON), str(SAELENS_SCRIPT), "--model-dir", str(model_dir), "--layer", str(layer),
            "--expansion", str(expansion), "--batch-size", str(batch_size), "--tokens", str(tokens),
            *(["--autocast"] if autocast else []), *[a for d in data for a in ("--data", d)]]  # fmt: skip

@@ -133,6 +133,13 @@ def test_bench_train_compares_the_best_of_each_tool():
     assert out["end_to_end_over_saelens_by_setting"] == pytest.approx({"float32": 2.0, "autocast": 1.2})
 
 
+def test_bench_train_vs_saelens_without_its_venv_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no .venv-saelens here
+    result = CliRunner().invoke(main, ["bench", "train", "--vs-saelens", "--model", str(tmp_path / "none")])
+    assert result.exit_code != 0
+    assert "make saelens-venv" in result.output, "named before the (missing) model is even looked for"
+
+
 def test_median_run_takes_medians_the_highest_peak_and_flags_all_runs_share():
     runs = [
         {
