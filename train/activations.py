@@ -125,6 +125,7 @@ class ActivationStream(BufferedStream):
             self.layer,
             exclude_first_token=self.settings.exclude_first_token,
             max_norm_multiple=self.settings.max_norm_multiple,
+            compile=run.compile,
         )
         self.d_in = self.harvester.d_in
         self.buffer = MixingBuffer(self.settings.buffer_tokens, self.d_in, seed=self.seed * 1009 + self.rank)

@@ -3,12 +3,12 @@
 Public API:
     decoder_layers(model) -> nn.ModuleList        (re-exported from steer.hooks)
     hook_name(layer) -> "blocks.{L}.hook_resid_post"
-    Harvester(model, layer, *, exclude_first_token=False, max_norm_multiple=None)
+    Harvester(model, layer, *, exclude_first_token=False, max_norm_multiple=None, compile=False)
         .residuals(batch) -> Tensor [B, T, d] in the model's dtype
         .per_sequence(batch) -> list of float32 [len_i, d] (all real tokens, no exclusions)
         .__call__(batch) -> float32 [n_kept, d] (real tokens only, exclusions applied); .last_stats
-    harvest_throughput(model, batches, layer, repeats=3, on_tokens=None) -> dict (bare forward vs harvesting)
-    bare_forward_rate(model, batches, layer, repeats=3, autocast=False) -> real tokens/s of the bare forward
+    harvest_throughput(model, batches, layer, repeats=3, on_tokens=None, compile=False) -> dict (bare vs harvest)
+    bare_forward_rate(model, batches, layer, repeats=3, autocast=False, compile=False) -> real tokens/s
 
 Layer L is the output of decoder block L (0-indexed), i.e. ``hidden_states[L + 1]`` in transformers.
 A forward hook on block L raises a private exception carrying the block's output, so neither the later
@@ -21,6 +21,7 @@ mask-free call keeps SDPA on its fast causal path. Padding positions are dropped
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from transformers import PreTrainedModel
 from steer.errors import ConfigError
 from steer.hooks import decoder_layers, input_device
 from steer.positions import without_sink
+from train.compiled import compile_forwards, swapped_forwards
 from train.sequences import Batch
 
 __all__ = [
@@ -76,6 +78,7 @@ class Harvester:
         *,
         exclude_first_token: bool = False,
         max_norm_multiple: float | None = None,
+        compile: bool = False,
     ):
         self.layers = _check_layer(model, layer)
         if max_norm_multiple is not None and max_norm_multiple <= 0:
@@ -85,6 +88,8 @@ class Harvester:
         self.exclude_first_token = exclude_first_token
         self.max_norm_multiple = max_norm_multiple
         self.last_stats: dict[str, int] = {}
+        # `compile`: layers 0..layer run `torch.compile`d forwards in this harvester's calls (train.compiled)
+        self.compiled = compile_forwards(self.layers[: layer + 1], self.device) if compile else None
 
     @property
     def d_in(self) -> int:
@@ -106,8 +111,13 @@ class Harvester:
             raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
         handle = self.layers[self.layer].register_forward_hook(stop)
+        compiled = (
+            swapped_forwards(self.layers[: self.layer + 1], self.compiled)
+            if self.compiled
+            else contextlib.nullcontext()
+        )
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), compiled:
                 self.model.base_model(input_ids=batch.input_ids.to(self.device), use_cache=False)
         except _StopForward as stopped:
             return stopped.output
@@ -150,16 +160,24 @@ def drop_norm_outliers(x: torch.Tensor, max_norm_multiple: float | None) -> tupl
     return x[ok], int((~ok).sum())
 
 
-def _bare_forward(model: PreTrainedModel, layer: int, batches: list[Batch], autocast: bool = False) -> None:
+def _bare_forward(
+    model: PreTrainedModel,
+    layer: int,
+    batches: list[Batch],
+    autocast: bool = False,
+    forwards: list[Callable] | None = None,
+) -> None:
     """Layers 0..layer only (a truncated stack, plus the final norm), outputs discarded: the reference cost.
-    `autocast`: under bfloat16 autocast (float32 weights, as SAELens runs its model with `autocast_lm`)."""
+    `autocast`: under bfloat16 autocast (float32 weights, as SAELens runs its model with `autocast_lm`);
+    `forwards`: the layers' compiled forwards (`Harvester.compiled`) in place of their own."""
     base = model.base_model
     name = "layers" if isinstance(getattr(base, "layers", None), nn.ModuleList) else "h"
     full = getattr(base, name)
     device = next(model.parameters()).device
     setattr(base, name, full[: layer + 1])
+    swapped = swapped_forwards(full[: layer + 1], forwards) if forwards else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast), swapped:
             for batch in batches:
                 base(input_ids=batch.input_ids.to(device), use_cache=False)
         if device.type == "cuda":
@@ -169,14 +187,23 @@ def _bare_forward(model: PreTrainedModel, layer: int, batches: list[Batch], auto
 
 
 def bare_forward_rate(
-    model: PreTrainedModel, batches: list[Batch], layer: int, repeats: int = 3, autocast: bool = False
+    model: PreTrainedModel,
+    batches: list[Batch],
+    layer: int,
+    repeats: int = 3,
+    autocast: bool = False,
+    compile: bool = False,
 ) -> float:
-    """Real tokens/s of the bare forward to `layer` over `batches` (median of `repeats` passes)."""
-    _check_layer(model, layer)
+    """Real tokens/s of the bare forward to `layer` over `batches` (median of `repeats` passes; with
+    `compile`, after a first pass that compiles the layers)."""
+    layers = _check_layer(model, layer)
+    forwards = compile_forwards(layers[: layer + 1], input_device(model)) if compile else None
+    if forwards:
+        _bare_forward(model, layer, batches, autocast, forwards)
     seconds = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _bare_forward(model, layer, batches, autocast)
+        _bare_forward(model, layer, batches, autocast, forwards)
         seconds.append(time.perf_counter() - t0)
     return sum(b.n_tokens for b in batches) / statistics.median(seconds)
 
@@ -187,8 +214,10 @@ def harvest_throughput(
     layer: int,
     repeats: int = 3,
     on_tokens: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> dict:
-    """Tokens/s of a bare forward to `layer` vs. harvesting (real tokens out, float32) on the same batches.
+    """Tokens/s of a bare forward to `layer` vs. harvesting (real tokens out, float32) on the same batches,
+    both with compiled layers where `compile` (then after a first, compiling pass of each).
 
     Repeats are interleaved (bare, harvest, bare, harvest, ...) and the medians compared. Rates count
     real tokens; `padding_share` is the share of computed positions that were padding. `on_tokens(n)` is
@@ -197,13 +226,17 @@ def harvest_throughput(
     _check_layer(model, layer)
     if not batches or repeats < 1:
         raise ValueError("harvest_throughput needs at least one batch and one repeat")
-    harvester = Harvester(model, layer)
+    harvester = Harvester(model, layer, compile=compile)
+    if compile:
+        _bare_forward(model, layer, batches, forwards=harvester.compiled)
+        for batch in batches:
+            harvester(batch)
     real = sum(b.n_tokens for b in batches)
     padded = sum(b.n_padded for b in batches)
     bare_s, harvest_s = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _bare_forward(model, layer, batches)
+        _bare_forward(model, layer, batches, forwards=harvester.compiled)
         t1 = time.perf_counter()
         for batch in batches:
             harvester(batch)

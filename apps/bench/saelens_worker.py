@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--tokens", type=int, required=True)
     ap.add_argument("--autocast", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="compile_llm and compile_sae")
     args = ap.parse_args()
 
     import sae_lens
@@ -76,6 +77,8 @@ def main() -> None:
             n_batches_for_norm_estimate=2,
             autocast=args.autocast,
             autocast_lm=args.autocast,
+            compile_llm=args.compile,
+            compile_sae=args.compile,
             device="cpu",
             logger=LoggingConfig(log_to_wandb=False),
             n_checkpoints=0,
@@ -93,6 +96,7 @@ def main() -> None:
         "seconds": seconds,
         "tokens_per_s": args.tokens / seconds,
         "autocast": args.autocast,
+        "compile": args.compile,
         "threads": torch.get_num_threads(),
     }))  # fmt: skip
 

@@ -67,9 +67,11 @@ def _sae_step_rates(trainers: dict, xs, repeats: int, bar) -> dict[str, float]:
     return {name: sum(map(len, xs)) / statistics.median(s) for name, s in seconds.items()}
 
 
-def _forward_rates(model, model_ref, batches, layer, repeats, device, loaded_here: bool) -> dict[str, float]:
-    """Bare-forward tokens/s on `batches` in each weight dtype / autocast setting at hand: the model's own;
-    where this benchmark loaded it, the other of float32 / bfloat16 too; float32 also under bf16 autocast."""
+def _forward_rates(model, model_ref, batches, layer, repeats, device, loaded_here: bool,
+                   compile: bool) -> dict[str, float]:  # fmt: skip
+    """Bare-forward tokens/s on `batches` in each weight dtype / autocast setting at hand: the model's own
+    (and, with `compile`, its compiled layers); where this benchmark loaded it, the other of float32 /
+    bfloat16 too; float32 also under bf16 autocast."""
     import torch
 
     from hub import load_model
@@ -83,6 +85,8 @@ def _forward_rates(model, model_ref, batches, layer, repeats, device, loaded_her
     for dtype, m in models.items():
         name = str(dtype).removeprefix("torch.")
         rates[f"{name} weights"] = bare_forward_rate(m, batches, layer, repeats)
+        if compile and m is model:
+            rates[f"{name} weights, compiled"] = bare_forward_rate(m, batches, layer, repeats, compile=True)
         if dtype == torch.float32:
             rates[f"{name} weights, bfloat16 autocast"] = bare_forward_rate(m, batches, layer, repeats, True)
     return rates
@@ -121,14 +125,16 @@ def _end_to_end(run, loaded, device: str, out: Path, reset_host_peak) -> dict:
 def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch_size: int, tokens: int,
               buffer_tokens: int, repeats: int, autocast: bool | None, dtype: str, device: str, *,
               loaded: LoadedModel | None = None, with_cache: bool = True,
-              vs_saelens: bool = False) -> dict:  # fmt: skip
+              vs_saelens: bool = False, compile: bool = False) -> dict:  # fmt: skip
     """All measurements of `fast-steer bench train`.
 
     `loaded`: a model already in memory (the GPU kit's random models of real shapes) instead of loading
     `model_ref` (then only its own dtype is timed for the limit); `with_cache=False` leaves out the
     activation-cache part (it writes every token to disk); `vs_saelens`: end to end in both `SETTINGS` (else
     in `autocast`'s; the top-level figures from the faster), each of our `repeats` runs followed by SAELens's
-    in the same setting (medians of each, so a drift of the machine's speed reaches both tools alike).
+    in the same setting (medians of each, so a drift of the machine's speed reaches both tools alike);
+    `compile`: our harvesting forward compiled (`RunConfig.compile`; each end-to-end run compiles afresh, from
+    Inductor's on-disk cache after the warm-up), SAELens with `compile_llm` and `compile_sae`.
     On CUDA the peak and the estimate are of GPU memory (tensors allocated), elsewhere of host memory.
     """
     from dataclasses import replace
@@ -158,7 +164,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     cfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, saes=[SAETrainSpec(expansion=expansion)],
                       checkpoint_every=0, log_every=10**9, autocast=autocast)  # fmt: skip
     autocast = cfg.sae_autocast(device)  # None: the trainer's own choice on this device
-    run = RunConfig(layer=layer, training=cfg, model=model_ref, device=device, model_dtype=dtype,
+    run = RunConfig(layer=layer, training=cfg, model=model_ref, device=device, model_dtype=dtype, compile=compile,
                     data=DataConfig(chat=list(data)), stream=StreamSettings(buffer_tokens=buffer_tokens))  # fmt: skip
     loaded_here = loaded is None
     loaded = loaded or load_model(model_ref, dtype=dtype, device=device)
@@ -167,7 +173,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     t0 = time.perf_counter()
     stream, source = open_stream(run, DistContext.current(device), loaded)
     loading_seconds = time.perf_counter() - t0
-    Harvester(model, layer)(stream.sample_batches(1)[0])  # warm-up: one-off kernel set-up is not throughput
+    Harvester(model, layer, compile=compile)(stream.sample_batches(1)[0])  # warm-up: one-off kernel set-up
     del stream  # each end-to-end run opens its own: no second corpus and buffer held during theirs
     settings = SETTINGS if vs_saelens else {_setting(autocast): autocast}
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,12 +182,14 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         for i in range(repeats):  # interleaved: each setting's run, then SAELens's in the same setting
             for name, ac in settings.items():
                 run_ac = replace(run, training=replace(cfg, autocast=ac))
+                if compile:
+                    torch.compiler.reset()  # each run compiles, as a new process would (from the disk cache)
                 ours[name].append(
                     _end_to_end(run_ac, loaded, device, Path(tmp) / f"{name}-{i}", reset_peak_memory)
                 )
                 if vs_saelens:
                     theirs[name].append(run_saelens(Path(loaded.source), list(data), layer, expansion, batch_size,
-                                                    tokens, ac))  # fmt: skip
+                                                    tokens, ac, compile))  # fmt: skip
         e2e = {name: median_run(runs, maxima=("peak_memory_mib",)) for name, runs in ours.items()}
         best = max(e2e, key=lambda name: e2e[name]["tokens_per_s"])
         trained = e2e[best]["tokens_trained"]
@@ -191,8 +199,10 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         batches = stream.sample_batches(trained)
         real = sum(b.n_tokens for b in batches)
         with tqdm(total=2 * repeats * real, unit="tok", unit_scale=True, desc="forward vs harvest") as bar:
-            fwd = harvest_throughput(model, batches, layer, repeats=repeats, on_tokens=bar.update)
-        forward = _forward_rates(model, model_ref, batches, layer, repeats, device, loaded_here)
+            fwd = harvest_throughput(
+                model, batches, layer, repeats=repeats, on_tokens=bar.update, compile=compile
+            )
+        forward = _forward_rates(model, model_ref, batches, layer, repeats, device, loaded_here, compile)
         harvester = Harvester(model, layer)
         acts = torch.cat([harvester(b) for b in batches])
         xs = [acts[i : i + batch_size] for i in range(0, len(acts) - batch_size + 1, batch_size)]
@@ -225,6 +235,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         "model_dtype": str(model.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "sae_autocast_bf16": autocast,
+        "compile": compile,
         "forward_batches": len(batches),
         "harvested_tokens": e2e[best]["harvested_tokens"],
         "harvest_tokens_per_s": fwd["harvest_tokens_per_s"],
@@ -363,12 +374,13 @@ def _check_saelens_venv() -> None:
 
 
 def run_saelens(model_dir: Path, data: list[str], layer: int, expansion: int, batch_size: int, tokens: int,
-                autocast: bool) -> dict:  # fmt: skip
-    """SAELens training throughput in its own venv (a subprocess printing one JSON line)."""
+                autocast: bool, compile: bool = False) -> dict:  # fmt: skip
+    """SAELens training throughput in its own venv (a subprocess printing one JSON line); `compile`: with
+    its `compile_llm` and `compile_sae`."""
     _check_saelens_venv()
     cmd = [str(SAELENS_PYTHON), str(SAELENS_SCRIPT), "--model-dir", str(model_dir), "--layer", str(layer),
            "--expansion", str(expansion), "--batch-size", str(batch_size), "--tokens", str(tokens),
-           *(["--autocast"] if autocast else []), *[a for d in data for a in ("--data", d)]]  # fmt: skip
+           *(["--autocast"] if autocast else []), *(["--compile"] if compile else []), *[a for d in data for a in ("--data", d)]]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise FastSteerError(f"SAELens benchmark failed:\n{proc.stderr[-3000:]}")

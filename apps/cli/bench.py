@@ -154,15 +154,21 @@ def bench_serve_command(ctx: click.Context, soak: bool, **options) -> None:
     help="Both tools, with and without autocast, each SAELens run right after ours in the same setting "
     "(SAELens 6.54 in .venv-saelens).",
 )
+@click.option(
+    "--compile",
+    is_flag=True,
+    help="Our harvesting forward torch.compile'd (each end-to-end run compiles, from Inductor's disk cache); "
+    "SAELens with compile_llm and compile_sae.",
+)
 def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_tokens, repeats, dtype, autocast,
-                device, vs_saelens) -> None:  # fmt: skip
+                device, vs_saelens, compile) -> None:  # fmt: skip
     """Harvesting and end-to-end training throughput vs. the sequential limit (JSON)."""
     if min(batch_size, tokens, buffer_tokens, repeats) < 1:
         raise click.BadParameter("--batch-size, --tokens, --buffer-tokens and --repeats must be positive")
     # --vs-saelens: SAELens's whole runs (start-up included), same model, layer, SAE, batch and token budget,
     # in both settings, each right after ours
     out = train_bench.run_bench(model_ref, list(data), layer, expansion, batch_size, tokens, buffer_tokens, repeats,
-                    autocast, dtype, device, vs_saelens=vs_saelens)  # fmt: skip
+                    autocast, dtype, device, vs_saelens=vs_saelens, compile=compile)  # fmt: skip
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -99,6 +99,9 @@ def stream_options(fn):
         config_option(DATA, "method", "--method", type=click.Choice(METHODS)),
         config_option(RUN, "model_dtype", "--dtype", "model_dtype",
                       help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32)."),
+        config_option(RUN, "compile", "--compile/--no-compile",
+                      help="torch.compile the harvesting forward's layers: a one-off compile (seconds; needs a C++ "
+                           "compiler on a CPU, Triton on a GPU), then a faster forward; for long runs."),
         config_option(STREAM, "buffer_tokens", "--buffer-tokens", type=int, help="Mixing buffer size."),
         config_option(STREAM, "token_budget", "--token-budget", type=int, help="Padded tokens per forward."),
         config_option(STREAM, "max_len", "--max-len", type=int,
@@ -133,6 +136,7 @@ def run_config_from_options(opts: dict, training, activations: str | None = None
         device=opts["device"],
         device_map=opts["device_map"],
         model_dtype=opts["model_dtype"],
+        compile=opts["compile"],
         data=DataConfig(
             method=opts["method"],
             chat=list(opts["data"]),

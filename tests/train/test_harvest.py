@@ -111,3 +111,46 @@ def test_default_model_layer_matches_hidden_states(default_model):
     per_seq = Harvester(model, 5).per_sequence(batch)
     for i, got in zip(batch.indices, per_seq, strict=True):
         torch.testing.assert_close(got, _reference(model, seqs[i], 5), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compiled_harvest_equals_eager_and_leaves_the_model_as_it_was(
+    arch, chatml_tokenizer, batch_and_sequences
+):
+    import torch._dynamo.utils
+
+    model = build_tiny_model(arch, len(chatml_tokenizer))
+    batch, _ = batch_and_sequences
+    eager = Harvester(model, LAYER)(batch)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = Harvester(model, LAYER, compile=True)
+    layers = decoder_layers(model)
+    seen = []  # the forward each layer runs with, read inside the call
+    handles = [layer.register_forward_pre_hook(lambda m, _: seen.append(m.__dict__.get("forward")))
+               for layer in layers]  # fmt: skip
+    try:
+        got = compiled(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == compiled.compiled and len(seen) == LAYER + 1  # compiled forwards, and only to layer L
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # Inductor really compiled
+    torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
+    assert all("forward" not in layer.__dict__ for layer in layers)  # the class's forward again
+    torch.testing.assert_close(Harvester(model, LAYER)(batch), eager, atol=0, rtol=0)
+    report = harvest_throughput(model, [batch], LAYER, repeats=1, compile=True)
+    assert report["bare_tokens_per_s"] > 0 and report["harvest_tokens_per_s"] > 0
+
+
+def test_compile_without_its_toolchain_is_refused(tiny_model, monkeypatch):
+    from steer.errors import ConfigError
+    from train.compiled import check_compile_support
+
+    model, _ = tiny_model
+    monkeypatch.setenv("CXX", "no-such-cxx-compiler")
+    with pytest.raises(
+        ConfigError, match=r"C\+\+ compiler .*no-such-cxx-compiler.*or train without --compile"
+    ):
+        Harvester(model, LAYER, compile=True)
+    with pytest.raises(ConfigError, match="supports cpu and cuda devices, not 'mps'"):
+        check_compile_support("mps")

@@ -123,6 +123,19 @@ def test_bench_train_reports_rates_and_memory(model_dir):
     )
 
 
+def test_bench_train_compile_times_the_compiled_forward_too(model_dir):
+    out = _bench("train", "--model", str(model_dir), "--data", str(CHAT_DATA), "--layer", "1",
+                 "--expansion", "2", "--batch-size", "64", "--tokens", "640", "--buffer-tokens", "256",
+                 "--repeats", "1", "--no-autocast", "--compile")  # fmt: skip
+    forward = out["bare_forward_tokens_per_s_by_setting"]
+    own = f"{out['model_dtype']} weights"
+    assert out["compile"] is True and {own, f"{own}, compiled"} <= forward.keys()
+    assert out["bare_forward_tokens_per_s"] == max(forward.values()), (
+        "the limit takes the fastest, compiled or not"
+    )
+    assert out["end_to_end_tokens_trained"] >= 640 and out["end_to_end_tokens_per_s"] > 0
+
+
 def test_bench_train_compares_the_best_of_each_tool():
     ours = {"end_to_end_tokens_per_s": 300.0,
             "end_to_end_by_setting": {"float32": {"tokens_per_s": 200.0}, "autocast": {"tokens_per_s": 300.0}}}  # fmt: skip

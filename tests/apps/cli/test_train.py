@@ -107,6 +107,22 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_setup, tmp_path, one_thr
     )
 
 
+def test_compiled_harvest_trains_the_same_sae(tiny_setup, tmp_path, one_thread):
+    model, data = tiny_setup
+    extra = ["--expansion", "2", "--seed", "3"]
+    runs = {}
+    for name, flag in (("eager", []), ("compiled", ["--compile"])):
+        res = CliRunner().invoke(
+            main, _train_args(model, data, tmp_path / name, tokens="2k", extra=[*extra, *flag])
+        )
+        assert res.exit_code == 0, res.output
+        runs[name] = load_file(str(tmp_path / name / "sae_weights.safetensors"))
+        meta = json.loads((tmp_path / name / "cfg.json").read_text())["metadata"]
+        assert meta["run"]["compile"] is bool(flag)
+    for key, eager in runs["eager"].items():  # only float32 rounding in the forward differs
+        torch.testing.assert_close(runs["compiled"][key], eager, atol=1e-4, rtol=1e-4, msg=key)
+
+
 @pytest.mark.integration
 def test_smollm2_fast_training_beats_zero_feature_baseline(tmp_path):
     from hub import load_model
