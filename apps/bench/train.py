@@ -18,7 +18,11 @@ Measured in one run on the same conversations (JSON on stdout, progress bars on 
 7. `--vs-saelens`: SAELens 6.54 (in `.venv-saelens`, `make saelens-venv`) on the same model, layer, SAE
    size, batch and token budget in both settings (float32, and bfloat16 autocast of the LM and the SAE),
    each SAELens run right after ours in the same setting, `--repeats` of each (medians); the best of each
-   tool and the ratio of the bests.
+   tool and the ratio of the bests;
+8. `--compile`: our harvesting forward `torch.compile`d (`train --compile`), the compile inside each
+   end-to-end run (from Inductor's on-disk cache, which the warm-up fills, as in any run after a machine's
+   first), the compiled bare forward among the limit's settings; SAELens both without and with its
+   `compile_llm` and `compile_sae`, so that its best is its best either way.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,8 +51,8 @@ SAELENS_SCRIPT = Path(__file__).with_name("saelens_worker.py")
 SETTINGS = {"float32": False, "autocast": True}
 
 
-def _setting(autocast: bool) -> str:
-    return "autocast" if autocast else "float32"
+def _setting(autocast: bool, compiled: bool = False) -> str:
+    return ("autocast" if autocast else "float32") + (", compiled" if compiled else "")
 
 
 def _sae_step_rates(trainers: dict, xs, repeats: int, bar) -> dict[str, float]:
@@ -134,7 +139,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     in `autocast`'s; the top-level figures from the faster), each of our `repeats` runs followed by SAELens's
     in the same setting (medians of each, so a drift of the machine's speed reaches both tools alike);
     `compile`: our harvesting forward compiled (`RunConfig.compile`; each end-to-end run compiles afresh, from
-    Inductor's on-disk cache after the warm-up), SAELens with `compile_llm` and `compile_sae`.
+    Inductor's on-disk cache after the warm-up), SAELens without and with `compile_llm` and `compile_sae`.
     On CUDA the peak and the estimate are of GPU memory (tensors allocated), elsewhere of host memory.
     """
     from dataclasses import replace
@@ -175,21 +180,27 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     loading_seconds = time.perf_counter() - t0
     Harvester(model, layer, compile=compile)(stream.sample_batches(1)[0])  # warm-up: one-off kernel set-up
     del stream  # each end-to-end run opens its own: no second corpus and buffer held during theirs
-    settings = SETTINGS if vs_saelens else {_setting(autocast): autocast}
+    settings = {_setting(ac, compile): ac for ac in (SETTINGS.values() if vs_saelens else [autocast])}
+    # SAELens's best is taken over its runs with and without its own compile where ours compiles
+    their_compiles = (False, True) if compile else (False,)
+    saelens = (
+        partial(run_saelens, Path(loaded.source), list(data), layer, expansion, batch_size, tokens)
+        if vs_saelens
+        else None
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ours: dict[str, list[dict]] = {name: [] for name in settings}
-        theirs: dict[str, list[dict]] = {name: [] for name in settings}
+        theirs: dict[str, list[dict]] = {}
         for i in range(repeats):  # interleaved: each setting's run, then SAELens's in the same setting
-            for name, ac in settings.items():
+            for j, (name, ac) in enumerate(settings.items()):
                 run_ac = replace(run, training=replace(cfg, autocast=ac))
                 if compile:
                     torch.compiler.reset()  # each run compiles, as a new process would (from the disk cache)
                 ours[name].append(
-                    _end_to_end(run_ac, loaded, device, Path(tmp) / f"{name}-{i}", reset_peak_memory)
+                    _end_to_end(run_ac, loaded, device, Path(tmp) / f"run-{i}-{j}", reset_peak_memory)
                 )
-                if vs_saelens:
-                    theirs[name].append(run_saelens(Path(loaded.source), list(data), layer, expansion, batch_size,
-                                                    tokens, ac, compile))  # fmt: skip
+                for their_compile in their_compiles if saelens else ():
+                    theirs.setdefault(_setting(ac, their_compile), []).append(saelens(ac, their_compile))
         e2e = {name: median_run(runs, maxima=("peak_memory_mib",)) for name, runs in ours.items()}
         best = max(e2e, key=lambda name: e2e[name]["tokens_per_s"])
         trained = e2e[best]["tokens_trained"]

@@ -158,7 +158,7 @@ def bench_serve_command(ctx: click.Context, soak: bool, **options) -> None:
     "--compile",
     is_flag=True,
     help="Our harvesting forward torch.compile'd (each end-to-end run compiles, from Inductor's disk cache); "
-    "SAELens with compile_llm and compile_sae.",
+    "SAELens both without and with compile_llm and compile_sae (its best of either).",
 )
 def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_tokens, repeats, dtype, autocast,
                 device, vs_saelens, compile) -> None:  # fmt: skip
