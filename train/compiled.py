@@ -49,9 +49,12 @@ def compile_forwards(layers: Sequence[nn.Module], device: torch.device | str) ->
 
 
 @contextlib.contextmanager
-def swapped_forwards(layers: Sequence[nn.Module], forwards: Sequence[Callable]) -> Iterator[None]:
-    """Run with `forwards` as the layers' forwards; afterwards each layer's own (an instance attribute, such
-    as accelerate's device-map wrapper, is put back; otherwise the class's forward applies again)."""
+def swapped_forwards(layers: Sequence[nn.Module], forwards: Sequence[Callable] | None) -> Iterator[None]:
+    """Run with `forwards` as the layers' forwards (None: their own); afterwards each layer's own (an instance
+    attribute, such as accelerate's device-map wrapper, is put back; otherwise the class's forward applies)."""
+    if forwards is None:
+        yield
+        return
     saved = [layer.__dict__.get("forward", _UNSET) for layer in layers]
     for layer, forward in zip(layers, forwards, strict=True):
         layer.forward = forward

@@ -21,7 +21,6 @@ mask-free call keeps SDPA on its fast causal path. Padding positions are dropped
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -111,13 +110,8 @@ class Harvester:
             raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
         handle = self.layers[self.layer].register_forward_hook(stop)
-        compiled = (
-            swapped_forwards(self.layers[: self.layer + 1], self.compiled)
-            if self.compiled
-            else contextlib.nullcontext()
-        )
         try:
-            with torch.inference_mode(), compiled:
+            with torch.inference_mode(), swapped_forwards(self.layers[: self.layer + 1], self.compiled):
                 self.model.base_model(input_ids=batch.input_ids.to(self.device), use_cache=False)
         except _StopForward as stopped:
             return stopped.output
@@ -175,9 +169,12 @@ def _bare_forward(
     full = getattr(base, name)
     device = next(model.parameters()).device
     setattr(base, name, full[: layer + 1])
-    swapped = swapped_forwards(full[: layer + 1], forwards) if forwards else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast), swapped:
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, torch.bfloat16, enabled=autocast),
+            swapped_forwards(full[: layer + 1], forwards),
+        ):
             for batch in batches:
                 base(input_ids=batch.input_ids.to(device), use_cache=False)
         if device.type == "cuda":

@@ -391,7 +391,8 @@ def run_saelens(model_dir: Path, data: list[str], layer: int, expansion: int, ba
     _check_saelens_venv()
     cmd = [str(SAELENS_PYTHON), str(SAELENS_SCRIPT), "--model-dir", str(model_dir), "--layer", str(layer),
            "--expansion", str(expansion), "--batch-size", str(batch_size), "--tokens", str(tokens),
-           *(["--autocast"] if autocast else []), *(["--compile"] if compile else []), *[a for d in data for a in ("--data", d)]]  # fmt: skip
+           *(["--autocast"] if autocast else []), *(["--compile"] if compile else []),
+           *[a for d in data for a in ("--data", d)]]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise FastSteerError(f"SAELens benchmark failed:\n{proc.stderr[-3000:]}")

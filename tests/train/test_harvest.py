@@ -154,3 +154,20 @@ def test_compile_without_its_toolchain_is_refused(tiny_model, monkeypatch):
         Harvester(model, LAYER, compile=True)
     with pytest.raises(ConfigError, match="supports cpu and cuda devices, not 'mps'"):
         check_compile_support("mps")
+
+
+def test_swapped_forwards_put_back_an_instance_forward():
+    from torch import nn
+
+    from train.compiled import swapped_forwards
+
+    wrapped, plain = nn.Linear(2, 2), nn.Linear(2, 2)
+    wrapper = wrapped.forward  # an instance attribute, as accelerate's device-map hook sets
+    wrapped.forward = wrapper
+    inside = []
+    with swapped_forwards([wrapped, plain], [torch.neg, torch.abs]):
+        inside = [wrapped.forward, plain.forward]
+    assert inside == [torch.neg, torch.abs]
+    assert wrapped.__dict__["forward"] is wrapper and "forward" not in plain.__dict__
+    with swapped_forwards([plain], None):
+        assert "forward" not in plain.__dict__
