@@ -171,7 +171,9 @@ class ActivationStream(BufferedStream):
                 else text_token_lists(items, self.tokenizer)
             )
             sequences, carry_out = pack_blocks(token_lists, cfg.block_len, carry_in)
-        batches = bucket_batches(sequences, cfg.token_budget, self.pad_id, seed=f"{self.seed}:{epoch}:{pool}")
+        batches = bucket_batches(
+            sequences, cfg.token_budget, self.pad_id, f"{self.seed}:{epoch}:{pool}", cfg.width_multiple
+        )
         return batches, carry_out
 
     def _build_pool(self) -> list[Batch]:

@@ -63,6 +63,9 @@ class StreamSettings:
     # padded tokens per harvesting forward: on a CPU as fast as 8,192 with the tuned heap (`train.memory`), about
     # 100 MiB lower at peak, and a run harvests at most one forward batch more than it trains on
     token_budget: int = 4096
+    # harvesting batch widths rounded up to a multiple of this: batch shapes repeat, so the per-shape kernel
+    # caches (oneDNN's primitives above all) stop growing early, and AMX's 16-row tiles fit (README, Speed)
+    width_multiple: int = 16
     max_len: int | None = None  # FAST truncation per conversation; None: 8,192 or the model's context
     block_len: int = 2048  # BT block length
     pool_size: int = 2048  # records tokenised and length-bucketed together
@@ -71,7 +74,7 @@ class StreamSettings:
     max_epochs: int | None = None  # None: as many passes over the data as the token budget needs
 
     def validate(self, batch_size: int) -> None:
-        for name in ("buffer_tokens", "token_budget", "block_len", "pool_size"):
+        for name in ("buffer_tokens", "token_budget", "width_multiple", "block_len", "pool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_len is not None and self.max_len < 1:

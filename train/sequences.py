@@ -8,8 +8,11 @@ Public API:
     text_token_lists(texts, tokenizer) -> list[list[int]]
     token_ids(tokenizer, texts) -> list[list[int]]   (no special tokens added)
     pack_blocks(token_lists, block_len=2048, carry=None) -> (blocks, remainder)
-    Batch (input_ids, attention_mask, lengths, indices), make_batch(sequences, pad_id, indices=None)
-    bucket_batches(sequences, token_budget, pad_id, seed=0) -> list[Batch]   (seed: int | str | None)
+    Batch (input_ids, attention_mask, lengths, indices)
+    make_batch(sequences, pad_id, indices=None, width_multiple=1) -> Batch
+    bucket_batches(sequences, token_budget, pad_id, seed=0, width_multiple=1) -> list[Batch]
+        (seed: int | str | None)
+    padded_width(longest, width_multiple=1) -> int
 
 FAST renders each conversation with the tokenizer's own chat template and tokenises the rendered text
 without adding special tokens (exactly what ``apply_chat_template(tokenize=True)`` produces), then
@@ -151,14 +154,25 @@ class Batch:
         return 1.0 - self.n_tokens / self.n_padded if self.n_padded else 0.0
 
 
+def padded_width(longest: int, width_multiple: int = 1) -> int:
+    """`longest` rounded up to a multiple of `width_multiple`."""
+    return -(-longest // width_multiple) * width_multiple
+
+
 def make_batch(
-    sequences: Sequence[Sequence[int]], pad_id: int, indices: Sequence[int] | None = None
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    indices: Sequence[int] | None = None,
+    width_multiple: int = 1,
 ) -> Batch:
-    """Right-pad `sequences` with `pad_id` into one Batch."""
+    """Right-pad `sequences` with `pad_id` into one Batch, its width the longest rounded up to a multiple
+    of `width_multiple`."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("a batch needs at least one sequence and no empty sequences")
+    if width_multiple < 1:
+        raise ValueError(f"width_multiple must be positive, got {width_multiple}")
     lengths = [len(s) for s in sequences]
-    width = max(lengths)
+    width = padded_width(max(lengths), width_multiple)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -170,22 +184,29 @@ def make_batch(
 
 
 def bucket_batches(
-    sequences: Sequence[Sequence[int]], token_budget: int, pad_id: int, seed: int | str | None = 0
+    sequences: Sequence[Sequence[int]],
+    token_budget: int,
+    pad_id: int,
+    seed: int | str | None = 0,
+    width_multiple: int = 1,
 ) -> list[Batch]:
-    """Group sequences of similar length: rows x longest row <= `token_budget` (a longer sequence goes alone).
+    """Group sequences of similar length: rows x padded width <= `token_budget` (a longer sequence goes
+    alone), the width being the longest row rounded up to a multiple of `width_multiple`.
 
     Sequences are sorted by length (longest first) and packed greedily; the order of the resulting
-    batches is shuffled with `seed` (None keeps longest-first order).
+    batches is shuffled with `seed` (None keeps longest-first order). A width multiple of 16 makes batch
+    shapes repeat, which keeps the CPU's per-shape kernel caches small (README, Speed).
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be positive, got {token_budget}")
     order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
     groups: list[list[int]] = []
     for i in order:
-        if groups and (len(groups[-1]) + 1) * len(sequences[groups[-1][0]]) <= token_budget:
+        width = padded_width(len(sequences[groups[-1][0]]), width_multiple) if groups else 0
+        if groups and (len(groups[-1]) + 1) * width <= token_budget:
             groups[-1].append(i)
         else:
             groups.append([i])
     if seed is not None:
         random.Random(seed).shuffle(groups)
-    return [make_batch([sequences[i] for i in g], pad_id, g) for g in groups]
+    return [make_batch([sequences[i] for i in g], pad_id, g, width_multiple) for g in groups]

@@ -104,6 +104,8 @@ def stream_options(fn):
                            "compiler on a CPU, Triton on a GPU), then a faster forward; for long runs."),
         config_option(STREAM, "buffer_tokens", "--buffer-tokens", type=int, help="Mixing buffer size."),
         config_option(STREAM, "token_budget", "--token-budget", type=int, help="Padded tokens per forward."),
+        config_option(STREAM, "width_multiple", "--width-multiple", type=int,
+                      help="Harvesting batch widths rounded up to a multiple of this (fewer distinct shapes)."),
         config_option(STREAM, "max_len", "--max-len", type=int,
                       help="FAST truncation per conversation.  [default: 8192 or the model's context]"),
         config_option(STREAM, "block_len", "--block-len", type=int, help="BT block length."),
@@ -148,6 +150,7 @@ def run_config_from_options(opts: dict, training, activations: str | None = None
         stream=StreamSettings(
             buffer_tokens=opts["buffer_tokens"],
             token_budget=opts["token_budget"],
+            width_multiple=opts["width_multiple"],
             max_len=opts["max_len"],
             block_len=opts["block_len"],
             exclude_first_token=opts["exclude_first_token"],

@@ -99,6 +99,24 @@ def test_make_batch_right_pads_with_mask():
         make_batch([[1], []], pad_id=2)
 
 
+def test_width_multiple_rounds_batch_widths_and_keeps_the_budget(chatml_tokenizer):
+    batch = make_batch([[5, 6, 7], [8]], pad_id=2, width_multiple=4)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 2], [8, 2, 2, 2]] and batch.n_tokens == 4
+    with pytest.raises(ValueError, match="width_multiple must be positive, got 0"):
+        make_batch([[1]], pad_id=2, width_multiple=0)
+    seqs = fast_sequences(read_conversations("synthetic_persona_chat.jsonl", 60), chatml_tokenizer, 2048)
+    plain, rounded = (bucket_batches(seqs, 1024, pad_id=2, width_multiple=m) for m in (1, 16))
+    assert sorted(i for b in rounded for i in b.indices) == list(range(len(seqs)))
+    for b in rounded:
+        width = b.input_ids.shape[1]
+        assert width % 16 == 0 and width - 16 < max(b.lengths) <= width
+        assert b.n_padded <= 1024 or len(b.lengths) == 1
+        for row, i in enumerate(b.indices):
+            assert b.input_ids[row, : b.lengths[row]].tolist() == seqs[i]
+    shapes = {tuple(b.input_ids.shape) for b in rounded}
+    assert len(shapes) < len({tuple(b.input_ids.shape) for b in plain}), "fewer distinct shapes"
+
+
 def test_bucketing_respects_budget_and_covers_every_sequence(chatml_tokenizer):
     seqs = fast_sequences(read_conversations("synthetic_persona_chat.jsonl", 60), chatml_tokenizer, 2048)
     budget = 4096
