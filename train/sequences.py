@@ -156,6 +156,8 @@ class Batch:
 
 def padded_width(longest: int, width_multiple: int = 1) -> int:
     """`longest` rounded up to a multiple of `width_multiple`."""
+    if width_multiple < 1:
+        raise ValueError(f"width_multiple must be positive, got {width_multiple}")
     return -(-longest // width_multiple) * width_multiple
 
 
@@ -169,8 +171,6 @@ def make_batch(
     of `width_multiple`."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("a batch needs at least one sequence and no empty sequences")
-    if width_multiple < 1:
-        raise ValueError(f"width_multiple must be positive, got {width_multiple}")
     lengths = [len(s) for s in sequences]
     width = padded_width(max(lengths), width_multiple)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -202,8 +202,8 @@ def bucket_batches(
     order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
     groups: list[list[int]] = []
     for i in order:
-        width = padded_width(len(sequences[groups[-1][0]]), width_multiple) if groups else 0
-        if groups and (len(groups[-1]) + 1) * width <= token_budget:
+        longest = len(sequences[groups[-1][0]]) if groups else 0
+        if groups and (len(groups[-1]) + 1) * padded_width(longest, width_multiple) <= token_budget:
             groups[-1].append(i)
         else:
             groups.append([i])

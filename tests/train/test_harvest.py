@@ -164,7 +164,6 @@ def test_swapped_forwards_put_back_an_instance_forward():
     wrapped, plain = nn.Linear(2, 2), nn.Linear(2, 2)
     wrapper = wrapped.forward  # an instance attribute, as accelerate's device-map hook sets
     wrapped.forward = wrapper
-    inside = []
     with swapped_forwards([wrapped, plain], [torch.neg, torch.abs]):
         inside = [wrapped.forward, plain.forward]
     assert inside == [torch.neg, torch.abs]

@@ -104,6 +104,8 @@ def test_width_multiple_rounds_batch_widths_and_keeps_the_budget(chatml_tokenize
     assert batch.input_ids.tolist() == [[5, 6, 7, 2], [8, 2, 2, 2]] and batch.n_tokens == 4
     with pytest.raises(ValueError, match="width_multiple must be positive, got 0"):
         make_batch([[1]], pad_id=2, width_multiple=0)
+    with pytest.raises(ValueError, match="width_multiple must be positive, got 0"):
+        bucket_batches([[1, 2], [3]], 1024, pad_id=2, width_multiple=0)
     seqs = fast_sequences(read_conversations("synthetic_persona_chat.jsonl", 60), chatml_tokenizer, 2048)
     plain, rounded = (bucket_batches(seqs, 1024, pad_id=2, width_multiple=m) for m in (1, 16))
     assert sorted(i for b in rounded for i in b.indices) == list(range(len(seqs)))

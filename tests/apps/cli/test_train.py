@@ -80,6 +80,8 @@ def test_bad_options_give_clear_errors(tiny_setup, tmp_path):
     assert res.exit_code != 0 and "--pretrain-data" in res.output
     res = CliRunner().invoke(main, _train_args(model, data, tmp_path / "x", tokens="lots"))
     assert res.exit_code != 0 and "not a token count" in res.output
+    res = CliRunner().invoke(main, _train_args(model, data, tmp_path / "x", extra=["--width-multiple", "0"]))
+    assert res.exit_code != 0 and "width_multiple must be positive, got 0" in res.output
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_setup, tmp_path, one_thread):
