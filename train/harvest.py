@@ -9,6 +9,7 @@ Public API:
         .__call__(batch) -> float32 [n_kept, d] (real tokens only, exclusions applied); .last_stats
     harvest_throughput(model, batches, layer, repeats=3, on_tokens=None, compile=False) -> dict (bare vs harvest)
     bare_forward_rate(model, batches, layer, repeats=3, autocast=False, compile=False) -> real tokens/s
+    compile_seconds(model, batch, layer) -> the one-off cost of compiling the layers, as a new run pays it
 
 Layer L is the output of decoder block L (0-indexed), i.e. ``hidden_states[L + 1]`` in transformers.
 A forward hook on block L raises a private exception carrying the block's output, so neither the later
@@ -38,6 +39,7 @@ from train.sequences import Batch
 __all__ = [
     "Harvester",
     "bare_forward_rate",
+    "compile_seconds",
     "decoder_layers",
     "drop_norm_outliers",
     "harvest_throughput",
@@ -203,6 +205,20 @@ def bare_forward_rate(
         _bare_forward(model, layer, batches, autocast, forwards)
         seconds.append(time.perf_counter() - t0)
     return sum(b.n_tokens for b in batches) / statistics.median(seconds)
+
+
+def compile_seconds(model: PreTrainedModel, batch: Batch, layer: int) -> float:
+    """Seconds a run loses to compiling layers 0..`layer` (`compile=True`): Dynamo's in-process state is reset,
+    then a first, compiling pass over `batch` is timed against a second (Inductor's disk cache stays, as a run
+    after a machine's first finds it)."""
+    layers = _check_layer(model, layer)
+    torch.compiler.reset()
+    t0 = time.perf_counter()
+    forwards = compile_forwards(layers[: layer + 1], input_device(model))
+    _bare_forward(model, layer, [batch], forwards=forwards)
+    t1 = time.perf_counter()
+    _bare_forward(model, layer, [batch], forwards=forwards)
+    return max(0.0, (t1 - t0) - (time.perf_counter() - t1))
 
 
 def harvest_throughput(

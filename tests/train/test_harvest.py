@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.conftest import build_tiny_model, read_conversations
-from train.harvest import Harvester, decoder_layers, harvest_throughput, hook_name
+from train.harvest import Harvester, compile_seconds, decoder_layers, harvest_throughput, hook_name
 from train.sequences import bucket_batches, fast_sequences
 
 LAYER = 1  # of 4: the tiny models have later layers to skip
@@ -140,6 +144,26 @@ def test_compiled_harvest_equals_eager_and_leaves_the_model_as_it_was(
     torch.testing.assert_close(Harvester(model, LAYER)(batch), eager, atol=0, rtol=0)
     report = harvest_throughput(model, [batch], LAYER, repeats=1, compile=True)
     assert report["bare_tokens_per_s"] > 0 and report["harvest_tokens_per_s"] > 0
+    assert compile_seconds(model, batch, LAYER) > 0  # Dynamo traces again after its reset
+
+
+def test_vector_isas_probed_once_then_remembered(tmp_path, monkeypatch):
+    from train.compiled import ISA_RECORD, vector_isas_trusted
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        assert not vector_isas_trusted()
+        return
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    record = tmp_path / ISA_RECORD
+    trusted = vector_isas_trusted()  # Inductor's probe; a record only where every claimed ISA passed
+    assert record.exists() == trusted
+    if not trusted:
+        return
+    key = json.loads(record.read_text())
+    assert key["torch"] == torch.__version__ and key["claimed"] and Path(key["compiler"][0]).is_file()
+    assert vector_isas_trusted() and json.loads(record.read_text()) == key  # read back, unchanged
+    record.write_text(json.dumps(key | {"torch": "0.0"}))  # another torch's verdict: probed again
+    assert vector_isas_trusted() and json.loads(record.read_text()) == key
 
 
 def test_compile_without_its_toolchain_is_refused(tiny_model, monkeypatch):
