@@ -37,8 +37,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from steer.errors import ConfigError
+from steer.hooks import input_device
 from steer.positions import pad_token_id
 from train.buffer import BufferedStream, MixingBuffer, check_identity
+from train.compiled import compile_by_default
 from train.data import Corpus, content_hash
 from train.harvest import Harvester
 from train.run_config import RunConfig
@@ -125,7 +127,9 @@ class ActivationStream(BufferedStream):
             self.layer,
             exclude_first_token=self.settings.exclude_first_token,
             max_norm_multiple=self.settings.max_norm_multiple,
-            compile=run.compile,
+            compile=compile_by_default(input_device(model), run.training.total_tokens)
+            if run.compile is None
+            else run.compile,
         )
         self.d_in = self.harvester.d_in
         self.buffer = MixingBuffer(self.settings.buffer_tokens, self.d_in, seed=self.seed * 1009 + self.rank)
@@ -298,6 +302,7 @@ class ActivationStream(BufferedStream):
             "data_records": len(self.corpus),
             "data_skipped_records": len(self.corpus.problems),
             "dtype": str(self.harvester.dtype).removeprefix("torch."),
+            "compiled": self.harvester.compiled is not None,
             "chat_template_sha256": chat_template_sha256(tok),
             "special_token_ids": {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens},
             "pad_token_id": self.pad_id,

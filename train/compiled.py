@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -33,11 +34,15 @@ from torch import nn
 from steer.errors import ConfigError
 
 _UNSET = object()
+# auto compiles runs of at least this many tokens: on the benchmark CPU a compile from Inductor's disk cache
+# (~1.7 s) pays for itself from ~30k tokens of SmolLM2, the first one on a machine (~6 s) from ~140k
+AUTO_COMPILE_TOKENS = 2**16
 ISA_RECORD = "fast-steer-vector-isa.json"
 
 
 def check_compile_support(device: torch.device | str) -> None:
-    """Raise a ConfigError naming what `torch.compile` lacks on `device` (a C++ compiler; Triton)."""
+    """Raise a ConfigError naming what `torch.compile` lacks on `device` (a C++ compiler and Python's headers;
+    Triton)."""
     kind = torch.device(device).type
     if kind == "cpu":
         wanted = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
@@ -46,11 +51,29 @@ def check_compile_support(device: torch.device | str) -> None:
                 f"compile on the CPU needs a C++ compiler for torch.compile: none of {wanted} is on the PATH "
                 "(install g++, or set CXX), or train without --compile"
             )
+        header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+        if not header.is_file():
+            raise ConfigError(
+                f"compile on the CPU needs Python's C headers for torch.compile's kernels: {header} is missing "
+                "(install python3-dev or your Python's headers), or train without --compile"
+            )
     elif kind == "cuda":
         if importlib.util.find_spec("triton") is None:
             raise ConfigError("compile on CUDA needs Triton (pip install triton), or train without --compile")
     else:
         raise ConfigError(f"compile supports cpu and cuda devices, not {kind!r}")
+
+
+def compile_by_default(device: torch.device | str, tokens: int) -> bool:
+    """What `compile=None` (auto) means for a run of `tokens` tokens harvested on `device`: compile on a CPU
+    that has the toolchain, for runs of at least AUTO_COMPILE_TOKENS (eager on GPUs: not measured there)."""
+    if torch.device(device).type != "cpu" or tokens < AUTO_COMPILE_TOKENS:
+        return False
+    try:
+        check_compile_support(device)
+    except ConfigError:
+        return False
+    return True
 
 
 def compile_forwards(layers: Sequence[nn.Module], device: torch.device | str) -> list[Callable]:

@@ -104,9 +104,9 @@ class RunConfig:
     # harvesting dtype; auto: bfloat16 on CUDA (and AMX CPUs), else float32; from a cache: the cache's own (another
     # dtype is refused, `train.activation_cache.check_harvest_dtype`)
     model_dtype: str = "auto"
-    # torch.compile the harvesting forward's layers (`train.compiled`): a one-off compile (~16 s cold, ~5 s with
-    # Inductor's cache on the benchmark CPU), then a ~1.3x faster forward; pays off in long runs only
-    compile: bool = False
+    # torch.compile the harvesting forward's layers (`train.compiled`): a one-off compile, then a faster forward;
+    # None (auto): on a CPU with a C++ compiler, for runs of 64k tokens or more (`compile_by_default`)
+    compile: bool | None = None
     data: DataConfig = field(default_factory=DataConfig)
     stream: StreamSettings = field(default_factory=StreamSettings)
 

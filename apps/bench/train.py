@@ -131,7 +131,7 @@ def _end_to_end(run, loaded, device: str, out: Path, reset_host_peak) -> dict:
 def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch_size: int, tokens: int,
               buffer_tokens: int, repeats: int, autocast: bool | None, dtype: str, device: str, *,
               loaded: LoadedModel | None = None, with_cache: bool = True,
-              vs_saelens: bool = False, compile: bool = False) -> dict:  # fmt: skip
+              vs_saelens: bool = False, compile: bool | None = False) -> dict:  # fmt: skip
     """All measurements of `fast-steer bench train`.
 
     `loaded`: a model already in memory (the GPU kit's random models of real shapes) instead of loading
@@ -139,8 +139,9 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     activation-cache part (it writes every token to disk); `vs_saelens`: end to end in both `SETTINGS` (else
     in `autocast`'s; the top-level figures from the faster), each of our `repeats` runs followed by SAELens's
     in the same setting (medians of each, so a drift of the machine's speed reaches both tools alike);
-    `compile`: our harvesting forward compiled (`RunConfig.compile`; each end-to-end run compiles afresh, from
-    Inductor's on-disk cache after the warm-up), SAELens without and with `compile_llm` and `compile_sae`.
+    `compile`: our harvesting forward compiled (`RunConfig.compile`, None: as `train` decides; each end-to-end
+    run compiles afresh, from Inductor's on-disk cache after the warm-up), SAELens without and with
+    `compile_llm` and `compile_sae`.
     On CUDA the peak and the estimate are of GPU memory (tensors allocated), elsewhere of host memory.
     """
     from dataclasses import replace
@@ -150,6 +151,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
 
     from hub import load_model, resolve_device
     from train.activation_cache import write_cache
+    from train.compiled import compile_by_default
     from train.config import SAETrainSpec, TrainConfig
     from train.distributed import DistContext
     from train.harvest import Harvester, compile_seconds, harvest_throughput
@@ -166,6 +168,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
             )
     device = resolve_device(device)
     cuda = device.startswith("cuda")
+    compile = compile_by_default(device, tokens) if compile is None else compile  # as `train` decides
     base_rss = 0.0 if cuda else resident_memory_mib() or 0.0
     cfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, saes=[SAETrainSpec(expansion=expansion)],
                       checkpoint_every=0, log_every=10**9, autocast=autocast)  # fmt: skip

@@ -155,10 +155,11 @@ def bench_serve_command(ctx: click.Context, soak: bool, **options) -> None:
     "(SAELens 6.54 in .venv-saelens).",
 )
 @click.option(
-    "--compile",
-    is_flag=True,
+    "--compile/--no-compile",
+    default=None,
     help="Our harvesting forward torch.compile'd (each end-to-end run compiles, from Inductor's disk cache); "
-    "SAELens both without and with compile_llm and compile_sae (its best of either).",
+    "SAELens both without and with compile_llm and compile_sae (its best of either).  [default: as train: on a "
+    "CPU with a C++ compiler, for 64k tokens or more]",
 )
 def bench_train(model_ref, data, layer, expansion, batch_size, tokens, buffer_tokens, repeats, dtype, autocast,
                 device, vs_saelens, compile) -> None:  # fmt: skip

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import click
@@ -101,7 +102,8 @@ def stream_options(fn):
                       help="Model dtype for harvesting (auto: bfloat16 on CUDA / AMX CPUs, else float32)."),
         config_option(RUN, "compile", "--compile/--no-compile",
                       help="torch.compile the harvesting forward's layers: a one-off compile (seconds; needs a C++ "
-                           "compiler on a CPU, Triton on a GPU), then a faster forward; for long runs."),
+                           "compiler on a CPU, Triton on a GPU), then a faster forward.  [default: on a CPU with a "
+                           "C++ compiler, for 64k tokens or more]"),
         config_option(STREAM, "buffer_tokens", "--buffer-tokens", type=int, help="Mixing buffer size."),
         config_option(STREAM, "token_budget", "--token-budget", type=int, help="Padded tokens per forward."),
         config_option(STREAM, "width_multiple", "--width-multiple", type=int,
@@ -318,8 +320,9 @@ def harvest_command(out_dir, tokens, cache_dtype, shard_tokens, quiet, **opts) -
     from train.config import TrainConfig
     from train.pipeline import open_stream
 
-    # the batch size only sizes the mixing buffer check; harvesting does not mix
-    cfg = run_config_from_options(opts, TrainConfig(total_tokens=1, batch_size=1))
+    # the batch size only sizes the mixing buffer check (harvesting does not mix); the tokens (a whole pass:
+    # unbounded) decide whether `--compile`'s auto compiles
+    cfg = run_config_from_options(opts, TrainConfig(total_tokens=tokens or sys.maxsize, batch_size=1))
     stream, source = open_stream(cfg, _dist_context(cfg.device))
     manifest = write_cache(stream, out_dir, model_source=source, dtype=cache_dtype, max_tokens=tokens,
                            shard_tokens=shard_tokens, progress=not quiet)  # fmt: skip

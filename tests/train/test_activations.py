@@ -221,3 +221,20 @@ def test_default_model_norm_exclusion_drops_first_tokens(default_model):
     out = torch.cat(list(stream))
     assert stream.stats["excluded_norm"] == stream.stats["sequences"] == 12  # position 0 is ~100x the rest
     assert out.shape[1] == 576 and out.norm(dim=-1).max() < 10 * out.norm(dim=-1).median()
+
+
+def test_compile_auto_follows_the_budget(llama):
+    from dataclasses import replace
+
+    from train.compiled import AUTO_COMPILE_TOKENS, compile_by_default
+
+    model, tok = llama
+    run = stream_run()
+    assert run.compile is None, "auto by default"
+    for tokens in (AUTO_COMPILE_TOKENS - 1, AUTO_COMPILE_TOKENS):
+        auto = replace(run, training=replace(run.training, total_tokens=tokens))
+        stream = ActivationStream(model, tok, _chat_corpus(), auto)
+        assert (stream.harvester.compiled is not None) == compile_by_default("cpu", tokens)
+        assert stream.description()["compiled"] == compile_by_default("cpu", tokens)
+        forced = ActivationStream(model, tok, _chat_corpus(), replace(auto, compile=False))
+        assert forced.harvester.compiled is None and not forced.description()["compiled"]
