@@ -226,6 +226,8 @@ class ActivationStream(BufferedStream):
             return
         batch = self._batches[self.batch_pos]
         self.batch_pos += 1
+        if self.quota is not None:  # the last fill harvests only the rows the quota still needs
+            batch = batch.head(self._rows_needed(batch, self.quota - self.tokens_yielded - len(self.buffer)))
         self.buffer.push(self.harvester(batch))
         s, last = self.stats, self.harvester.last_stats
         s["tokens_harvested"] += last["kept"]
@@ -235,6 +237,17 @@ class ActivationStream(BufferedStream):
         s["excluded_norm"] += last["excluded_norm"]
         s["sequences"] += len(batch.lengths)
         s["forward_batches"] += 1
+
+    def _rows_needed(self, batch: Batch, tokens: int) -> int:
+        """How many of `batch`'s first rows give `tokens` activations (position 0 counted out where excluded;
+        should norm outliers leave it short, the next batch makes up the rest)."""
+        first = int(self.settings.exclude_first_token)
+        total = 0
+        for rows, length in enumerate(batch.lengths, start=1):
+            total += length - first
+            if total >= tokens:
+                return rows
+        return len(batch.lengths)
 
     # ------------------------------------------------------------ state
 

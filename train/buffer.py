@@ -127,7 +127,7 @@ class BufferedStream:
     steps', and a trim would only make its next step fault its pages in again.
     After the end, the flushed remainder is handed out in whole batches; a last partial batch is dropped
     and counted. With a `quota` (the trainer's token count) the end comes as soon as the rows held cover
-    it, so a run harvests less than one forward batch more than it trains on.
+    it; a subclass may also cut its last fill short (a forward stream harvests only the rows still needed).
     """
 
     buffer: MixingBuffer

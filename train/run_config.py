@@ -60,8 +60,8 @@ class StreamSettings:
     """How residual activations are produced and mixed (see `train.activations`)."""
 
     buffer_tokens: int = 65536  # mixing buffer: filled, shuffled, half handed out, refilled
-    # padded tokens per harvesting forward: on a CPU as fast as 8,192 with the tuned heap (`train.memory`), about
-    # 100 MiB lower at peak, and a run harvests at most one forward batch more than it trains on
+    # padded tokens per harvesting forward: on a CPU as fast as 8,192 with the tuned heap (`train.memory`), and
+    # about 100 MiB lower at peak
     token_budget: int = 4096
     # harvesting batch widths rounded up to a multiple of this: batch shapes repeat, so the per-shape kernel
     # caches (oneDNN's primitives above all) stop growing early, and AMX's 16-row tiles fit (README, Speed)

@@ -153,6 +153,14 @@ class Batch:
     def padding_share(self) -> float:
         return 1.0 - self.n_tokens / self.n_padded if self.n_padded else 0.0
 
+    def head(self, rows: int) -> Batch:
+        """The first `rows` rows, at the same width (all of them when there are fewer)."""
+        if rows >= len(self.lengths):
+            return self
+        return Batch(
+            self.input_ids[:rows], self.attention_mask[:rows], self.lengths[:rows], self.indices[:rows]
+        )
+
 
 def padded_width(longest: int, width_multiple: int = 1) -> int:
     """`longest` rounded up to a multiple of `width_multiple`."""
