@@ -9,7 +9,7 @@ Public API:
         .__call__(batch) -> float32 [n_kept, d] (real tokens only, exclusions applied); .last_stats
     harvest_throughput(model, batches, layer, repeats=3, on_tokens=None, compile=False) -> dict (bare vs harvest)
     bare_forward_rate(model, batches, layer, repeats=3, autocast=False, compile=False) -> real tokens/s
-    compile_seconds(model, batch, layer) -> the one-off cost of compiling the layers, as a new run pays it
+    compile_seconds(model, batch, layer) -> the one-off cost of compiling the layers again in this process
 
 Layer L is the output of decoder block L (0-indexed), i.e. ``hidden_states[L + 1]`` in transformers.
 A forward hook on block L raises a private exception carrying the block's output, so neither the later
@@ -208,9 +208,9 @@ def bare_forward_rate(
 
 
 def compile_seconds(model: PreTrainedModel, batch: Batch, layer: int) -> float:
-    """Seconds a run loses to compiling layers 0..`layer` (`compile=True`): Dynamo's in-process state is reset,
-    then a first, compiling pass over `batch` is timed against a second (Inductor's disk cache stays, as a run
-    after a machine's first finds it)."""
+    """Seconds a run in this process loses to compiling layers 0..`layer` (`compile=True`): Dynamo's state is
+    reset, then a first, compiling pass over `batch` is timed against a second. Inductor's disk cache stays, as
+    a run after a machine's first finds it; a new process also pays Inductor's first-use set-up once."""
     layers = _check_layer(model, layer)
     torch.compiler.reset()
     t0 = time.perf_counter()
