@@ -106,7 +106,9 @@ def test_a_quota_harvests_only_what_is_taken_and_resumes_exactly(llama):
     for _ in range(7):
         next(open_ended)
     longest = max(max(b.lengths) for b in a.epoch_batches(0))
-    assert quota <= a.stats["tokens_harvested"] < quota + longest, "the last fill stops at the row that covers it"
+    assert quota <= a.stats["tokens_harvested"] < quota + longest, (
+        "the last fill stops at the row that covers it"
+    )
     assert open_ended.stats["tokens_harvested"] >= quota + 1024 // 2, "without it, a refill nobody takes"
 
     b = stream(True)
