@@ -2,17 +2,18 @@
 
 Eager PyTorch runs a decoder layer's element-wise work (RMSNorm's casts and reductions, rotary embeddings,
 the gated activation, the residual adds) as separate passes over memory; Inductor fuses them. On the
-benchmark CPU this makes SmolLM2's forward to layer 15 about 1.3x faster, after a one-off compile of about
-16 s (about 5 s once Inductor's on-disk cache holds the kernels), so it pays off in long runs only (README,
-Speed). Each layer's `forward` is compiled with dynamic shapes (the padded batch shapes vary) and swapped in
-only for the harvesting call: forward hooks run outside the compiled code, and the model is left as it was.
-Compiling needs a C++ compiler on a CPU and Triton on a GPU; `check_compile_support` says which is missing.
+benchmark CPU this makes SmolLM2's forward to layer 15 1.3-1.4x faster, after a one-off compile of about 1.2 s
+in a new process (about 7 s on a machine's first run, with an empty Inductor cache), so it pays off from about
+30k tokens and is on by default from 64k (`compile_by_default`; README, Speed). Each layer's `forward` is
+compiled with dynamic shapes (the padded batch shapes vary) and swapped in only for the harvesting call: forward
+hooks run outside the compiled code, and the model is left as it was. Compiling needs a C++ compiler and
+Python's headers on a CPU, Triton on a GPU; `check_compile_support` says which is missing.
 
-Two settings keep the compile short when Inductor's disk cache holds the kernels (about 1.7 s instead of 3.4 s
-on the benchmark CPU): floats specialised up front (otherwise Dynamo traces the layer twice, restarting when
-a symbolic float cannot become a tensor), and, on x86, the CPU's vector-ISA flags trusted once Inductor's own
-probe found every one of them buildable here (the probe otherwise spawns some 15 subprocesses in every new
-process; its verdict is kept beside Inductor's cache, keyed by torch, the C++ compiler and the CPU's flags).
+Two settings keep the compile short (its first call took 3.4 s in a new process with the kernels on disk, now
+1.7 s, the batch's forward included): floats specialised up front (otherwise Dynamo traces the layer twice,
+restarting when a symbolic float cannot become a tensor), and, on x86, the CPU's vector-ISA flags trusted once
+Inductor's own probe found every one of them buildable here (the probe otherwise spawns some 15 subprocesses
+in every new process; its verdict is kept beside Inductor's cache, keyed by torch, the compiler and the flags).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from steer.errors import ConfigError
 
 _UNSET = object()
 # auto compiles runs of at least this many tokens: on the benchmark CPU a compile from Inductor's disk cache
-# (~1.7 s) pays for itself from ~30k tokens of SmolLM2, the first one on a machine (~6 s) from ~140k
+# (~1.2 s in a new process) pays for itself from ~30k tokens of SmolLM2, a machine's first (~7 s) from ~180k
 AUTO_COMPILE_TOKENS = 2**16
 ISA_RECORD = "fast-steer-vector-isa.json"
 
