@@ -40,7 +40,7 @@ from steer.errors import ConfigError
 from steer.hooks import input_device
 from steer.positions import pad_token_id
 from train.buffer import BufferedStream, MixingBuffer, check_identity
-from train.compiled import compile_by_default
+from train.compiled import resolve_compile
 from train.data import Corpus, content_hash
 from train.harvest import Harvester
 from train.run_config import RunConfig
@@ -127,9 +127,7 @@ class ActivationStream(BufferedStream):
             self.layer,
             exclude_first_token=self.settings.exclude_first_token,
             max_norm_multiple=self.settings.max_norm_multiple,
-            compile=compile_by_default(input_device(model), run.training.total_tokens)
-            if run.compile is None
-            else run.compile,
+            compile=resolve_compile(run.compile, input_device(model), run.training.total_tokens),
         )
         self.d_in = self.harvester.d_in
         self.buffer = MixingBuffer(self.settings.buffer_tokens, self.d_in, seed=self.seed * 1009 + self.rank)

@@ -4,7 +4,7 @@ Eager PyTorch runs a decoder layer's element-wise work (RMSNorm's casts and redu
 the gated activation, the residual adds) as separate passes over memory; Inductor fuses them. On the
 benchmark CPU this makes SmolLM2's forward to layer 15 1.3-1.4x faster, after a one-off compile of about 1.2 s
 in a new process (about 7 s on a machine's first run, with an empty Inductor cache), so it pays off from about
-30k tokens and is on by default from 64k (`compile_by_default`; README, Speed). Each layer's `forward` is
+30k tokens and is on by default from 64k (`resolve_compile`; README, Speed). Each layer's `forward` is
 compiled with dynamic shapes (the padded batch shapes vary) and swapped in only for the harvesting call: forward
 hooks run outside the compiled code, and the model is left as it was. Compiling needs a C++ compiler and
 Python's headers on a CPU, Triton on a GPU; `check_compile_support` says which is missing.
@@ -65,9 +65,12 @@ def check_compile_support(device: torch.device | str) -> None:
         raise ConfigError(f"compile supports cpu and cuda devices, not {kind!r}")
 
 
-def compile_by_default(device: torch.device | str, tokens: int) -> bool:
-    """What `compile=None` (auto) means for a run of `tokens` tokens harvested on `device`: compile on a CPU
-    that has the toolchain, for runs of at least AUTO_COMPILE_TOKENS (eager on GPUs: not measured there)."""
+def resolve_compile(setting: bool | None, device: torch.device | str, tokens: int) -> bool:
+    """Whether a run of `tokens` tokens harvested on `device` compiles: `setting` where given; None (auto):
+    on a CPU that has the toolchain, for runs of at least AUTO_COMPILE_TOKENS (eager on GPUs: not measured
+    there)."""
+    if setting is not None:
+        return setting
     if torch.device(device).type != "cpu" or tokens < AUTO_COMPILE_TOKENS:
         return False
     try:

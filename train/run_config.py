@@ -105,7 +105,7 @@ class RunConfig:
     # dtype is refused, `train.activation_cache.check_harvest_dtype`)
     model_dtype: str = "auto"
     # torch.compile the harvesting forward's layers (`train.compiled`): a one-off compile, then a faster forward;
-    # None (auto): on a CPU with a C++ compiler, for runs of 64k tokens or more (`compile_by_default`)
+    # None (auto): on a CPU with a C++ compiler, for runs of 64k tokens or more (`resolve_compile`)
     compile: bool | None = None
     data: DataConfig = field(default_factory=DataConfig)
     stream: StreamSettings = field(default_factory=StreamSettings)

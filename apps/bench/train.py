@@ -151,7 +151,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
 
     from hub import load_model, resolve_device
     from train.activation_cache import write_cache
-    from train.compiled import compile_by_default
+    from train.compiled import resolve_compile
     from train.config import SAETrainSpec, TrainConfig
     from train.distributed import DistContext
     from train.harvest import Harvester, compile_seconds, harvest_throughput
@@ -168,7 +168,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
             )
     device = resolve_device(device)
     cuda = device.startswith("cuda")
-    compile = compile_by_default(device, tokens) if compile is None else compile  # as `train` decides
+    compile = resolve_compile(compile, device, tokens)  # as `train` decides
     base_rss = 0.0 if cuda else resident_memory_mib() or 0.0
     cfg = TrainConfig(total_tokens=tokens, batch_size=batch_size, saes=[SAETrainSpec(expansion=expansion)],
                       checkpoint_every=0, log_every=10**9, autocast=autocast)  # fmt: skip

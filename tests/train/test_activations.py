@@ -228,7 +228,7 @@ def test_default_model_norm_exclusion_drops_first_tokens(default_model):
 def test_compile_auto_follows_the_budget(llama):
     from dataclasses import replace
 
-    from train.compiled import AUTO_COMPILE_TOKENS, compile_by_default
+    from train.compiled import AUTO_COMPILE_TOKENS, resolve_compile
 
     model, tok = llama
     run = stream_run()
@@ -236,7 +236,7 @@ def test_compile_auto_follows_the_budget(llama):
     for tokens in (AUTO_COMPILE_TOKENS - 1, AUTO_COMPILE_TOKENS):
         auto = replace(run, training=replace(run.training, total_tokens=tokens))
         stream = ActivationStream(model, tok, _chat_corpus(), auto)
-        assert (stream.harvester.compiled is not None) == compile_by_default("cpu", tokens)
-        assert stream.description()["compiled"] == compile_by_default("cpu", tokens)
+        assert (stream.harvester.compiled is not None) == resolve_compile(None, "cpu", tokens)
+        assert stream.description()["compiled"] == resolve_compile(None, "cpu", tokens)
         forced = ActivationStream(model, tok, _chat_corpus(), replace(auto, compile=False))
         assert forced.harvester.compiled is None and not forced.description()["compiled"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import build_tiny_model, read_conversations
-from train.compiled import AUTO_COMPILE_TOKENS, compile_by_default
+from train.compiled import AUTO_COMPILE_TOKENS, resolve_compile
 from train.harvest import Harvester, compile_seconds, decoder_layers, harvest_throughput, hook_name
 from train.sequences import bucket_batches, fast_sequences
 
@@ -179,13 +179,14 @@ def test_compile_without_its_toolchain_is_refused(tiny_model, monkeypatch):
         Harvester(model, LAYER, compile=True)
     with pytest.raises(ConfigError, match="supports cpu and cuda devices, not 'mps'"):
         check_compile_support("mps")
-    assert not compile_by_default("cpu", AUTO_COMPILE_TOKENS), "auto: eager without the toolchain"
+    assert not resolve_compile(None, "cpu", AUTO_COMPILE_TOKENS), "auto: eager without the toolchain"
 
 
-def test_compile_by_default_on_a_cpu_from_its_token_budget():
-    assert compile_by_default("cpu", AUTO_COMPILE_TOKENS), "this machine has g++ and Python's headers"
-    assert not compile_by_default("cpu", AUTO_COMPILE_TOKENS - 1), "short runs: the compile would not pay"
-    assert not compile_by_default("cuda", 10**9), "not measured on GPUs: eager there"
+def test_resolve_compile_on_a_cpu_from_its_token_budget():
+    assert resolve_compile(None, "cpu", AUTO_COMPILE_TOKENS), "this machine has g++ and Python's headers"
+    assert not resolve_compile(None, "cpu", AUTO_COMPILE_TOKENS - 1), "short runs: the compile would not pay"
+    assert not resolve_compile(None, "cuda", 10**9), "not measured on GPUs: eager there"
+    assert resolve_compile(True, "cuda", 1) and not resolve_compile(False, "cpu", 10**9), "a setting is kept"
 
 
 def test_swapped_forwards_put_back_an_instance_forward():
