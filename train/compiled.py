@@ -91,12 +91,17 @@ def compile_forwards(layers: Sequence[nn.Module], device: torch.device | str) ->
 
 
 def _floats_specialised(compiled: Callable) -> Callable:
-    """`compiled`, with Python floats specialised while it compiles (a single trace, no restart)."""
+    """`compiled`, with Python floats specialised while it runs, so that a compile traces once (no restart).
+    Dynamo's flag is set and put back by hand: its `config.patch` costs about 100 us a call, this 3 us."""
+    config = torch._dynamo.config
 
     @functools.wraps(compiled)
     def forward(*args, **kwargs):
-        with torch._dynamo.config.patch(specialize_float=True):
+        saved, config.specialize_float = config.specialize_float, True
+        try:
             return compiled(*args, **kwargs)
+        finally:
+            config.specialize_float = saved
 
     return forward
 

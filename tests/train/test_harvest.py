@@ -127,7 +127,8 @@ def test_compiled_harvest_equals_eager_and_leaves_the_model_as_it_was(
     model = build_tiny_model(arch, len(chatml_tokenizer))
     batch, _ = batch_and_sequences
     eager = Harvester(model, LAYER)(batch)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counters = torch._dynamo.utils.counters
+    graphs, traces = counters["stats"]["unique_graphs"], counters["aot_autograd"]["total"]
     compiled = Harvester(model, LAYER, compile=True)
     layers = decoder_layers(model)
     seen = []  # the forward each layer runs with, read inside the call
@@ -139,7 +140,10 @@ def test_compiled_harvest_equals_eager_and_leaves_the_model_as_it_was(
         for h in handles:
             h.remove()
     assert seen == compiled.compiled and len(seen) == LAYER + 1  # compiled forwards, and only to layer L
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # Inductor really compiled
+    assert counters["stats"]["unique_graphs"] > graphs  # Inductor really compiled
+    # each graph traced once: floats specialised up front, no restart to turn a symbolic float into a tensor
+    assert counters["aot_autograd"]["total"] - traces == counters["stats"]["unique_graphs"] - graphs
+    assert not torch._dynamo.config.specialize_float  # Dynamo's flag as it was outside the call
     torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
     assert all("forward" not in layer.__dict__ for layer in layers)  # the class's forward again
     torch.testing.assert_close(Harvester(model, LAYER)(batch), eager, atol=0, rtol=0)
