@@ -6,13 +6,17 @@ Measured in one run on the same conversations (JSON on stdout, progress bars on 
    (SAE set-up, the first buffer fill, initialisation and saving included; loading the corpus is timed
    apart as `data_loading_seconds`), in one setting (`--autocast` or not) or, with `--vs-saelens`, in both
    `SETTINGS`; the top-level figures are the faster's;
-2. on exactly the forward batches that run harvested: a bare forward to layer L vs FAST harvesting
-   (interleaved repeats, medians; padding share), and the bare forward in every weight dtype / autocast
-   setting at hand (bfloat16 weights, float32 weights, float32 weights under bfloat16 autocast);
-3. the bare SAE step (the trainer's own step on those activations) in float32 and under bfloat16 autocast;
-4. the sequential limit: the trained tokens' bare forward in its fastest setting for the budget (a compiled
-   forward's one-off compile counted, `compile_seconds`), then their SAE steps in the fastest setting
-   (`bare_*_setting` name them); `end_to_end_ratio_to_limit` = end-to-end rate / limit;
+2. after each repeat's runs, on exactly the forward batches a run harvests: the bare forward to layer L in
+   every weight dtype / autocast setting at hand (bfloat16 weights, float32 weights, float32 weights under
+   bfloat16 autocast; compiled, with its compile, `compile_seconds`), one pass each (medians over repeats);
+   after all repeats, the bare forward vs FAST harvesting (interleaved repeats, medians; padding share);
+3. the bare SAE step (the trainer's own step on those activations) in float32 and under bfloat16 autocast,
+   one pass each after each repeat's runs (medians over repeats);
+4. the sequential limit: the trained tokens' bare forward in its quickest setting for the budget (a compiled
+   forward's one-off compile counted), then their SAE steps in the fastest setting (`bare_*_setting` name
+   them), from the medians; `end_to_end_ratio_to_limit` is the median over repeats of each repeat's
+   best-setting run over the limit of that repeat's own bare measurements (`..._by_repeat`), so that a
+   drift of the machine's speed over the minutes of a benchmark reaches both sides of the ratio alike;
 5. peak memory of the end-to-end run against the runtime, model, corpus, SAEs + optimiser, buffer and transients;
 6. the activation cache: harvesting to disk (`fast-steer harvest`), its read rate, and training from it
    (`train --activations`): the training loop's rate over the bare SAE step (goal >= 0.9);
@@ -56,46 +60,47 @@ def _setting(autocast: bool, compiled: bool = False) -> str:
     return ("autocast" if autocast else "float32") + (", compiled" if compiled else "")
 
 
-def _sae_step_rates(trainers: dict, xs, repeats: int, bar) -> dict[str, float]:
-    """Median tokens/s of each trainer's step over `xs`, the settings' repeats interleaved."""
+def _sae_step_rates(trainers: dict, xs, bar) -> dict[str, float]:
+    """Tokens/s of each trainer's step over `xs`, one pass each."""
     import torch
 
-    seconds: dict[str, list[float]] = {name: [] for name in trainers}
-    for _ in range(repeats):
-        for name, trainer in trainers.items():
-            t0 = time.perf_counter()
-            for x in xs:
-                trainer.train_step(x, measure=trainer.measures(trainer.step))
-                bar.update(len(x))
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            seconds[name].append(time.perf_counter() - t0)
-    return {name: sum(map(len, xs)) / statistics.median(s) for name, s in seconds.items()}
+    rates = {}
+    for name, trainer in trainers.items():
+        t0 = time.perf_counter()
+        for x in xs:
+            trainer.train_step(x, measure=trainer.measures(trainer.step))
+            bar.update(len(x))
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        rates[name] = sum(map(len, xs)) / (time.perf_counter() - t0)
+    return rates
 
 
-def _forward_rates(model, model_ref, batches, layer, repeats, device, loaded_here: bool,
-                   compile: bool) -> dict[str, float]:  # fmt: skip
-    """Bare-forward tokens/s on `batches` in each weight dtype / autocast setting at hand: the model's own
-    (and, with `compile`, its compiled layers); where this benchmark loaded it, the other of float32 /
-    bfloat16 too; float32 also under bf16 autocast."""
+def _forward_rates(model, model_ref, batches, layer, device, loaded_here: bool,
+                   compile: bool) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+    """Bare-forward tokens/s on `batches` (one pass) in each weight dtype / autocast setting at hand: the
+    model's own (and, with `compile`, its compiled layers); where this benchmark loaded it, the other of
+    float32 / bfloat16 too; float32 also under bf16 autocast. And the one-off seconds a setting costs before
+    its rate (the compile, `compile_seconds`)."""
     import torch
 
     from hub import load_model
-    from train.harvest import bare_forward_rate
+    from train.harvest import bare_forward_rate, compile_seconds
 
     models = {model.dtype: model}
     if loaded_here:
         other = "float32" if model.dtype == torch.bfloat16 else "bfloat16"
         models[getattr(torch, other)] = load_model(model_ref, dtype=other, device=device).model
-    rates = {}
+    rates, one_off = {}, {}
     for dtype, m in models.items():
         name = str(dtype).removeprefix("torch.")
-        rates[f"{name} weights"] = bare_forward_rate(m, batches, layer, repeats)
+        rates[f"{name} weights"] = bare_forward_rate(m, batches, layer, 1)
         if compile and m is model:
-            rates[f"{name} weights, compiled"] = bare_forward_rate(m, batches, layer, repeats, compile=True)
+            rates[f"{name} weights, compiled"] = bare_forward_rate(m, batches, layer, 1, compile=True)
+            one_off[f"{name} weights, compiled"] = compile_seconds(m, batches[0], layer)
         if dtype == torch.float32:
-            rates[f"{name} weights, bfloat16 autocast"] = bare_forward_rate(m, batches, layer, repeats, True)
-    return rates
+            rates[f"{name} weights, bfloat16 autocast"] = bare_forward_rate(m, batches, layer, 1, True)
+    return rates, one_off
 
 
 def _end_to_end(run, loaded, device: str, out: Path, reset_host_peak) -> dict:
@@ -154,11 +159,10 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     from train.compiled import resolve_compile
     from train.config import SAETrainSpec, TrainConfig
     from train.distributed import DistContext
-    from train.harvest import Harvester, compile_seconds, harvest_throughput
+    from train.harvest import Harvester, harvest_throughput
     from train.memory import object_mib, reset_peak_memory, resident_memory_mib
     from train.pipeline import open_stream, train
     from train.run_config import DataConfig, RunConfig, StreamSettings
-    from train.trainer import SAETrainer
 
     if vs_saelens:  # before anything is loaded or run
         _check_saelens_venv()
@@ -192,9 +196,16 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         if vs_saelens
         else None
     )
+    trained = cfg.final_tokens
+    # the very batches an end-to-end run harvests, in order: the limit's forward runs on the same tokens
+    batches = open_stream(run, DistContext.current(device), loaded)[0].sample_batches(trained)
+    limit_pass = partial(
+        _limit_parts, model, model_ref, batches, layer, device, loaded_here, compile, cfg, d_in
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ours: dict[str, list[dict]] = {name: [] for name in settings}
         theirs: dict[str, list[dict]] = {}
+        parts: list[dict] = []
         for i in range(repeats):  # interleaved: each setting's run, then SAELens's in the same setting
             for j, (name, ac) in enumerate(settings.items()):
                 run_ac = replace(run, training=replace(cfg, autocast=ac))
@@ -205,40 +216,26 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
                 )
                 for their_compile in their_compiles if saelens else ():
                     theirs.setdefault(_setting(ac, their_compile), []).append(saelens(ac, their_compile))
+            # the limit's parts in this repeat, right after its runs
+            parts.append(limit_pass(Path(tmp) / f"steps-{i}"))
         e2e = {name: median_run(runs, maxima=("peak_memory_mib",)) for name, runs in ours.items()}
         best = max(e2e, key=lambda name: e2e[name]["tokens_per_s"])
-        trained = e2e[best]["tokens_trained"]
-
-        # the very batches the run harvested, in order: the forward in every setting, on the same tokens
-        stream, source = open_stream(run, DistContext.current(device), loaded)
-        batches = stream.sample_batches(trained)
+        forward = _medians([p["forward"] for p in parts])
+        one_off = _medians([p["one_off"] for p in parts])
+        steps = _medians([p["steps"] for p in parts])
+        # each repeat's best-setting run over its own limit: a drift of the machine's speed between the runs
+        # and the bare measurements reaches both sides of the ratio alike
+        ratios = [
+            run["tokens_per_s"] / _limit(p, trained)[0] for run, p in zip(ours[best], parts, strict=True)
+        ]
         real = sum(b.n_tokens for b in batches)
         with tqdm(total=2 * repeats * real, unit="tok", unit_scale=True, desc="forward vs harvest") as bar:
             fwd = harvest_throughput(
                 model, batches, layer, repeats=repeats, on_tokens=bar.update, compile=compile
             )
-        forward = _forward_rates(model, model_ref, batches, layer, repeats, device, loaded_here, compile)
-        own = f"{str(model.dtype).removeprefix('torch.')} weights, compiled"
-        one_off = {own: compile_seconds(model, batches[0], layer)} if compile else {}
-        harvester = Harvester(model, layer)
-        acts = torch.cat([harvester(b) for b in batches])
-        xs = [acts[i : i + batch_size] for i in range(0, len(acts) - batch_size + 1, batch_size)]
-        trainers = {}
-        for name, ac in SETTINGS.items():
-            trainers[name] = SAETrainer(replace(cfg, autocast=ac), d_in, Path(tmp) / "steps", progress=False,
-                                        dist=DistContext.current(device))  # fmt: skip
-            trainers[name].initialise(xs[0])
-        xs = [x.to(device) for x in xs]
-        total = len(SETTINGS) * repeats * len(xs) * batch_size
-        with tqdm(total=total, unit="tok", unit_scale=True, desc="SAE step") as bar:
-            steps = _sae_step_rates(trainers, xs, repeats, bar)
+        stream, source = open_stream(run, DistContext.current(device), loaded)
         cache = _cache_bench(run, stream, source, Path(tmp), write_cache, train) if with_cache else {}
-    # the trained tokens' forward in its fastest setting for this budget (a compiled one pays its compile),
-    # then their steps in the fastest setting
-    forward_seconds = {name: trained / rate + one_off.get(name, 0.0) for name, rate in forward.items()}
-    fwd_best = min(forward_seconds, key=forward_seconds.get)
-    step_best = max(steps, key=steps.get)
-    limit = trained / (forward_seconds[fwd_best] + trained / steps[step_best])
+    limit, fwd_best, step_best = _limit({"forward": forward, "one_off": one_off, "steps": steps}, trained)
     corpus_mib = 0.0 if cuda else object_mib(stream.corpus.items)
     estimate = _memory_estimate(model, run.stream, d_in, expansion, batch_size, base_rss, corpus_mib)
     peak = max(r["peak_memory_mib"] for r in e2e.values())
@@ -266,13 +263,14 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         "bare_sae_step_tokens_per_s": steps[step_best],
         "bare_sae_step_setting": step_best,
         "bare_sae_step_tokens_per_s_by_setting": steps,
-        "sequential_limit_tokens_per_s": limit,
+        "sequential_limit_tokens_per_s": limit,  # from the medians of the bare rates
         "end_to_end_setting": best,
         "end_to_end_tokens_per_s": e2e[best]["tokens_per_s"],
         "end_to_end_seconds": e2e[best]["seconds"],
         "end_to_end_tokens_trained": trained,
         "end_to_end_harvest_share": e2e[best]["harvest_share"],
-        "end_to_end_ratio_to_limit": e2e[best]["tokens_per_s"] / limit,
+        "end_to_end_ratio_to_limit": statistics.median(ratios),
+        "end_to_end_ratio_to_limit_by_repeat": ratios,
         "end_to_end_by_setting": e2e,
         "data_loading_seconds": loading_seconds,
         **cache,
@@ -310,6 +308,52 @@ def median_run(runs: list[dict], maxima: tuple[str, ...] = ()) -> dict:
         elif isinstance(value, float) and len(set(values)) > 1:
             out[key] = max(values) if key in maxima else statistics.median(values)
     return {**out, "runs": len(runs)}
+
+
+def _limit_parts(model, model_ref: str, batches, layer: int, device: str, loaded_here: bool, compile: bool,
+                 cfg, d_in: int, tmp: Path) -> dict:  # fmt: skip
+    """One pass of each part of the sequential limit on the run's `batches`: the bare forward in every
+    setting (`_forward_rates`; a compiled one's compile, `compile_seconds`), and the trainer's bare step on
+    their activations in each of `SETTINGS`."""
+    from dataclasses import replace
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from train.distributed import DistContext
+    from train.harvest import Harvester
+    from train.trainer import SAETrainer
+
+    forward, one_off = _forward_rates(model, model_ref, batches, layer, device, loaded_here, compile)
+    harvester = Harvester(model, layer)
+    acts = torch.cat([harvester(b) for b in batches])
+    size = cfg.batch_size
+    xs = [acts[i : i + size].to(device) for i in range(0, len(acts) - size + 1, size)]
+    trainers = {}
+    for name, ac in SETTINGS.items():
+        trainers[name] = SAETrainer(replace(cfg, autocast=ac), d_in, tmp, progress=False,
+                                    dist=DistContext.current(device))  # fmt: skip
+        trainers[name].initialise(xs[0])
+    with tqdm(total=len(SETTINGS) * len(xs) * size, unit="tok", unit_scale=True, desc="SAE step") as bar:
+        steps = _sae_step_rates(trainers, xs, bar)
+    return {"forward": forward, "one_off": one_off, "steps": steps}
+
+
+def _limit(parts: dict, trained: int) -> tuple[float, str, str]:
+    """The sequential limit (tokens/s) of `trained` tokens from one set of bare rates: their forward in the
+    quickest setting for this budget (a compiled one pays its compile), then their steps in the fastest
+    setting; and the two settings' names."""
+    seconds = {
+        name: trained / rate + parts["one_off"].get(name, 0.0) for name, rate in parts["forward"].items()
+    }
+    fwd_best = min(seconds, key=seconds.get)
+    step_best = max(parts["steps"], key=parts["steps"].get)
+    return trained / (seconds[fwd_best] + trained / parts["steps"][step_best]), fwd_best, step_best
+
+
+def _medians(passes: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's median over the passes."""
+    return {key: statistics.median(p[key] for p in passes) for key in passes[0]}
 
 
 def compare_with_saelens(out: dict, saelens: dict[str, dict]) -> dict:
