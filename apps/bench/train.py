@@ -90,6 +90,7 @@ def _forward_rates(model, model_ref, batches, layer, device, loaded_here: bool,
     models = {model.dtype: model}
     if loaded_here:
         other = "float32" if model.dtype == torch.bfloat16 else "bfloat16"
+        # loaded for this pass and freed after it: never held through an end-to-end run's peak window
         models[getattr(torch, other)] = load_model(model_ref, dtype=other, device=device).model
     rates, one_off = {}, {}
     for dtype, m in models.items():
@@ -186,7 +187,10 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
     t0 = time.perf_counter()
     stream, source = open_stream(run, DistContext.current(device), loaded)
     loading_seconds = time.perf_counter() - t0
-    Harvester(model, layer, compile=compile)(stream.sample_batches(1)[0])  # warm-up: one-off kernel set-up
+    trained = cfg.final_tokens
+    # the very batches an end-to-end run harvests, in order: the limit's forward runs on the same tokens
+    batches = stream.sample_batches(trained)
+    Harvester(model, layer, compile=compile)(batches[0])  # warm-up: one-off kernel set-up
     del stream  # each end-to-end run opens its own: no second corpus and buffer held during theirs
     settings = {_setting(ac, compile): ac for ac in (SETTINGS.values() if vs_saelens else [autocast])}
     # SAELens's best is taken over its runs with and without its own compile where ours compiles
@@ -196,12 +200,7 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         if vs_saelens
         else None
     )
-    trained = cfg.final_tokens
-    # the very batches an end-to-end run harvests, in order: the limit's forward runs on the same tokens
-    batches = open_stream(run, DistContext.current(device), loaded)[0].sample_batches(trained)
-    limit_pass = partial(
-        _limit_parts, model, model_ref, batches, layer, device, loaded_here, compile, cfg, d_in
-    )
+    limit_pass = partial(_limit_parts, model, model_ref, batches, layer, device, loaded_here, compile, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         ours: dict[str, list[dict]] = {name: [] for name in settings}
         theirs: dict[str, list[dict]] = {}
@@ -311,7 +310,7 @@ def median_run(runs: list[dict], maxima: tuple[str, ...] = ()) -> dict:
 
 
 def _limit_parts(model, model_ref: str, batches, layer: int, device: str, loaded_here: bool, compile: bool,
-                 cfg, d_in: int, tmp: Path) -> dict:  # fmt: skip
+                 cfg, tmp: Path) -> dict:  # fmt: skip
     """One pass of each part of the sequential limit on the run's `batches`: the bare forward in every
     setting (`_forward_rates`; a compiled one's compile, `compile_seconds`), and the trainer's bare step on
     their activations in each of `SETTINGS`."""
@@ -331,7 +330,7 @@ def _limit_parts(model, model_ref: str, batches, layer: int, device: str, loaded
     xs = [acts[i : i + size].to(device) for i in range(0, len(acts) - size + 1, size)]
     trainers = {}
     for name, ac in SETTINGS.items():
-        trainers[name] = SAETrainer(replace(cfg, autocast=ac), d_in, tmp, progress=False,
+        trainers[name] = SAETrainer(replace(cfg, autocast=ac), harvester.d_in, tmp, progress=False,
                                     dist=DistContext.current(device))  # fmt: skip
         trainers[name].initialise(xs[0])
     with tqdm(total=len(SETTINGS) * len(xs) * size, unit="tok", unit_scale=True, desc="SAE step") as bar:
