@@ -111,7 +111,10 @@ def test_only_streams_that_run_the_model_hand_pages_back_at_their_refills():
         return [int(n) for n in run.stdout.split()][4:]  # after the heap has grown to the step's size
 
     assert sum(faults("release")) > 5 * 6000, "the step after each of ten refills faults its ~6,100 pages"
-    assert sum(faults("keep")) < 6144, "at most one late growth of the heap"
+    # where the heap can grow in place varies between processes: now and then one step still extends it by
+    # its whole transient (6,080-6,150 pages); every other step reuses the pages
+    keep = faults("keep")
+    assert sum(keep) - max(keep) < 6144, "at most one late growth of the heap"
     assert ActivationStream.releases_pages_at_refill and not CachedActivationStream.releases_pages_at_refill
 
 
