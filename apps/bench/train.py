@@ -6,16 +6,17 @@ Measured in one run on the same conversations (JSON on stdout, progress bars on 
    (SAE set-up, the first buffer fill, initialisation and saving included; loading the corpus is timed
    apart as `data_loading_seconds`), in one setting (`--autocast` or not) or, with `--vs-saelens`, in both
    `SETTINGS`; the top-level figures are the faster's;
-2. after each repeat's runs, on exactly the forward batches a run harvests: the bare forward to layer L in
+2. after each repeat's runs of ours (before SAELens's), on exactly the forward batches a run harvests: the bare forward to layer L in
    every weight dtype / autocast setting at hand (bfloat16 weights, float32 weights, float32 weights under
    bfloat16 autocast; compiled, with its compile, `compile_seconds`), one pass each (medians over repeats);
    after all repeats, the bare forward vs FAST harvesting (interleaved repeats, medians; padding share);
 3. the bare SAE step (the trainer's own step on those activations) in float32 and under bfloat16 autocast,
-   one pass each after each repeat's runs (medians over repeats);
+   one pass each after each repeat's runs of ours (medians over repeats);
 4. the sequential limit: the trained tokens' bare forward in its quickest setting for the budget (a compiled
    forward's one-off compile counted), then their SAE steps in the fastest setting (`bare_*_setting` name
    them), from the medians; `end_to_end_ratio_to_limit` is the median over repeats of each repeat's
-   best-setting run over the limit of that repeat's own bare measurements (`..._by_repeat`), so that a
+   best-setting run over the limit of that repeat's own bare measurements (`..._by_repeat`, with both
+   sides: `end_to_end_tokens_per_s_by_repeat`, `sequential_limit_tokens_per_s_by_repeat`), so that a
    drift of the machine's speed over the minutes of a benchmark reaches both sides of the ratio alike;
 5. peak memory of the end-to-end run against the runtime, model, corpus, SAEs + optimiser, buffer and transients;
 6. the activation cache: harvesting to disk (`fast-steer harvest`), its read rate, and training from it
@@ -213,10 +214,11 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
                 ours[name].append(
                     _end_to_end(run_ac, loaded, device, Path(tmp) / f"run-{i}-{j}", reset_peak_memory)
                 )
+                if j == len(settings) - 1:  # the limit's parts right after our last run of the repeat (the
+                    # autocast one, mostly the best), before SAELens's: minutes nearer the run they measure
+                    parts.append(limit_pass(Path(tmp) / f"steps-{i}"))
                 for their_compile in their_compiles if saelens else ():
                     theirs.setdefault(_setting(ac, their_compile), []).append(saelens(ac, their_compile))
-            # the limit's parts in this repeat, right after its runs
-            parts.append(limit_pass(Path(tmp) / f"steps-{i}"))
         e2e = {name: median_run(runs, maxima=("peak_memory_mib",)) for name, runs in ours.items()}
         best = max(e2e, key=lambda name: e2e[name]["tokens_per_s"])
         forward = _medians([p["forward"] for p in parts])
@@ -224,9 +226,8 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         steps = _medians([p["steps"] for p in parts])
         # each repeat's best-setting run over its own limit: a drift of the machine's speed between the runs
         # and the bare measurements reaches both sides of the ratio alike
-        ratios = [
-            run["tokens_per_s"] / _limit(p, trained)[0] for run, p in zip(ours[best], parts, strict=True)
-        ]
+        limits = [_limit(p, trained)[0] for p in parts]
+        ratios = [run["tokens_per_s"] / lim for run, lim in zip(ours[best], limits, strict=True)]
         real = sum(b.n_tokens for b in batches)
         with tqdm(total=2 * repeats * real, unit="tok", unit_scale=True, desc="forward vs harvest") as bar:
             fwd = harvest_throughput(
@@ -270,6 +271,8 @@ def run_bench(model_ref: str, data: list[str], layer: int, expansion: int, batch
         "end_to_end_harvest_share": e2e[best]["harvest_share"],
         "end_to_end_ratio_to_limit": statistics.median(ratios),
         "end_to_end_ratio_to_limit_by_repeat": ratios,
+        "end_to_end_tokens_per_s_by_repeat": [run["tokens_per_s"] for run in ours[best]],
+        "sequential_limit_tokens_per_s_by_repeat": limits,
         "end_to_end_by_setting": e2e,
         "data_loading_seconds": loading_seconds,
         **cache,

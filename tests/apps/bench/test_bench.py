@@ -114,6 +114,8 @@ def test_bench_train_reports_rates_and_memory(model_dir):
     by_repeat = out["end_to_end_ratio_to_limit_by_repeat"]
     assert len(by_repeat) == 2 and all(r > 0 for r in by_repeat)
     assert out["end_to_end_ratio_to_limit"] == pytest.approx(statistics.median(by_repeat))
+    runs, limits = out["end_to_end_tokens_per_s_by_repeat"], out["sequential_limit_tokens_per_s_by_repeat"]
+    assert by_repeat == pytest.approx([run / lim for run, lim in zip(runs, limits, strict=True)])
     assert out["peak_memory_covers"] == "the end-to-end run"
     assert out["memory_estimate_mib"] / 2 <= out["peak_memory_mib"] <= 2 * out["memory_estimate_mib"], (
         "the estimate is within a factor 2 of the measured peak"
