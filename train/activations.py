@@ -13,7 +13,8 @@ The settings come from the run's `data`, `stream` and `training.batch_size` (`tr
 Each epoch visits the corpus in a seeded permutation; rank r of `world_size` takes every
 `world_size`-th item of it, so data-parallel processes harvest disjoint data (shards differ by at most
 one record: keep `max_epochs=None` and stop on a token count, so every rank takes the same steps).
-The rank's items are processed in pools of `pool_size`: a pool is tokenised (FAST: one conversation per sequence; BT(F)/BT(P):
+The rank's items are processed in pools of `pool_size`: a pool is tokenised, or its ids read back from the token cache
+(`train.token_cache`; FAST: one conversation per sequence; BT(F)/BT(P):
 concatenated into `block_len` blocks, the remainder carried into the next pool), length-bucketed into
 batches of at most `token_budget` padded tokens, and the batch order is shuffled. Harvested residuals go
 into the mixing buffer, which hands out shuffled rows. The stream is infinite (a new permutation per
@@ -44,15 +45,8 @@ from train.compiled import resolve_compile
 from train.data import Corpus, content_hash
 from train.harvest import Harvester
 from train.run_config import RunConfig
-from train.sequences import (
-    METHOD_LABELS,
-    Batch,
-    bucket_batches,
-    fast_sequences,
-    pack_blocks,
-    render_conversations,
-    text_token_lists,
-)
+from train.sequences import METHOD_LABELS, Batch, bucket_batches, pack_blocks, truncated
+from train.token_cache import default_token_cache, tokenise
 
 
 def _distributed_rank() -> tuple[int, int]:
@@ -122,6 +116,7 @@ class ActivationStream(BufferedStream):
             raise ConfigError(f"{name}={seq_len} exceeds the model's {max_pos} positions")
         self.model, self.tokenizer, self.corpus = model, tokenizer, corpus
         self.pad_id = pad_token_id(tokenizer)
+        self.token_cache = default_token_cache()  # pools tokenised before are read back (`train.token_cache`)
         self.harvester = Harvester(
             model,
             self.layer,
@@ -164,14 +159,13 @@ class ActivationStream(BufferedStream):
         cfg = self.settings
         order = self._epoch_order() if epoch == self.epoch else self.shard_indices(epoch)
         items = [self.corpus[i] for i in order[pool * cfg.pool_size : (pool + 1) * cfg.pool_size]]
+        kind = "text" if self.method == "bt-p" else "chat"
+        token_lists = (self.token_cache.token_lists if self.token_cache else tokenise)(
+            kind, items, self.tokenizer
+        )
         if self.method == "fast":
-            sequences, carry_out = fast_sequences(items, self.tokenizer, self.max_len), []
+            sequences, carry_out = truncated(token_lists, self.max_len), []
         else:
-            token_lists = (
-                render_conversations(self.tokenizer, items)
-                if self.method == "bt-f"
-                else text_token_lists(items, self.tokenizer)
-            )
             sequences, carry_out = pack_blocks(token_lists, cfg.block_len, carry_in)
         batches = bucket_batches(
             sequences, cfg.token_budget, self.pad_id, f"{self.seed}:{epoch}:{pool}", cfg.width_multiple

@@ -5,6 +5,7 @@ Public API:
     render_conversation(tokenizer, conversation) -> list[int]
     render_conversations(tokenizer, conversations) -> list[list[int]]
     fast_sequences(conversations, tokenizer, max_len=8192) -> list[list[int]]
+    truncated(token_lists, max_len) -> list[list[int]]   (FAST's truncation of ids already rendered)
     text_token_lists(texts, tokenizer) -> list[list[int]]
     token_ids(tokenizer, texts) -> list[list[int]]   (no special tokens added)
     pack_blocks(token_lists, block_len=2048, carry=None) -> (blocks, remainder)
@@ -99,9 +100,14 @@ def fast_sequences(
     conversations: Sequence[Conversation], tokenizer: PreTrainedTokenizerBase, max_len: int = 8192
 ) -> list[list[int]]:
     """One sequence per conversation (FAST), truncated to `max_len` tokens."""
+    return truncated(render_conversations(tokenizer, conversations), max_len)
+
+
+def truncated(token_lists: Sequence[list[int]], max_len: int) -> list[list[int]]:
+    """Each token list cut to its first `max_len` tokens (FAST's truncation)."""
     if max_len < 1:
         raise ConfigError(f"max_len must be positive, got {max_len}")
-    return [ids[:max_len] for ids in render_conversations(tokenizer, conversations)]
+    return [ids[:max_len] for ids in token_lists]
 
 
 def text_token_lists(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:

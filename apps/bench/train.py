@@ -4,12 +4,14 @@ Measured in one run on the same conversations (JSON on stdout, progress bars on 
 1. end-to-end training (`train.pipeline.fit_stream`, the same code as `fast-steer train`) of `--tokens`
    tokens on a freshly opened stream, `--repeats` times (medians; the highest peak), each timed as a whole
    (SAE set-up, the first buffer fill, initialisation and saving included; loading the corpus is timed
-   apart as `data_loading_seconds`), in one setting (`--autocast` or not) or, with `--vs-saelens`, in both
-   `SETTINGS`; the top-level figures are the faster's;
-2. after each repeat's runs of ours (before SAELens's), on exactly the forward batches a run harvests: the bare forward to layer L in
-   every weight dtype / autocast setting at hand (bfloat16 weights, float32 weights, float32 weights under
-   bfloat16 autocast; compiled, with its compile, `compile_seconds`), one pass each (medians over repeats);
-   after all repeats, the bare forward vs FAST harvesting (interleaved repeats, medians; padding share);
+   apart as `data_loading_seconds`; the pools' token ids are read back from the token cache, which the
+   warm-up fills, as in any run after the first over a corpus: `token_cache` counts them), in one setting
+   (`--autocast` or not) or, with `--vs-saelens`, in both `SETTINGS`; the top-level figures are the faster's;
+2. after each repeat's runs of ours (before SAELens's), on exactly the forward batches a run harvests: the
+   bare forward to layer L in every weight dtype / autocast setting at hand (bfloat16 weights, float32
+   weights, float32 weights under bfloat16 autocast; compiled, with its compile, `compile_seconds`), one
+   pass each (medians over repeats); after all repeats, the bare forward vs FAST harvesting (interleaved
+   repeats, medians; padding share);
 3. the bare SAE step (the trainer's own step on those activations) in float32 and under bfloat16 autocast,
    one pass each after each repeat's runs of ours (medians over repeats);
 4. the sequential limit: the trained tokens' bare forward in its quickest setting for the budget (a compiled
@@ -122,6 +124,7 @@ def _end_to_end(run, loaded, device: str, out: Path, reset_host_peak) -> dict:
     seconds = time.perf_counter() - t0
     cuda = device.startswith("cuda")
     meta = json.loads((out / CFG_FILE).read_text())["metadata"]
+    token_cache = getattr(fresh, "token_cache", None)  # a forward stream's; the warm-up filled it
     last = json.loads((out / LOG_FILE).read_text().splitlines()[-1])
     return {
         "tokens_per_s": result.tokens / seconds,
@@ -132,6 +135,8 @@ def _end_to_end(run, loaded, device: str, out: Path, reset_host_peak) -> dict:
         "harvest_share": last["data_share"],  # of the loop's time: the stream (harvest, mix) vs the SAE step
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_memory_mib(),
         "peak_window": peak_window,
+        # pools whose ids were read back from the token cache / tokenised in the run (None: no cache)
+        "token_cache": {"hits": token_cache.hits, "misses": token_cache.misses} if token_cache else None,
     }
 
 

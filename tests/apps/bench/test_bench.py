@@ -110,6 +110,8 @@ def test_bench_train_reports_rates_and_memory(model_dir):
     assert out["bare_sae_step_tokens_per_s"] == steps[out["bare_sae_step_setting"]] == max(steps.values())
     assert out["end_to_end_setting"] == "float32" and out["end_to_end_by_setting"].keys() == {"float32"}
     assert 0 < out["end_to_end_harvest_share"] < 1
+    # the runs read their pools' ids back from the token cache, which the warm-up filled
+    assert out["end_to_end_by_setting"]["float32"]["token_cache"] == {"hits": 1, "misses": 0}
     # each repeat's run over the limit of its own bare measurements, taken right after it; the median of those
     by_repeat = out["end_to_end_ratio_to_limit_by_repeat"]
     assert len(by_repeat) == 2 and all(r > 0 for r in by_repeat)
