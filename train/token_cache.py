@@ -1,7 +1,7 @@
 """A disk cache of token ids by content: a run over records tokenised before reads their ids back.
 
 Public API:
-    TokenCache(folder)
+    TokenCache(folder, max_bytes=MAX_BYTES)
         .token_lists(kind, items, tokenizer) -> list[list[int]]   ("chat": rendered with the chat template,
                                                                     as `render_conversations`; "text": as
                                                                     `text_token_lists`)
@@ -21,7 +21,8 @@ source of the code that renders and encodes (`train.sequences`, `steer.chat_temp
 content hash, in order. So a changed record, template, tokenizer or library is a new key, never a stale hit.
 A tokenizer without a Rust backend has no fingerprint and is not cached. Entries are written to a temporary
 file and renamed into place, so concurrent writers (data-parallel ranks) and interrupted runs never leave a
-partial entry; an unreadable entry is reported, tokenised afresh and replaced.
+partial entry; an unreadable entry is reported, tokenised afresh and replaced. The folder is bounded
+(`max_bytes`, 2 GiB by default): past it, the least recently used entries are deleted.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 Kind = Literal["chat", "text"]
 TOKEN_CACHE_ENV = "FAST_STEER_TOKEN_CACHE"
 FORMAT = 1
+MAX_BYTES = 2 * 2**30  # the default bound on the folder: about 1,000 pools of 2,048 conversations
 
 
 def default_token_cache() -> TokenCache | None:
@@ -93,8 +95,10 @@ def tokenise(kind: Kind, items: Sequence, tokenizer: PreTrainedTokenizerBase) ->
 class TokenCache:
     """Token ids of lists of records, kept in `folder` by content (see the module's docstring)."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path, max_bytes: int = MAX_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be non-negative, got {max_bytes}")
+        self.folder, self.max_bytes = Path(folder), max_bytes
         self.hits = self.misses = 0
 
     def token_lists(self, kind: Kind, items: Sequence, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
@@ -112,6 +116,7 @@ class TokenCache:
             stored = self._read(path, len(items))
             if stored is not None:
                 self.hits += 1
+                os.utime(path)  # recently used: evicted last
                 return stored
         token_lists = tokenise(kind, items, tokenizer)
         self.misses += 1
@@ -160,7 +165,27 @@ class TokenCache:
                 temporary = Path(fh.name)
                 np.savez(fh, ids=ids, lengths=lengths)
             os.replace(temporary, path)
+            self._evict(keep=path)
         except OSError as exc:  # a read-only or full disk costs the next run its tokenising, nothing else
             if temporary is not None:
                 temporary.unlink(missing_ok=True)
             log.warning("could not write the token cache entry %s (%s)", path, exc)
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently used entries (by modification time) until the folder holds at most
+        `max_bytes`; `keep`, the entry just written, stays."""
+        entries = []
+        for entry in os.scandir(self.folder):
+            try:
+                if entry.name.endswith(".npz"):
+                    stat = entry.stat()
+                    entries.append((stat.st_mtime, stat.st_size, Path(entry.path)))
+            except FileNotFoundError:  # deleted meanwhile by another process's eviction
+                continue
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                total -= size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -109,3 +110,25 @@ def test_a_stream_over_a_corpus_tokenised_before_harvests_the_same_batches(
     assert streams[0].token_cache.misses == 4 and streams[0].token_cache.hits == 0  # 30 records: 4 pools
     assert streams[1].token_cache.hits == 4 and streams[1].token_cache.misses == 0
     assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+
+
+def test_past_its_bound_the_least_recently_used_entries_go(tmp_path, cache, chatml_tokenizer, conversations):
+    parts = [conversations[0:4], conversations[4:8], conversations[8:12]]
+
+    def write(target: TokenCache, items: list):
+        before = set(target.folder.glob("*.npz"))
+        target.token_lists("chat", items, chatml_tokenizer)
+        (new,) = set(target.folder.glob("*.npz")) - before
+        return new
+
+    a, b = write(cache, parts[0]), write(cache, parts[1])
+    os.utime(a, (1, 1))  # a is the older
+    os.utime(b, (2, 2))
+    cache.token_lists("chat", parts[0], chatml_tokenizer)  # a hit makes a the most recently used
+    assert cache.hits == 1 and a.stat().st_mtime > b.stat().st_mtime
+    c_size = write(TokenCache(tmp_path / "elsewhere"), parts[2]).stat().st_size
+    cache.max_bytes = a.stat().st_size + c_size  # room for a and the new entry, not for b
+    c = write(cache, parts[2])
+    assert a.is_file() and c.is_file() and not b.exists()
+    with pytest.raises(ValueError, match="max_bytes must be non-negative"):
+        TokenCache(tmp_path, max_bytes=-1)
