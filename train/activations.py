@@ -28,7 +28,6 @@ all in `state_dict()`, so a resumed run yields exactly the batches an uninterrup
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -45,7 +44,14 @@ from train.compiled import resolve_compile
 from train.data import Corpus, content_hash
 from train.harvest import Harvester
 from train.run_config import RunConfig
-from train.sequences import METHOD_LABELS, Batch, bucket_batches, pack_blocks, truncated
+from train.sequences import (
+    METHOD_LABELS,
+    Batch,
+    bucket_batches,
+    chat_template_sha256,
+    pack_blocks,
+    truncated,
+)
 from train.token_cache import default_token_cache, tokenise
 
 
@@ -53,15 +59,6 @@ def _distributed_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def chat_template_sha256(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """sha256 of the tokenizer's chat template (JSON for a dict of templates), None if it has none."""
-    template = tokenizer.chat_template
-    if not template:
-        return None
-    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def context_length(model: torch.nn.Module) -> int | None:

@@ -4,6 +4,7 @@ Public API:
     METHODS = ("fast", "bt-f", "bt-p");  METHOD_LABELS maps them to "FAST", "BT(F)", "BT(P)"
     render_conversation(tokenizer, conversation) -> list[int]
     render_conversations(tokenizer, conversations) -> list[list[int]]
+    chat_template_sha256(tokenizer) -> str | None   (what an SAE's metadata and the token cache record)
     fast_sequences(conversations, tokenizer, max_len=8192) -> list[list[int]]
     truncated(token_lists, max_len) -> list[list[int]]   (FAST's truncation of ids already rendered)
     text_token_lists(texts, tokenizer) -> list[list[int]]
@@ -28,6 +29,8 @@ whose residuals are kept.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +60,16 @@ def _require_template(tokenizer: PreTrainedTokenizerBase) -> None:
             f"tokenizer {type(tokenizer).__name__} has no chat template; FAST and BT(F) render conversations "
             "with the model's own template (use an instruct model, or BT(P) with pretraining text)"
         )
+
+
+def chat_template_sha256(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """sha256 of the tokenizer's chat template (JSON for a dict of templates), None if it has none."""
+    template = tokenizer.chat_template
+    if not template:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
 
 
 def render_conversations(

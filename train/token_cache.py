@@ -31,7 +31,6 @@ import functools
 import hashlib
 import importlib.metadata
 import inspect
-import json
 import logging
 import os
 import tempfile
@@ -70,7 +69,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
         return None
-    parts = [type(tokenizer).__name__, backend.to_str(), json.dumps(tokenizer.chat_template, sort_keys=True),
+    parts = [type(tokenizer).__name__, backend.to_str(), str(sequences.chat_template_sha256(tokenizer)),
              str(tokenizer.eos_token_id), str(getattr(tokenizer, "split_special_tokens", False))]  # fmt: skip
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()
 
@@ -89,7 +88,9 @@ def tokenise(kind: Kind, items: Sequence, tokenizer: PreTrainedTokenizerBase) ->
     """Each record's token ids, tokenised now: "chat" as `render_conversations`, "text" as `text_token_lists`."""
     if kind == "chat":
         return sequences.render_conversations(tokenizer, items)
-    return sequences.text_token_lists(items, tokenizer)
+    if kind == "text":
+        return sequences.text_token_lists(items, tokenizer)
+    raise ValueError(f"kind must be 'chat' or 'text', got {kind!r}")
 
 
 class TokenCache:
@@ -104,11 +105,8 @@ class TokenCache:
     def token_lists(self, kind: Kind, items: Sequence, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
         """Each record's token ids: read back where these records were tokenised with this tokenizer before,
         else tokenised and stored."""
-        if kind not in ("chat", "text"):
-            raise ValueError(f"kind must be 'chat' or 'text', got {kind!r}")
-        fingerprint = tokenizer_fingerprint(
-            tokenizer
-        )  # ~20 ms, each time: a tokenizer can be changed in place
+        # ~20 ms, taken on every call: a tokenizer can be changed in place
+        fingerprint = tokenizer_fingerprint(tokenizer)
         if fingerprint is None or not items:
             return tokenise(kind, items, tokenizer)
         path = self.folder / f"{self._key(kind, fingerprint, items)}.npz"
@@ -116,7 +114,7 @@ class TokenCache:
             stored = self._read(path, len(items))
             if stored is not None:
                 self.hits += 1
-                os.utime(path)  # recently used: evicted last
+                self._touch(path)
                 return stored
         token_lists = tokenise(kind, items, tokenizer)
         self.misses += 1
@@ -170,6 +168,15 @@ class TokenCache:
             if temporary is not None:
                 temporary.unlink(missing_ok=True)
             log.warning("could not write the token cache entry %s (%s)", path, exc)
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        """Mark an entry recently used (evicted last); a folder this process may read but not write keeps
+        its times, and the hit stands."""
+        try:
+            os.utime(path)
+        except OSError as exc:
+            log.debug("could not mark the token cache entry %s used (%s)", path, exc)
 
     def _evict(self, keep: Path) -> None:
         """Delete the least recently used entries (by modification time) until the folder holds at most

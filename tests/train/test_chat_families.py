@@ -14,13 +14,12 @@ from hub import load_sae
 from steer.positions import resolve_special_tokens
 from tests.chat_families import FAMILIES, NAMES, family_model, family_tokenizer
 from tests.conftest import read_conversations
-from train.activations import chat_template_sha256
 from train.config import SAETrainSpec, TrainConfig
 from train.data import load_conversations
 from train.evaluate import EvalConfig, evaluate_sae
 from train.pipeline import train
 from train.run_config import DataConfig, RunConfig, StreamSettings
-from train.sequences import fast_sequences
+from train.sequences import chat_template_sha256, fast_sequences
 
 LAYER = 1
 DATA = "synthetic_persona_chat.jsonl"  # every conversation opens with a system message

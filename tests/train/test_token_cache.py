@@ -132,3 +132,22 @@ def test_past_its_bound_the_least_recently_used_entries_go(tmp_path, cache, chat
     assert a.is_file() and c.is_file() and not b.exists()
     with pytest.raises(ValueError, match="max_bytes must be non-negative"):
         TokenCache(tmp_path, max_bytes=-1)
+
+
+def test_a_hit_stands_where_the_entry_cannot_be_marked_used(
+    cache, chatml_tokenizer, conversations, monkeypatch
+):
+    expected = cache.token_lists("chat", conversations, chatml_tokenizer)
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Read-only file system", str(path))
+
+    monkeypatch.setattr("train.token_cache.os.utime", read_only)  # a shared cache mounted read-only
+    assert cache.token_lists("chat", conversations, chatml_tokenizer) == expected and cache.hits == 1
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_an_unknown_kind_is_refused_naming_the_kinds(cache, chatml_tokenizer, conversations, use_cache):
+    call = cache.token_lists if use_cache else tokenise
+    with pytest.raises(ValueError, match="kind must be 'chat' or 'text', got 'tokens'"):
+        call("tokens", conversations, chatml_tokenizer)
