@@ -241,7 +241,12 @@ def run_config_from_options(opts: dict, training, activations: str | None = None
 def train_command(activations, archs, expansions, l1_coefficients, l0_coefficients, ks, tokens, out_dir, preset, dry_run, resume,
                   batch_size, lr, lr_end, seed, checkpoint_every, log_every, gsnr_every, autocast, jumprelu_bandwidth,
                   jumprelu_init_threshold, plot_dir, quiet, **opts) -> None:  # fmt: skip
-    """Train SAEs on the residual stream of a chat model (FAST by default) and write SAELens folders."""
+    """Train SAEs on the residual stream of a chat model (FAST by default) and write SAELens folders.
+
+    The token ids of the data are kept by content in <cache>/tokens (~/.cache/fast-steer, or
+    $FAST_STEER_CACHE): a later run over the same records reads them back instead of tokenising
+    again. FAST_STEER_TOKEN_CACHE=0 turns that off.
+    """
     from train.config import preset_config
     from train.pipeline import train
     from train.plots import plot_training

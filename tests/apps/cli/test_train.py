@@ -214,3 +214,12 @@ def test_l1_and_l0_set_the_coefficients_of_their_own_architectures():
     assert (
         res.exit_code != 0 and "--l1 applies to standard SAEs; this run trains jumprelu (--l0)" in res.output
     )
+
+
+def test_train_help_says_where_token_ids_are_kept_and_how_to_turn_that_off():
+    from train.token_cache import TOKEN_CACHE_ENV
+
+    result = CliRunner().invoke(main, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "<cache>/tokens" in text and f"{TOKEN_CACHE_ENV}=0 turns that off" in text
