@@ -71,7 +71,6 @@ def chat_template_sha256(tokenizer: PreTrainedTokenizerBase) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-
 def render_conversations(
     tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation]
 ) -> list[list[int]]:
